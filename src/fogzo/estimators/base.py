@@ -1,0 +1,249 @@
+"""The estimator protocol, its info record, and the passes every estimator is made of.
+
+An estimator turns a loss closure into gradients in ``.grad``::
+
+    info = estimator.estimate(lambda: F.cross_entropy(model(x), y))
+    optimizer.step()
+
+The closure runs a *forward pass only* and returns a scalar tensor; the estimator calls it
+as often as it needs (with different weights swapped in), calls ``backward`` itself where
+it needs a first-order gradient, and fills ``.grad`` so that any ``torch.optim`` optimizer,
+scheduler, gradient clipping or AMP scaler works unchanged. Gradients accumulate into an
+existing ``.grad`` as ``backward`` would.
+
+Cost accounting (SPEC §3): a forward pass is 1 unit, a backward pass 2 units.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .perturbation import PerturbedSet, PerturbedTensor, StateGuard, derive_seed
+
+__all__ = ["Closure", "Direction", "EstimateInfo", "Estimator", "Guide", "ZerothOrderMeasurement"]
+
+Closure = Callable[[], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class EstimateInfo:
+    """What one ``estimate`` call did.
+
+    Attributes:
+        loss: the unperturbed loss ``L(W)`` (for n-SPSA without a loss pass: the mean of
+            the perturbed losses, an estimate of the smoothed loss).
+        forward_passes, backward_passes: passes run by this call.
+        beta: the mixing weight ``β_t`` (``None`` for a plain STE step, 0 for n-SPSA).
+        seed: the step seed from which all noise of this call was derived.
+        step: the estimator's step counter before this call.
+        differences: the finite differences ``d_i`` (empty for STE).
+        zero_differences: how many ``d_i`` are exactly 0 (typically: no quantized weight
+            changed level in the perturbed passes).
+        ste_grad_norm: ``‖g_x‖``, the STE gradient's norm in normalised coordinates.
+        skipped: a non-finite perturbed loss made this call keep the STE gradient.
+    """
+
+    loss: float
+    forward_passes: int
+    backward_passes: int
+    beta: float | None
+    seed: int | None
+    step: int
+    differences: tuple[float, ...] = ()
+    zero_differences: int = 0
+    ste_grad_norm: float | None = None
+    skipped: bool = False
+
+    @property
+    def compute_units(self) -> int:
+        """Forward = 1 unit, backward = 2 units."""
+        return self.forward_passes + 2 * self.backward_passes
+
+
+@runtime_checkable
+class Estimator(Protocol):
+    """``estimate(closure) -> EstimateInfo`` plus a resumable step counter."""
+
+    def estimate(self, closure: Closure) -> EstimateInfo: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def checked_loss(value: object) -> torch.Tensor:
+    """The closure's return value, which must be a scalar tensor."""
+    if not isinstance(value, torch.Tensor) or value.numel() != 1:
+        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ValueError(f"the closure must return a scalar loss tensor, got {shape}")
+    return value.reshape(())
+
+
+class StepCounter:
+    """A step counter and base seed that round-trip through ``state_dict``."""
+
+    def __init__(self, seed: int) -> None:
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise ValueError(f"seed must be an int, got {seed!r}")
+        self.seed = seed
+        self.step = 0
+
+    def step_seed(self) -> int:
+        return derive_seed(self.seed, self.step)
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seed, self.step = int(state["seed"]), int(state["step"])
+
+
+def stash_gradients(params: Sequence[nn.Parameter]) -> list[torch.Tensor | None]:
+    """Take existing ``.grad`` off ``params`` so a backward pass leaves only this step's."""
+    previous = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    return previous
+
+
+def set_gradient(param: nn.Parameter, gradient: torch.Tensor, previous: torch.Tensor | None) -> None:
+    """``param.grad = previous + gradient`` (accumulation semantics of ``backward``)."""
+    param.grad = gradient if previous is None else previous.add_(gradient)
+
+
+@dataclass(frozen=True)
+class Direction:
+    """Sample ``i`` of the perturbation ``v_i = guided · ĝ + noise · u_i``.
+
+    ``guided = √β·s_i`` and ``noise = √(1−β)``; ``ĝ`` for one tensor is
+    ``Guide.scale · c · g_W``.
+    """
+
+    sample: int
+    guided: float
+    noise: float
+
+
+@dataclass(frozen=True)
+class Guide:
+    """The STE direction of one tensor: ``ĝ = scale · c · gradient`` (``gradient = g_W``)."""
+
+    gradient: torch.Tensor
+    scale: float
+
+
+class ZerothOrderMeasurement:
+    """Finite differences of the loss along directions ``v_i``, and their gradient.
+
+    ``measure`` runs the perturbed passes with ``W ± c·ε̄·v_i`` swapped in (two-sided) or
+    ``W + c·ε̄·v_i`` (one-sided, reusing ``L0``), all on the same batch, the same dropout
+    masks and without changing any parameter, buffer or the global RNG, and returns
+
+        d_i = (L(x + ε̄v_i) − L(x − ε̄v_i)) / 2ε̄        or        (L(x + ε̄v_i) − L0) / ε̄.
+
+    ``gradient`` turns them into ``G_W = (1/n) Σ_i d_i v_i / c`` for one tensor.
+    """
+
+    def __init__(self, perturbed: PerturbedSet, one_sided: bool, on_nonfinite: str) -> None:
+        if on_nonfinite not in ("raise", "skip"):
+            raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
+        self.perturbed = perturbed
+        self.one_sided = one_sided
+        self.on_nonfinite = on_nonfinite
+
+    @property
+    def passes_per_sample(self) -> int:
+        return 1 if self.one_sided else 2
+
+    def measure(
+        self,
+        closure: Closure,
+        guard: StateGuard,
+        step_seed: int,
+        directions: Sequence[Direction],
+        guides: Sequence[Guide | None],
+        loss0: torch.Tensor | None,
+    ) -> tuple[list[float] | None, torch.Tensor]:
+        """``(d_i, perturbed losses)``; ``d_i`` is ``None`` when a loss was non-finite and we skip."""
+        eps_bar = self.perturbed.smoothing.eps_bar
+        scales = [entry.coordinate_scale(eps_bar) for entry in self.perturbed.tensors]
+        losses: list[torch.Tensor] = []
+        try:
+            for direction in directions:
+                for sign in (1.0, -1.0)[: self.passes_per_sample]:
+
+                    def shifted(entry: PerturbedTensor, direction=direction, sign=sign) -> torch.Tensor:
+                        return self._shifted_weight(
+                            entry, scales[entry.index], guides[entry.index], step_seed, direction, sign
+                        )
+
+                    guard.rewind()
+                    with torch.no_grad(), self.perturbed.swapped(shifted):
+                        losses.append(checked_loss(closure()).detach().float())
+        finally:
+            guard.close()
+        values = torch.stack(losses)
+        if self.one_sided:
+            assert loss0 is not None
+            differences = (values - loss0.detach().float()) / eps_bar
+        else:
+            differences = (values[0::2] - values[1::2]) / (2 * eps_bar)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # The only communication of the ZO part: one all-reduce of n scalars. Averaging
+            # the differences equals differencing the rank-averaged losses.
+            dist.all_reduce(differences, op=dist.ReduceOp.SUM)
+            differences /= dist.get_world_size()
+        if not bool(torch.isfinite(differences).all()):
+            if self.on_nonfinite == "raise":
+                raise FloatingPointError(
+                    f"non-finite loss in a perturbed forward pass (losses {values.tolist()}); "
+                    "no weight was changed. Lower eps_bar/eps or the learning rate, or pass "
+                    "on_nonfinite='skip' to keep the STE gradient for such steps"
+                )
+            return None, values
+        return differences.tolist(), values
+
+    def _shifted_weight(
+        self,
+        entry: PerturbedTensor,
+        scale: torch.Tensor | float,
+        guide: Guide | None,
+        step_seed: int,
+        direction: Direction,
+        sign: float,
+    ) -> torch.Tensor:
+        """``W + sign·c·ε̄·v`` with ``v = guided·k·(c·g_W) + noise·u``, built in one buffer."""
+        eps_bar = self.perturbed.smoothing.eps_bar
+        param = entry.param.detach()
+        if direction.noise != 0.0:
+            shift = self.perturbed.noise(entry, step_seed, direction.sample)
+            shift.mul_(scale * (sign * eps_bar * direction.noise))
+        else:
+            shift = torch.zeros_like(param)
+        if direction.guided != 0.0 and guide is not None:
+            coefficient = sign * eps_bar * direction.guided * guide.scale
+            shift.add_(guide.gradient * (scale * scale * coefficient))
+        return shift.add_(param)
+
+    def noise_gradient(
+        self, entry: PerturbedTensor, step_seed: int, directions: Sequence[Direction], differences: Sequence[float]
+    ) -> torch.Tensor | None:
+        """``(1/n) Σ_i d_i · noise_i · u_i / c`` for one tensor (noise regenerated)."""
+        total = None
+        count = len(directions)
+        for direction, difference in zip(directions, differences):
+            weight = difference * direction.noise / count
+            if weight == 0.0:
+                continue
+            noise = self.perturbed.noise(entry, step_seed, direction.sample)
+            total = noise.mul_(weight) if total is None else total.add_(noise, alpha=weight)
+        if total is None:
+            return None
+        return total.div_(entry.coordinate_scale(self.perturbed.smoothing.eps_bar))
+

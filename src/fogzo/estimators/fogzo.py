@@ -1,0 +1,221 @@
+"""FOGZO: first-order-guided zeroth-order gradient estimation (Yang & Aamodt, NeurIPS 2025).
+
+One step (SPEC §3), for the perturbed tensors in normalised coordinates ``x = W/c``:
+
+1. STE pass: ``L0 = closure()``, ``backward()`` → ``g_W`` for every parameter;
+   ``g_x = c·g_W``;  ``ĝ = r·g_x / ‖g_x‖`` (global norm over the perturbed set, r = 1).
+2. ``β_t``: linear from 1 at t = 0 to ``β_min`` at t = T (or a user schedule).
+3. For i = 1..n: sign ``s_i ∈ {±1}``, noise ``u_i ~ p`` (the STE's smoothing);
+   ``v_i = √β_t·s_i·ĝ + √(1−β_t)·u_i``;
+   ``d_i = (L(x + ε̄v_i) − L(x − ε̄v_i)) / 2ε̄``  (one-sided: ``(L(x + ε̄v_i) − L0) / ε̄``).
+4. ``G_x = (1/n) Σ_i d_i·v_i``;  ``G_W = G_x / c`` replaces the STE gradient of the
+   perturbed tensors; every other parameter keeps its back-propagated gradient.
+
+``G_W`` is computed without storing any ``v_i``: its guided part is
+``[(1/n) Σ_i d_i·√β·s_i·r/‖g_x‖]·g_W`` (the ``c`` cancels) and its noise part
+``(1/n) Σ_i d_i·√(1−β)·u_i / c`` regenerates ``u_i`` from its seed.
+
+β = 0 is n-SPSA with the STE's noise law; β = 1 gives ``G = (directional derivative along
+ĝ)·ĝ``. Cost: 1 forward + 1 backward + 2n forwards (n forwards one-sided).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from ..smoothing import Smoothing
+from .base import (
+    Closure,
+    Direction,
+    EstimateInfo,
+    Guide,
+    StepCounter,
+    ZerothOrderMeasurement,
+    checked_loss,
+    set_gradient,
+    stash_gradients,
+)
+from .perturbation import SIGN_STREAM, PerturbedSet, StateGuard, derive_seed
+from .schedules import BetaSchedule, check_beta, constant_beta, linear_beta
+
+__all__ = ["FOGZO"]
+
+NORMALIZATIONS = ("global", "tensor")
+
+
+class FOGZO:
+    """The FOGZO gradient estimator (see the module docstring for the equations).
+
+    Args:
+        model: a model quantized with :func:`fogzo.quantize`.
+        total_steps: ``T`` of the β schedule (and of ``ste_fraction``).
+        beta_min: ``β`` at step ``T`` of the linear schedule.
+        n: perturbation samples per step.
+        seed: base seed; the noise of step ``t`` derives from ``(seed, t, tensor, sample)``.
+        beta: a constant or a callable ``step -> β`` replacing the linear schedule.
+        perturb: ``"quantized"`` (default), ``"all"`` trainable parameters, or an iterable.
+        eps: step ``ε`` for perturbed tensors without a quantizer (``c = ε/ε̄``).
+        smoothing: override the noise law and ``ε̄`` of the quantized layers.
+        one_sided: ``d_i = (L(x + ε̄v_i) − L0)/ε̄``: one extra forward per sample instead
+            of two. Its bias is O(ε̄) (the two-sided one is O(ε̄²)): the curvature term
+            ``ε̄/2 · vᵀ∇²L v`` enters every ``d_i``.
+        ste_fraction: run plain STE for the first ``ste_fraction·T`` steps, FOGZO after.
+        normalize: ``"global"`` (``ĝ = r·g_x/‖g_x‖``) or ``"tensor"`` (each tensor's
+            part normalised on its own, then scaled by ``1/√K`` for K tensors so ``‖ĝ‖ = r``).
+        guide_norm: ``r = ‖ĝ‖`` (1 in the paper's reading).
+        on_nonfinite: ``"raise"`` a ``FloatingPointError`` on a non-finite perturbed loss,
+            or ``"skip"``: keep the STE gradient for that step and flag ``info.skipped``.
+
+    Example::
+
+        estimator = fogzo.FOGZO(model, total_steps=10_000, beta_min=0.999, n=1, seed=0)
+        info = estimator.estimate(lambda: F.cross_entropy(model(x), y))  # fills .grad
+        optimizer.step()
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        total_steps: int,
+        beta_min: float = 0.999,
+        n: int = 1,
+        seed: int = 0,
+        beta: float | BetaSchedule | None = None,
+        perturb: str | Iterable[nn.Parameter] = "quantized",
+        eps: float = 1e-3,
+        smoothing: Smoothing | None = None,
+        one_sided: bool = False,
+        ste_fraction: float = 0.0,
+        normalize: str = "global",
+        guide_norm: float = 1.0,
+        on_nonfinite: str = "raise",
+    ) -> None:
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"n must be an int >= 1, got {n!r}")
+        if not isinstance(ste_fraction, (int, float)) or not 0.0 <= ste_fraction <= 1.0:
+            raise ValueError(f"ste_fraction must lie in [0, 1], got {ste_fraction!r}")
+        if normalize not in NORMALIZATIONS:
+            raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
+        if not (guide_norm > 0 and math.isfinite(guide_norm)):
+            raise ValueError(f"guide_norm must be a positive finite number, got {guide_norm!r}")
+        self.model = model
+        self.n = n
+        linear = linear_beta(total_steps, beta_min)  # validates total_steps and beta_min
+        if beta is None:
+            self.schedule: BetaSchedule = linear
+        elif isinstance(beta, (int, float)):
+            self.schedule = constant_beta(beta)
+        elif callable(beta):
+            self.schedule = beta
+        else:
+            raise ValueError(f"beta must be a number in [0, 1] or a callable step -> beta, got {beta!r}")
+        self.total_steps = total_steps
+        self.ste_steps = round(ste_fraction * total_steps)
+        self.normalize = normalize
+        self.guide_norm = float(guide_norm)
+        self.perturbed = PerturbedSet.from_model(model, perturb, eps, smoothing)
+        self.measurement = ZerothOrderMeasurement(self.perturbed, one_sided, on_nonfinite)
+        self.counter = StepCounter(seed)
+
+    def estimate(self, closure: Closure) -> EstimateInfo:
+        step, step_seed = self.counter.step, self.counter.step_seed()
+        self.counter.step += 1
+        params = [entry.param for entry in self.perturbed.tensors]
+        previous = stash_gradients(params)
+        guard = StateGuard(self.model)
+
+        # 1. STE pass: L0 and g_W; ĝ = r·c·g_W/‖c·g_W‖.
+        loss0 = checked_loss(closure())
+        loss0.backward()
+        ste_gradients = [p.grad for p in params]
+        if step < self.ste_steps:
+            for param, gradient, prior in zip(params, ste_gradients, previous):
+                _restore(param, gradient, prior)
+            return EstimateInfo(float(loss0.detach()), 1, 1, None, step_seed, step)
+        guard.after_first_pass()
+        guides, norm = self._guides(ste_gradients)
+
+        # 2. β_t.
+        beta = check_beta(self.schedule(step), f"beta at step {step}")
+
+        # 3. v_i = √β·s_i·ĝ + √(1−β)·u_i;  d_i from the perturbed passes.
+        directions = [
+            Direction(sample, guided=math.sqrt(beta) * self._sign(step_seed, sample), noise=math.sqrt(1.0 - beta))
+            for sample in range(self.n)
+        ]
+        differences, _ = self.measurement.measure(closure, guard, step_seed, directions, guides, loss0)
+        forward_passes = 1 + self.n * self.measurement.passes_per_sample
+        if differences is None:  # on_nonfinite="skip": keep the STE gradient
+            for param, gradient, prior in zip(params, ste_gradients, previous):
+                _restore(param, gradient, prior)
+            return EstimateInfo(float(loss0.detach()), forward_passes, 1, beta, step_seed, step, skipped=True)
+
+        # 4. G_W = (1/n) Σ_i d_i·v_i / c  =  guided·g_W  +  (1/n) Σ_i d_i·√(1−β)·u_i / c.
+        guided = sum(d * direction.guided for d, direction in zip(differences, directions)) / self.n
+        for entry, guide, prior in zip(self.perturbed.tensors, guides, previous):
+            gradient = self.measurement.noise_gradient(entry, step_seed, directions, differences)
+            if guide is not None and guided != 0.0:
+                guided_part = guide.gradient.mul_(guided * guide.scale)
+                gradient = guided_part if gradient is None else gradient.add_(guided_part)
+            entry.param.grad = None
+            set_gradient(entry.param, torch.zeros_like(entry.param) if gradient is None else gradient, prior)
+        return EstimateInfo(
+            loss=float(loss0.detach()),
+            forward_passes=forward_passes,
+            backward_passes=1,
+            beta=beta,
+            seed=step_seed,
+            step=step,
+            differences=tuple(differences),
+            zero_differences=sum(d == 0.0 for d in differences),
+            ste_grad_norm=norm,
+        )
+
+    def _guides(self, gradients: list[torch.Tensor | None]) -> tuple[list[Guide | None], float]:
+        """Per tensor, the factor k with ``ĝ = k·c·g_W``; and the global ``‖g_x‖``."""
+        eps_bar = self.perturbed.smoothing.eps_bar
+        squared_norms = []
+        for entry, gradient in zip(self.perturbed.tensors, gradients):
+            if gradient is None:
+                squared_norms.append(torch.zeros((), device=entry.param.device))
+                continue
+            scale = entry.coordinate_scale(eps_bar)
+            squared_norms.append((gradient * scale).square().sum().float())
+        norms = torch.stack([s.to(squared_norms[0].device) for s in squared_norms]).sqrt().tolist()
+        total = math.sqrt(sum(n * n for n in norms))
+        nonzero = sum(n > 0 for n in norms)
+        guides: list[Guide | None] = []
+        for gradient, norm in zip(gradients, norms):
+            if gradient is None or norm == 0.0:
+                guides.append(None)  # a zero STE gradient gives no guided direction
+            elif self.normalize == "global":
+                guides.append(Guide(gradient, self.guide_norm / total))
+            else:
+                guides.append(Guide(gradient, self.guide_norm / (norm * math.sqrt(nonzero))))
+        return guides, total
+
+    @staticmethod
+    def _sign(step_seed: int, sample: int) -> float:
+        """``s_i ∈ {±1}`` from its own stream, independent of the noise ``u_i``."""
+        return 1.0 if derive_seed(step_seed, SIGN_STREAM, sample) & 1 else -1.0
+
+    def state_dict(self) -> dict:
+        return self.counter.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.counter.load_state_dict(state)
+
+
+def _restore(param: nn.Parameter, gradient: torch.Tensor | None, prior: torch.Tensor | None) -> None:
+    """Put the STE gradient back on ``param``, accumulated onto ``prior``."""
+    param.grad = None
+    if gradient is not None:
+        set_gradient(param, gradient, prior)
+    else:
+        param.grad = prior
+

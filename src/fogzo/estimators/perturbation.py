@@ -1,0 +1,243 @@
+"""The perturbed tensor set, deterministic noise, and perturbed forward passes.
+
+Coordinates. Each perturbed tensor ``W`` lives in normalised coordinates ``x = W / c``:
+``c = α`` (the quantizer's step, per tensor or per channel) for a quantized layer's latent
+weight, and ``c = ε / ε̄`` for a tensor without a quantizer (a bias, a norm gain), where
+``ε`` is a user step. A step ``ε̄·v`` in ``x`` is ``c·ε̄·v`` in ``W``; one finite difference
+``(L₊ − L₋)/2ε̄`` is shared by every tensor (SPEC §2).
+
+Noise. ``u`` for tensor ``k`` and sample ``i`` at step seed ``s`` is drawn from a private
+``torch.Generator`` seeded with ``derive_seed(s, k, i)``: reproducible, independent of the
+global RNG, different for every tensor, and regenerated (not stored) whenever it is needed,
+so the extra memory of a perturbed pass is one tensor at a time.
+
+Perturbed passes never write to a parameter: a forward pre-hook on the module that owns
+the parameter puts ``W + δ`` in its place for the duration of that module's forward, and a
+forward hook puts the original ``Parameter`` object back. Buffers that a forward writes
+(BatchNorm running statistics) are restored from a snapshot, and the global RNG is rewound
+so that every pass sees the same dropout masks as the STE pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..layers import QuantizedLayer
+from ..quantizers import WeightQuantizer
+from ..smoothing import Smoothing
+
+__all__ = ["PerturbedSet", "PerturbedTensor", "StateGuard", "derive_seed"]
+
+_MASK64 = (1 << 64) - 1
+NOISE_STREAM = 0
+SIGN_STREAM = 1
+
+
+def _splitmix64(value: int) -> int:
+    value = (value + 0x9E3779B97F4A7C15) & _MASK64
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return value ^ (value >> 31)
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed that mixes integer ``parts`` (order matters) with SplitMix64."""
+    state = 0
+    for part in parts:
+        state = _splitmix64(state ^ (int(part) & _MASK64))
+    return state >> 1
+
+
+@dataclass(eq=False)
+class PerturbedTensor:
+    """One perturbed parameter, the modules that own it, and its coordinate scale."""
+
+    index: int
+    name: str
+    param: nn.Parameter
+    owners: list[tuple[nn.Module, str]]
+    quantizer: WeightQuantizer | None = None
+    eps: float | None = None
+
+    def coordinate_scale(self, eps_bar: float) -> torch.Tensor | float:
+        """``c``: ``α`` for a quantized weight, ``ε/ε̄`` otherwise."""
+        if self.quantizer is not None:
+            return self.quantizer.coordinate_scale()
+        assert self.eps is not None
+        return self.eps / eps_bar
+
+
+@dataclass
+class PerturbedSet:
+    """The tensors an estimator perturbs, with their owners, scales and shared smoothing.
+
+    Args:
+        model: the (quantized) model.
+        perturb: ``"quantized"`` (latent weights of quantized layers, the default),
+            ``"all"`` (every trainable parameter; those without a quantizer use step
+            ``eps``), or an iterable of parameters.
+        eps: step ``ε`` (in weight units) for perturbed tensors without a quantizer.
+        smoothing: the noise law and ``ε̄``; by default the one of the quantized layers
+            (they must agree). A model without quantized layers defaults to Gaussian noise
+            with ``ε̄ = 1`` (then ``ε̄`` cancels and each tensor moves by ``ε·u``).
+    """
+
+    tensors: list[PerturbedTensor]
+    smoothing: Smoothing
+    _owners: dict[nn.Module, list[tuple[str, PerturbedTensor]]] = field(repr=False)
+
+    @classmethod
+    def from_model(
+        cls,
+        model: nn.Module,
+        perturb: str | Iterable[nn.Parameter] = "quantized",
+        eps: float = 1e-3,
+        smoothing: Smoothing | None = None,
+    ) -> PerturbedSet:
+        if not eps > 0:
+            raise ValueError(f"eps must be > 0, got {eps!r}")
+        quantizer_of: dict[int, WeightQuantizer] = {}
+        quantizer_params: set[int] = set()
+        for module in model.modules():
+            if isinstance(module, QuantizedLayer):
+                quantizer_of[id(module.weight)] = module.weight_quantizer
+            if isinstance(module, WeightQuantizer):
+                quantizer_params.update(id(p) for p in module.parameters(recurse=False))
+        if perturb == "quantized":
+            chosen = {pid for pid in quantizer_of}
+        elif perturb == "all":
+            chosen = {id(p) for p in model.parameters() if p.requires_grad and id(p) not in quantizer_params}
+        elif isinstance(perturb, str):
+            raise ValueError(f"perturb must be 'quantized', 'all' or an iterable of parameters, got {perturb!r}")
+        else:
+            chosen = {id(p) for p in perturb}
+        tensors: list[PerturbedTensor] = []
+        by_id: dict[int, PerturbedTensor] = {}
+        for name, param in model.named_parameters(remove_duplicate=True):
+            if id(param) in chosen and id(param) not in by_id:
+                entry = PerturbedTensor(
+                    index=len(tensors),
+                    name=name,
+                    param=param,
+                    owners=[],
+                    quantizer=quantizer_of.get(id(param)),
+                    eps=None if id(param) in quantizer_of else eps,
+                )
+                by_id[id(param)] = entry
+                tensors.append(entry)
+        if not tensors:
+            raise ValueError(
+                f"nothing to perturb in {type(model).__name__} with perturb={perturb!r}: "
+                "quantize the model first (fogzo.quantize) or pass perturb='all'"
+            )
+        if len(by_id) != len(chosen):
+            raise ValueError("perturb contains parameters that are not in the model")
+        owners: dict[nn.Module, list[tuple[str, PerturbedTensor]]] = {}
+        for module in model.modules():
+            for name, param in module._parameters.items():
+                if param is not None and id(param) in by_id:
+                    by_id[id(param)].owners.append((module, name))
+                    owners.setdefault(module, []).append((name, by_id[id(param)]))
+        smoothings = {entry.quantizer.smoothing for entry in tensors if entry.quantizer is not None}
+        if smoothing is None:
+            if len(smoothings) > 1:
+                raise ValueError(
+                    f"perturbed quantized layers use different smoothings {sorted(map(str, smoothings))}; "
+                    "one ε̄ must serve the whole perturbation: pass smoothing= explicitly"
+                )
+            smoothing = smoothings.pop() if smoothings else Smoothing("gaussian", 1.0)
+        return cls(tensors, smoothing, owners)
+
+    @property
+    def num_coordinates(self) -> int:
+        """``d``: the number of perturbed scalars."""
+        return sum(entry.param.numel() for entry in self.tensors)
+
+    def noise(self, entry: PerturbedTensor, step_seed: int, sample: int) -> torch.Tensor:
+        """Unit-variance noise ``u`` for ``entry`` and ``sample``, regenerated on demand."""
+        param = entry.param
+        generator = torch.Generator(device=param.device)
+        generator.manual_seed(derive_seed(step_seed, NOISE_STREAM, entry.index, sample))
+        return self.smoothing.sample(param.shape, generator, device=param.device, dtype=param.dtype)
+
+    @contextlib.contextmanager
+    def swapped(self, replacement: Callable[[PerturbedTensor], torch.Tensor]) -> Iterator[None]:
+        """Inside the block, each owner module sees ``replacement(entry)`` during its forward.
+
+        The replacement is built in the owner's forward pre-hook, just before use, and
+        dropped after its forward; the original ``Parameter`` objects are never written.
+        """
+        handles = []
+
+        def put_replacement(module: nn.Module, args: object) -> None:
+            for name, entry in self._owners[module]:
+                module._parameters[name] = replacement(entry)  # type: ignore[assignment]
+
+        def put_original(module: nn.Module, args: object, output: object) -> None:
+            for name, entry in self._owners[module]:
+                module._parameters[name] = entry.param
+
+        try:
+            for module in self._owners:
+                handles.append(module.register_forward_pre_hook(put_replacement))
+                handles.append(module.register_forward_hook(put_original, always_call=True))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            for module, entries in self._owners.items():
+                for name, entry in entries:
+                    module._parameters[name] = entry.param
+
+
+class StateGuard:
+    """Keeps perturbed passes from changing the model's buffers or the global RNG.
+
+    ``rewind()`` before a pass puts the global RNG back where it was before the STE pass
+    (same dropout masks) and restores any buffer a previous pass wrote; ``close()`` leaves
+    buffers as the STE pass left them and the RNG as it was after the STE pass.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self._model = model
+        self._rng_before = _rng_state()
+        self._rng_after: tuple | None = None
+        self._buffers: list[tuple[torch.Tensor, torch.Tensor, int]] = []
+
+    def after_first_pass(self) -> None:
+        """Call after the unperturbed (STE) pass: snapshot its buffers and RNG state."""
+        self._rng_after = _rng_state()
+        self._buffers = [(b, b.detach().clone(), b._version) for b in self._model.buffers()]
+
+    def rewind(self) -> None:
+        _set_rng_state(self._rng_before)
+        self._restore_buffers()
+
+    def close(self) -> None:
+        self._restore_buffers()
+        if self._rng_after is not None:
+            _set_rng_state(self._rng_after)
+
+    def _restore_buffers(self) -> None:
+        for position, (buffer, saved, version) in enumerate(self._buffers):
+            if buffer._version != version:
+                with torch.no_grad():
+                    buffer.copy_(saved)
+                self._buffers[position] = (buffer, saved, buffer._version)
+
+
+def _rng_state() -> tuple:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state: tuple) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)

@@ -1,0 +1,103 @@
+"""n-SPSA: zeroth-order gradients from random two-point finite differences."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from ..smoothing import Smoothing
+from .base import (
+    Closure,
+    Direction,
+    EstimateInfo,
+    StepCounter,
+    ZerothOrderMeasurement,
+    checked_loss,
+    set_gradient,
+    stash_gradients,
+)
+from .perturbation import PerturbedSet, StateGuard
+
+__all__ = ["SPSA"]
+
+
+class SPSA:
+    """``G_x = (1/n) Σ_i [(L(x + ε̄u_i) − L(x − ε̄u_i)) / 2ε̄] · u_i``,  ``G_W = G_x / c``.
+
+    ``u_i`` is drawn i.i.d. per coordinate from the quantizers' smoothing noise, so ``G`` is
+    an unbiased estimate of the gradient of the smoothed loss (to second order in ε̄).
+    Parameters outside the perturbed set get no gradient (there is no backward pass).
+
+    Cost: ``2n`` forward passes, plus one unperturbed forward when ``report_loss=True``
+    (the default) so that ``info.loss`` is ``L(W)``; with ``report_loss=False``,
+    ``info.loss`` is the mean perturbed loss. ``one_sided=True`` uses
+    ``(L(x + ε̄u_i) − L(x)) / ε̄`` (``n`` + 1 forwards; needs the loss pass).
+
+    Example::
+
+        estimator = fogzo.SPSA(model, n=64, seed=0)
+        info = estimator.estimate(lambda: F.cross_entropy(model(x), y))
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        n: int = 1,
+        seed: int = 0,
+        perturb: str | Iterable[nn.Parameter] = "quantized",
+        eps: float = 1e-3,
+        smoothing: Smoothing | None = None,
+        one_sided: bool = False,
+        report_loss: bool = True,
+        on_nonfinite: str = "raise",
+    ) -> None:
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be an int >= 1, got {n!r}")
+        if one_sided and not report_loss:
+            raise ValueError("one_sided=True reuses the unperturbed loss: it needs report_loss=True")
+        self.model = model
+        self.n = n
+        self.report_loss = report_loss
+        self.perturbed = PerturbedSet.from_model(model, perturb, eps, smoothing)
+        self.measurement = ZerothOrderMeasurement(self.perturbed, one_sided, on_nonfinite)
+        self.counter = StepCounter(seed)
+
+    def estimate(self, closure: Closure) -> EstimateInfo:
+        step, step_seed = self.counter.step, self.counter.step_seed()
+        guard = StateGuard(self.model)
+        loss0 = None
+        if self.report_loss:
+            with torch.no_grad():
+                loss0 = checked_loss(closure())
+        guard.after_first_pass()
+        directions = [Direction(sample, guided=0.0, noise=1.0) for sample in range(self.n)]
+        guides = [None] * len(self.perturbed.tensors)
+        differences, losses = self.measurement.measure(closure, guard, step_seed, directions, guides, loss0)
+        self.counter.step += 1
+        forward_passes = int(self.report_loss) + self.n * self.measurement.passes_per_sample
+        if differences is None:
+            return EstimateInfo(float("nan"), forward_passes, 0, 0.0, step_seed, step, skipped=True)
+        for entry in self.perturbed.tensors:
+            previous = stash_gradients([entry.param])[0]
+            gradient = self.measurement.noise_gradient(entry, step_seed, directions, differences)
+            set_gradient(entry.param, torch.zeros_like(entry.param) if gradient is None else gradient, previous)
+        loss = float(loss0) if loss0 is not None else float(losses.mean())
+        return EstimateInfo(
+            loss=loss,
+            forward_passes=forward_passes,
+            backward_passes=0,
+            beta=0.0,
+            seed=step_seed,
+            step=step,
+            differences=tuple(differences),
+            zero_differences=sum(d == 0.0 for d in differences),
+        )
+
+    def state_dict(self) -> dict:
+        return self.counter.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.counter.load_state_dict(state)

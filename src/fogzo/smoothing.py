@@ -1,0 +1,175 @@
+"""Smoothings: one object defines both the STE backward and the zeroth-order noise.
+
+Every straight-through estimator is the derivative of a *smoothed* quantizer (SPEC §2)::
+
+    h_s(x) = E_u[ h(x + ε̄ u) ],      u ~ p,  E[u] = 0,  Var[u] = 1,
+
+where ``h`` is the hard quantizer in normalised coordinates ``x = W / α`` (levels one unit
+apart, thresholds ``t_k`` between them, jumps ``J_k``). Its derivative — the STE surrogate
+slope — is::
+
+    h_s'(x) = Σ_k J_k · p_ε̄(t_k − x),        p_ε̄(z) = p(z / ε̄) / ε̄.
+
+A :class:`Smoothing` is the pair (noise law ``p``, scale ``ε̄``). The STE uses its slope in
+the backward pass; n-SPSA and FOGZO perturb along noise drawn from the same ``p`` with the
+same ``ε̄``. So all three estimators estimate the gradient of the *same* smoothed loss.
+
+=============  ==================  ==================================  =====================
+STE            ε̄                   unit-variance noise                 surrogate
+=============  ==================  ==================================  =====================
+identity       1/(2√3) ≈ 0.2887    Uniform(−√3, √3)                    clipped identity
+hardtanh       1/√3 ≈ 0.5774       Uniform(−√3, √3)                    clip(x, −1, 1) (sign)
+tanh           π/√12 ≈ 0.9069      logistic (sech² density)            tanh(x) (sign)
+approxsign     1/√6 ≈ 0.4082       triangular on [−√6, √6]             slope 2 − 2|x| (sign)
+=============  ==================  ==================================  =====================
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["NOISE_LAWS", "STE_KINDS", "NoiseLaw", "Smoothing", "smoothing_for"]
+
+_SQRT3 = math.sqrt(3.0)
+_SQRT6 = math.sqrt(6.0)
+_LOGISTIC_SCALE = _SQRT3 / math.pi  # logistic scale s with variance s²π²/3 = 1
+
+
+@dataclass(frozen=True)
+class NoiseLaw:
+    """A zero-mean, unit-variance noise law on the real line.
+
+    ``support`` is the half-width of the support (``inf`` for unbounded laws); ``tail`` is a
+    radius beyond which the density is negligible (< 1e-7 relative), used to truncate sums.
+    """
+
+    name: str
+    support: float
+    tail: float
+
+    def pdf(self, u: torch.Tensor) -> torch.Tensor:
+        """Density of the unit-variance law at ``u``."""
+        if self.name == "uniform":
+            return (u.abs() <= _SQRT3).to(u.dtype) / (2 * _SQRT3)
+        if self.name == "logistic":
+            z = u / (2 * _LOGISTIC_SCALE)
+            return 1.0 / (4 * _LOGISTIC_SCALE * torch.cosh(z).square())
+        if self.name == "triangular":
+            return (_SQRT6 - u.abs()).clamp_min(0.0) / 6.0
+        if self.name == "gaussian":
+            return torch.exp(-0.5 * u.square()) / math.sqrt(2 * math.pi)
+        raise AssertionError(self.name)
+
+    def sample(
+        self,
+        shape: torch.Size | tuple[int, ...],
+        generator: torch.Generator,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
+        """Draw i.i.d. unit-variance noise of ``shape`` from the private ``generator``."""
+        if self.name == "gaussian":
+            return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+        if self.name == "uniform":
+            u = torch.rand(shape, generator=generator, device=device, dtype=dtype)
+            return u.mul_(2 * _SQRT3).sub_(_SQRT3)
+        if self.name == "logistic":
+            u = torch.rand(shape, generator=generator, device=device, dtype=dtype)
+            # Inverse CDF s·log(u / (1 − u)); clamp keeps log finite at u = 0.
+            u = u.clamp_(1e-7, 1 - 1e-7)
+            return torch.logit(u).mul_(_LOGISTIC_SCALE)
+        if self.name == "triangular":
+            u = torch.rand((2, *shape), generator=generator, device=device, dtype=dtype)
+            return (u[0] + u[1] - 1.0).mul_(_SQRT6)
+        raise AssertionError(self.name)
+
+
+NOISE_LAWS: dict[str, NoiseLaw] = {
+    "uniform": NoiseLaw("uniform", support=_SQRT3, tail=_SQRT3),
+    "logistic": NoiseLaw("logistic", support=math.inf, tail=10.0),
+    "triangular": NoiseLaw("triangular", support=_SQRT6, tail=_SQRT6),
+    "gaussian": NoiseLaw("gaussian", support=math.inf, tail=6.0),
+}
+
+# STE kind -> (noise law, ε̄ in units of the quantizer step).
+STE_KINDS: dict[str, tuple[str, float]] = {
+    "identity": ("uniform", 1.0 / (2.0 * _SQRT3)),
+    "hardtanh": ("uniform", 1.0 / _SQRT3),
+    "tanh": ("logistic", math.pi / math.sqrt(12.0)),
+    "approxsign": ("triangular", 1.0 / _SQRT6),
+}
+
+
+@dataclass(frozen=True)
+class Smoothing:
+    """Noise law ``p`` and scale ``ε̄``: the smoothed quantizer ``E[h(x + ε̄u)]``.
+
+    ``surrogate_slope`` is the STE backward; ``sample`` is the ZO perturbation noise.
+    """
+
+    noise: str
+    eps_bar: float
+
+    def __post_init__(self) -> None:
+        if self.noise not in NOISE_LAWS:
+            raise ValueError(f"unknown noise law {self.noise!r}; choose one of {sorted(NOISE_LAWS)}")
+        if not (self.eps_bar > 0 and math.isfinite(self.eps_bar)):
+            raise ValueError(f"eps_bar must be a positive finite number, got {self.eps_bar!r}")
+
+    @property
+    def law(self) -> NoiseLaw:
+        return NOISE_LAWS[self.noise]
+
+    def density(self, z: torch.Tensor) -> torch.Tensor:
+        """Density of the scaled noise ``ε̄u`` at ``z``: ``p(z/ε̄)/ε̄``."""
+        return self.law.pdf(z / self.eps_bar) / self.eps_bar
+
+    def sample(
+        self,
+        shape: torch.Size | tuple[int, ...],
+        generator: torch.Generator,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
+        """Unit-variance noise ``u`` (not yet multiplied by ``ε̄``)."""
+        return self.law.sample(shape, generator, device=device, dtype=dtype)
+
+    def reach(self) -> float:
+        """Distance beyond which a threshold no longer contributes to the slope."""
+        return self.law.tail * self.eps_bar
+
+    def surrogate_slope(
+        self, x: torch.Tensor, first_threshold: float, num_thresholds: int, jump: float
+    ) -> torch.Tensor:
+        """``Σ_k J · p_ε̄(t_k − x)`` for thresholds ``t_k = first_threshold + k``, k < K.
+
+        Only the thresholds within :meth:`reach` of ``x`` are summed, so the cost is
+        O(reach) element-wise passes, independent of the number of levels.
+        """
+        last_threshold = first_threshold + num_thresholds - 1
+        if self.noise == "uniform" and self.law.support * self.eps_bar <= 0.5:
+            # At most one threshold lies inside the noise support: an indicator (the
+            # clipped identity STE when ε̄√3 = ½). Cheap fast path for the default STE.
+            half_width = self.law.support * self.eps_bar
+            nearest = (x - first_threshold).round_().clamp_(0, num_thresholds - 1) + first_threshold
+            inside = (nearest - x).abs_() < half_width
+            return inside.to(x.dtype) * (jump / (2 * half_width))
+        radius = math.ceil(self.reach()) + 1
+        base = torch.floor(x - first_threshold) + first_threshold  # threshold just below x
+        slope = torch.zeros_like(x)
+        for offset in range(-radius + 1, radius + 1):
+            threshold = base + offset
+            valid = (threshold >= first_threshold) & (threshold <= last_threshold)
+            slope += torch.where(valid, self.density(threshold - x), 0.0)
+        return slope * jump
+
+
+def smoothing_for(ste: str, noise: str | None = None, eps_bar: float | None = None) -> Smoothing:
+    """The :class:`Smoothing` of an STE kind, optionally overriding its noise law or ``ε̄``."""
+    if ste not in STE_KINDS:
+        raise ValueError(f"unknown STE {ste!r}; choose one of {sorted(STE_KINDS)}")
+    default_noise, default_eps_bar = STE_KINDS[ste]
+    return Smoothing(noise or default_noise, default_eps_bar if eps_bar is None else eps_bar)
