@@ -63,6 +63,27 @@ class NoiseLaw:
             return torch.exp(-0.5 * u.square()) / math.sqrt(2 * math.pi)
         raise AssertionError(self.name)
 
+    def zero_bias_pdf(self, u: torch.Tensor) -> torch.Tensor:
+        """The zero-bias transform ``ψ(u) = ∫_u^∞ t·p(t) dt`` (a density: ``∫ψ = Var = 1``).
+
+        Two-point SPSA along this law is unbiased for the loss smoothed with ``ψ``, not
+        with ``p``: ``E[f(x+εu)·u]/ε = E[f'(x + ε·w)]`` with ``w ~ ψ`` (Stein's identity,
+        by parts). Only the Gaussian is its own zero-bias transform; for the uniform law
+        ``ψ`` is the Epanechnikov kernel ``(3 − u²)/(4√3)`` on ``[−√3, √3]``.
+        """
+        if self.name == "uniform":
+            return (3.0 - u.square()).clamp_min(0.0) / (4 * _SQRT3)
+        if self.name == "gaussian":
+            return self.pdf(u)
+        if self.name == "logistic":
+            a = u.abs()
+            s = _LOGISTIC_SCALE
+            return a * torch.sigmoid(-a / s) + s * torch.nn.functional.softplus(-a / s)
+        if self.name == "triangular":
+            a = u.abs().clamp_max(_SQRT6)
+            return (_SQRT6**3 / 6 - _SQRT6 * a.square() / 2 + a.pow(3) / 3) / 6.0
+        raise AssertionError(self.name)
+
     def sample(
         self,
         shape: torch.Size | tuple[int, ...],

@@ -207,12 +207,12 @@ class StateGuard:
         self._model = model
         self._rng_before = _rng_state()
         self._rng_after: tuple | None = None
-        self._buffers: list[tuple[torch.Tensor, torch.Tensor, int]] = []
+        self._buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def after_first_pass(self) -> None:
         """Call after the unperturbed (STE) pass: snapshot its buffers and RNG state."""
         self._rng_after = _rng_state()
-        self._buffers = [(b, b.detach().clone(), b._version) for b in self._model.buffers()]
+        self._buffers = [(b, b.detach().clone()) for b in self._model.buffers()]
 
     def rewind(self) -> None:
         _set_rng_state(self._rng_before)
@@ -224,11 +224,11 @@ class StateGuard:
             _set_rng_state(self._rng_after)
 
     def _restore_buffers(self) -> None:
-        for position, (buffer, saved, version) in enumerate(self._buffers):
-            if buffer._version != version:
-                with torch.no_grad():
-                    buffer.copy_(saved)
-                self._buffers[position] = (buffer, saved, buffer._version)
+        # Always copy: kernels such as batch_norm update running statistics in place
+        # without bumping the tensor's version counter, so a "changed?" check is unreliable.
+        with torch.no_grad():
+            for buffer, saved in self._buffers:
+                buffer.copy_(saved)
 
 
 def _rng_state() -> tuple:

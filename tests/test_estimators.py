@@ -1,0 +1,384 @@
+"""STE, n-SPSA and FOGZO against SPEC §3 and the state-safety rules of SPEC §4."""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fogzo
+
+
+def _mlp(bits=2, seed=0, hidden=12):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(8, hidden), nn.ReLU(), nn.Linear(hidden, 4))
+    return fogzo.quantize(model, fogzo.QuantConfig(bits=bits))
+
+
+def _batch(seed=0, size=32):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(size, 8, generator=generator), torch.randint(0, 4, (size,), generator=generator)
+
+
+def _counting_closure(model, x, y):
+    calls = {"forward": 0}
+
+    def closure():
+        calls["forward"] += 1
+        return F.cross_entropy(model(x), y)
+
+    return closure, calls
+
+
+def _grads(model):
+    return {name: None if p.grad is None else p.grad.clone() for name, p in model.named_parameters()}
+
+
+# ---------------------------------------------------------------- pass counts
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_pass_counts(n):
+    x, y = _batch()
+    model = _mlp()
+    cases = [
+        (fogzo.STE(model), 1, 1),
+        (fogzo.SPSA(model, n=n), 1 + 2 * n, 0),
+        (fogzo.SPSA(model, n=n, report_loss=False), 2 * n, 0),
+        (fogzo.FOGZO(model, total_steps=10, n=n), 1 + 2 * n, 1),
+        (fogzo.FOGZO(model, total_steps=10, n=n, one_sided=True), 1 + n, 1),
+    ]
+    for estimator, forwards, backwards in cases:
+        closure, calls = _counting_closure(model, x, y)
+        model.zero_grad(set_to_none=True)
+        info = estimator.estimate(closure)
+        assert (info.forward_passes, info.backward_passes) == (forwards, backwards), type(estimator)
+        assert calls["forward"] == forwards
+        assert info.compute_units == forwards + 2 * backwards
+
+
+def test_ste_fraction_runs_plain_ste_first():
+    x, y = _batch()
+    model = _mlp()
+    estimator = fogzo.FOGZO(model, total_steps=10, ste_fraction=0.3)
+    infos = []
+    for _ in range(5):
+        model.zero_grad(set_to_none=True)
+        infos.append(estimator.estimate(lambda: F.cross_entropy(model(x), y)))
+    assert [i.forward_passes for i in infos] == [1, 1, 1, 3, 3]
+    assert [i.beta is None for i in infos] == [True, True, True, False, False]
+
+
+# ------------------------------------------------------- special cases of β
+
+
+def test_fogzo_beta_zero_equals_spsa_with_same_noise():
+    x, y = _batch()
+    model_a, model_b = _mlp(), _mlp()
+    for n in (1, 4):
+        model_a.zero_grad(set_to_none=True)
+        model_b.zero_grad(set_to_none=True)
+        fogzo.FOGZO(model_a, total_steps=10, beta=0.0, n=n, seed=7).estimate(lambda: F.cross_entropy(model_a(x), y))
+        fogzo.SPSA(model_b, n=n, seed=7).estimate(lambda: F.cross_entropy(model_b(x), y))
+        for (name, a), b in zip(model_a.named_parameters(), model_b.parameters()):
+            if name.endswith("weight"):  # the perturbed set; biases keep FOGZO's STE gradient
+                assert torch.equal(a.grad, b.grad), name
+
+
+def _with_weights(model, weights):
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        for layer, w in zip([clone[0], clone[2]], weights):
+            layer.weight.copy_(w)
+    return clone
+
+
+def test_fogzo_beta_one_is_directional_difference_along_ste_direction():
+    x, y = _batch()
+    model = _mlp()
+    eps_bar = fogzo.smoothing_for("identity").eps_bar
+    layers = [model[0], model[2]]
+    # The STE direction ĝ = c·g_W / ‖c·g_W‖ computed by hand.
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    scales = [layer.weight_quantizer.alpha for layer in layers]
+    g_x = [c * layer.weight.grad for c, layer in zip(scales, layers)]
+    norm = torch.sqrt(sum(g.square().sum() for g in g_x))
+    direction = [g / norm for g in g_x]
+    shifted = [
+        [layer.weight.detach() + sign * c * eps_bar * d for layer, c, d in zip(layers, scales, direction)]
+        for sign in (1, -1)
+    ]
+    with torch.no_grad():
+        plus = F.cross_entropy(_with_weights(model, shifted[0])(x), y)
+        minus = F.cross_entropy(_with_weights(model, shifted[1])(x), y)
+    derivative = (plus - minus) / (2 * eps_bar)
+    model.zero_grad(set_to_none=True)
+    info = fogzo.FOGZO(model, total_steps=10, beta=1.0, seed=3).estimate(lambda: F.cross_entropy(model(x), y))
+    assert info.differences[0] == pytest.approx(derivative.item(), rel=1e-4, abs=1e-7)
+    for layer, c, d in zip(layers, scales, direction):
+        torch.testing.assert_close(layer.weight.grad, derivative * d / c, rtol=1e-4, atol=1e-8)
+
+
+# ------------------------------------------------------------- unbiasedness
+
+
+class _Probe(nn.Module):
+    """L(W) = Σ_k r_k Q(W)_k through a quantized layer's own forward."""
+
+    def __init__(self, weights, noise, r):
+        super().__init__()
+        self.layer = fogzo.quantize(
+            nn.Sequential(nn.Linear(1, weights.numel(), bias=False)), fogzo.QuantConfig(bits=2, noise=noise)
+        )[0]
+        with torch.no_grad():
+            self.layer.weight.copy_(weights.reshape(-1, 1))
+            self.layer.weight_quantizer.alpha.fill_(1.0)
+        self.register_buffer("r", r)
+
+    def forward(self):
+        return (self.layer(torch.ones(1, 1))[0] * self.r).sum()
+
+
+@pytest.mark.parametrize("noise", ["gaussian", "uniform"])
+def test_spsa_is_unbiased_for_the_smoothed_loss(noise):
+    """E[G] = r_k · Σ_t ψ_ε̄(t − x_k), ψ the zero-bias transform of the noise law (= the
+    noise law itself for Gaussian noise, where it equals the STE surrogate slope)."""
+    weights = torch.tensor([-2.2, -1.6, -0.9, -0.45, 0.1, 0.5, 0.62, 1.3])
+    r = torch.tensor([1.0, -0.5, 2.0, 1.5, -1.0, 0.7, 1.2, -2.0])
+    probe = _Probe(weights, noise, r)
+    estimator = fogzo.SPSA(probe, n=1, seed=11, report_loss=False)
+    samples = []
+    for _ in range(3000):
+        probe.zero_grad(set_to_none=True)
+        estimator.estimate(probe)
+        samples.append(probe.layer.weight.grad[:, 0].clone())
+    samples = torch.stack(samples).double()
+    mean, standard_error = samples.mean(0), samples.std(0) / math.sqrt(samples.shape[0])
+    smoothing = probe.layer.weight_quantizer.smoothing
+    levels = probe.layer.weight_quantizer.levels
+    thresholds = torch.tensor([-1.5, -0.5, 0.5], dtype=torch.float64)
+    z = (thresholds[:, None] - weights.double()[None]) / smoothing.eps_bar
+    expected = r.double() * (smoothing.law.zero_bias_pdf(z) / smoothing.eps_bar).sum(0)
+    assert torch.all((mean - expected).abs() < 5 * standard_error), (mean, expected, standard_error)
+    if noise == "gaussian":  # Stein: SPSA and the STE estimate the same smoothed gradient
+        ste_slope = smoothing.surrogate_slope(weights.double(), levels.first_threshold, levels.num_thresholds, 1.0)
+        torch.testing.assert_close(expected, r.double() * ste_slope)
+
+
+# ----------------------------------------------------------------- state safety
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(8, 16)
+        self.norm = nn.BatchNorm1d(16)
+        self.drop = nn.Dropout(0.3)
+        self.fc2 = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fc2(self.drop(torch.relu(self.norm(self.fc1(x)))))
+
+
+def _net():
+    torch.manual_seed(0)
+    return fogzo.quantize(_Net(), fogzo.QuantConfig(bits=2))
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda m: fogzo.FOGZO(m, total_steps=5, n=2, beta=0.5),
+        lambda m: fogzo.FOGZO(m, total_steps=5, n=2, one_sided=True, perturb="all"),
+        lambda m: fogzo.SPSA(m, n=3, perturb="all"),
+    ],
+)
+def test_parameters_buffers_and_global_rng_match_a_plain_ste_step(make):
+    x, y = _batch()
+    reference, model = _net(), _net()
+    torch.manual_seed(123)
+    fogzo.STE(reference).estimate(lambda: F.cross_entropy(reference(x), y))
+    rng_after_ste = torch.get_rng_state()
+    estimator = make(model)
+    torch.manual_seed(123)
+    estimator.estimate(lambda: F.cross_entropy(model(x), y))
+    assert torch.equal(torch.get_rng_state(), rng_after_ste)
+    for (key, expected), actual in zip(_state(reference).items(), _state(model).values()):
+        assert torch.equal(expected, actual), key
+    for (name, p), q in zip(reference.named_parameters(), model.parameters()):
+        assert type(p) is type(q) is nn.Parameter, name
+
+
+def test_perturbed_passes_see_the_same_dropout_masks_as_the_ste_pass():
+    x, y = _batch()
+    model = _net()
+    seen = []
+    model.drop.register_forward_hook(lambda module, args, out: seen.append((args[0] != 0, out == 0)))
+    fogzo.FOGZO(model, total_steps=5, n=2).estimate(lambda: F.cross_entropy(model(x), y))
+    assert len(seen) == 5
+    reference_nonzero, reference_zero = seen[0]
+    assert (reference_nonzero & reference_zero).any()
+    for nonzero, zero in seen[1:]:
+        # Dropped = zero output from a nonzero input; compare where both inputs are nonzero
+        # (ReLU zeros legitimately move with the perturbation).
+        both = nonzero & reference_nonzero
+        assert both.float().mean() > 0.3
+        assert torch.equal(zero[both], reference_zero[both])
+
+
+def test_same_seed_gives_bit_identical_gradients_and_other_seed_does_not():
+    x, y = _batch()
+    runs = []
+    for seed in (5, 5, 6):
+        model = _mlp()
+        estimator = fogzo.FOGZO(model, total_steps=10, n=2, beta=0.9, seed=seed, perturb="all")
+        for _ in range(2):
+            model.zero_grad(set_to_none=True)
+            estimator.estimate(lambda: F.cross_entropy(model(x), y))
+        runs.append(_grads(model))
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+    assert not all(torch.equal(runs[0][k], runs[2][k]) for k in runs[0])
+
+
+def test_state_dict_resumes_the_noise_stream():
+    x, y = _batch()
+    model = _mlp()
+    first = fogzo.FOGZO(model, total_steps=10, beta=0.5, seed=1)
+    first.estimate(lambda: F.cross_entropy(model(x), y))
+    resumed = fogzo.FOGZO(model, total_steps=10, beta=0.5, seed=99)
+    resumed.load_state_dict(first.state_dict())
+    model.zero_grad(set_to_none=True)
+    first.estimate(lambda: F.cross_entropy(model(x), y))
+    expected = _grads(model)
+    model.zero_grad(set_to_none=True)
+    resumed.estimate(lambda: F.cross_entropy(model(x), y))
+    assert all(torch.equal(expected[k], v) for k, v in _grads(model).items())
+
+
+def test_gradients_accumulate_like_backward():
+    x, y = _batch()
+    model = _mlp()
+    estimator = fogzo.FOGZO(model, total_steps=10, beta=0.5, seed=2)
+    model.zero_grad(set_to_none=True)
+    estimator.estimate(lambda: F.cross_entropy(model(x), y))
+    single = _grads(model)
+    estimator.load_state_dict({"seed": 2, "step": 0})
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    estimator.estimate(lambda: F.cross_entropy(model(x), y))
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, single[name] + 1)
+
+
+# ------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda m: fogzo.FOGZO(m, total_steps=10, beta_min=1.5), "1.5"),
+        (lambda m: fogzo.FOGZO(m, total_steps=10, beta=-0.1), "-0.1"),
+        (lambda m: fogzo.FOGZO(m, total_steps=0), "total_steps"),
+        (lambda m: fogzo.FOGZO(m, total_steps=10, n=0), "n must"),
+        (lambda m: fogzo.SPSA(m, n=-2), "-2"),
+        (lambda m: fogzo.FOGZO(m, total_steps=10, perturb="all", eps=0.0), "eps"),
+        (lambda m: fogzo.FOGZO(m, total_steps=10, perturb="some"), "some"),
+        (lambda m: fogzo.FOGZO(m, total_steps=10, ste_fraction=1.2), "1.2"),
+        (lambda m: fogzo.FOGZO(m, total_steps=10, on_nonfinite="ignore"), "ignore"),
+    ],
+)
+def test_bad_hyperparameters_raise(make, match):
+    with pytest.raises(ValueError, match=match):
+        make(_mlp())
+
+
+def test_schedule_returning_bad_beta_raises_at_estimate():
+    x, y = _batch()
+    model = _mlp()
+    estimator = fogzo.FOGZO(model, total_steps=10, beta=lambda step: 2.0)
+    with pytest.raises(ValueError, match="2.0"):
+        estimator.estimate(lambda: F.cross_entropy(model(x), y))
+
+
+def test_closure_must_return_a_scalar():
+    x, y = _batch()
+    model = _mlp()
+    for estimator in (fogzo.STE(model), fogzo.FOGZO(model, total_steps=3), fogzo.SPSA(model)):
+        with pytest.raises(ValueError, match="scalar"):
+            estimator.estimate(lambda: F.cross_entropy(model(x), y, reduction="none"))
+
+
+def test_model_with_nothing_to_perturb():
+    with pytest.raises(ValueError, match="nothing to perturb"):
+        fogzo.FOGZO(nn.Sequential(nn.Linear(3, 3)), total_steps=10)
+
+
+class _Trap(nn.Module):
+    """Returns inf whenever its parameter is not the original one (i.e. when perturbed)."""
+
+    def __init__(self):
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(4))
+
+    def forward(self, h):
+        original = self._parameters["gain"] is self.gain_reference
+        return h * self.gain if original else h * float("inf")
+
+
+def test_nonfinite_perturbed_loss_raises_or_skips_and_leaves_weights_untouched():
+    x, y = _batch()
+    model = nn.Sequential(_mlp(), _Trap())
+    model[1].gain_reference = model[1].gain
+    before = _state(model)
+    estimator = fogzo.FOGZO(model, total_steps=10, perturb="all")
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        estimator.estimate(lambda: F.cross_entropy(model(x), y))
+    assert all(torch.equal(before[k], v) for k, v in _state(model).items())
+    assert model[1]._parameters["gain"] is model[1].gain_reference
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    ste = _grads(model)
+    model.zero_grad(set_to_none=True)
+    skipping = fogzo.FOGZO(model, total_steps=10, perturb="all", on_nonfinite="skip")
+    info = skipping.estimate(lambda: F.cross_entropy(model(x), y))
+    assert info.skipped
+    assert all(torch.equal(ste[k], v) for k, v in _grads(model).items())
+
+
+# ------------------------------------------------------------------- training
+
+
+@pytest.mark.parametrize(
+    "make, lr, steps",
+    [
+        (lambda m: fogzo.STE(m), 1e-2, 150),
+        (lambda m: fogzo.FOGZO(m, total_steps=150, beta_min=0.99), 1e-2, 150),
+        (lambda m: fogzo.FOGZO(m, total_steps=150, beta_min=0.99, one_sided=True), 1e-2, 150),
+        (lambda m: fogzo.SPSA(m, n=16, perturb="all"), 1e-2, 150),
+    ],
+)
+def test_training_a_quantized_mlp_lowers_the_loss(make, lr, steps):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 8, generator=generator)
+    teacher = torch.randn(8, 4, generator=generator)
+    y = (x @ teacher).argmax(1)
+    model = _mlp(hidden=16)
+    estimator = make(model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    with torch.no_grad():
+        initial = F.cross_entropy(model(x), y).item()
+    for step in range(steps):
+        batch = torch.randint(0, 512, (64,), generator=generator)
+        optimizer.zero_grad(set_to_none=True)
+        estimator.estimate(lambda: F.cross_entropy(model(x[batch]), y[batch]))
+        optimizer.step()
+    with torch.no_grad():
+        final = F.cross_entropy(model(x), y).item()
+    assert final < 0.8 * initial, (initial, final)

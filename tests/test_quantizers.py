@@ -1,0 +1,120 @@
+"""Quantizers: levels, STE gradients equal the surrogate rule, LSQ step-size gradient."""
+
+import math
+
+import pytest
+import torch
+
+from fogzo.quantizers import ActivationQuantizer, WeightQuantizer, fake_quantize, initial_step_size, level_set
+from fogzo.smoothing import Smoothing, smoothing_for
+
+
+@pytest.mark.parametrize(
+    "bits, low, high",
+    [(1, -1, 1), ("ternary", -1, 1), (2, -2, 1), (3, -4, 3), (4, -8, 7), (8, -128, 127)],
+)
+def test_level_sets(bits, low, high):
+    levels = level_set(bits)
+    x = torch.linspace(-300, 300, 6001)
+    q = levels.round(x)
+    assert q.min().item() == low and q.max().item() == high
+    if bits == 1:
+        assert set(q.unique().tolist()) == {-1.0, 1.0}
+    else:
+        assert torch.equal(q, torch.round(x).clamp(low, high))
+    assert torch.equal(levels.from_codes(levels.to_codes(q)), q)
+
+
+@pytest.mark.parametrize("bits", [0, 9, 1.5, "two", True, None])
+def test_unsupported_bits_raise(bits):
+    with pytest.raises(ValueError, match="bits"):
+        level_set(bits)
+
+
+# Closed forms of the STE rules, written independently of Smoothing.surrogate_slope.
+def _identity_rule(x, levels):  # clipped identity on (low, high)
+    return ((x > levels.low) & (x < levels.high)).double()
+
+
+_RULES = {
+    ("identity", "int2"): _identity_rule,
+    ("identity", "int4"): _identity_rule,
+    ("identity", "ternary"): _identity_rule,
+    ("hardtanh", "sign"): lambda x, levels: (x.abs() < 1).double(),
+    ("tanh", "sign"): lambda x, levels: 1 / torch.cosh(x) ** 2,
+    ("approxsign", "sign"): lambda x, levels: (2 - 2 * x.abs()).clamp_min(0),
+}
+
+
+@pytest.mark.parametrize("ste, level_name", sorted(_RULES))
+def test_ste_gradient_equals_surrogate_rule(ste, level_name):
+    bits = {"int2": 2, "int4": 4, "ternary": "ternary", "sign": 1}[level_name]
+    levels = level_set(bits)
+    alpha = torch.tensor(0.37, dtype=torch.float64)
+    weight = (torch.linspace(-10, 10, 1999, dtype=torch.float64) * alpha).requires_grad_()
+    upstream = torch.randn(weight.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    out = fake_quantize(weight, alpha, levels, smoothing_for(ste))
+    torch.testing.assert_close(out.detach(), alpha * levels.round(weight.detach() / alpha))
+    (out * upstream).sum().backward()
+    expected = upstream * _RULES[(ste, level_name)](weight.detach() / alpha, levels)
+    torch.testing.assert_close(weight.grad, expected)
+
+
+def test_multilevel_logistic_gradient_is_sum_of_sech2_bumps():
+    levels = level_set(3)
+    smoothing = smoothing_for("tanh")  # logistic noise, ε̄u ~ logistic(scale 1/2)
+    weight = torch.linspace(-6, 6, 1201, dtype=torch.float64).requires_grad_()
+    fake_quantize(weight, torch.tensor(1.0, dtype=torch.float64), levels, smoothing).sum().backward()
+    thresholds = torch.arange(-3.5, 3.0, 1.0, dtype=torch.float64)
+    # density of logistic(scale 1/2) is sech²(z)/2, so each threshold contributes sech²(t - x)/2
+    expected = (1 / torch.cosh(thresholds[:, None] - weight.detach()[None]) ** 2 / 2).sum(0)
+    torch.testing.assert_close(weight.grad, expected, atol=1e-7, rtol=0)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_lsq_step_size_gradient(per_channel):
+    levels = level_set(2)
+    generator = torch.Generator().manual_seed(0)
+    latent = torch.randn(6, 5, generator=generator, dtype=torch.float64)
+    quantizer = WeightQuantizer(latent, levels, smoothing_for("identity"), learned=True, per_channel=per_channel)
+    upstream = torch.randn(6, 5, generator=generator, dtype=torch.float64)
+    (quantizer(latent) * upstream).sum().backward()
+    alpha = quantizer.alpha.detach()
+    x = latent / alpha
+    inside = ((x > -2) & (x < 1)).double()
+    per_element = upstream * (levels.round(x) - x * inside)
+    group = 5 if per_channel else 30
+    expected = per_element.sum(1, keepdim=True) if per_channel else per_element.sum()
+    torch.testing.assert_close(quantizer.alpha.grad, expected / math.sqrt(group * levels.top_level))
+
+
+def test_step_size_rules():
+    weight = torch.randn(64, 32, generator=torch.Generator().manual_seed(0))
+    sign, int2 = level_set(1), level_set(2)
+    torch.testing.assert_close(initial_step_size(weight, sign, "mse"), weight.abs().mean())
+    torch.testing.assert_close(initial_step_size(weight, int2, "max"), weight.abs().max() / 1)
+    torch.testing.assert_close(initial_step_size(weight, int2, "lsq"), 2 * weight.abs().mean())
+
+    def error(alpha):
+        return (int2.round(weight / alpha) * alpha - weight).square().sum()
+
+    mse = initial_step_size(weight, int2, "mse")
+    assert error(mse) <= error(initial_step_size(weight, int2, "max"))
+    assert error(mse) <= error(initial_step_size(weight, int2, "lsq"))
+    per_channel = initial_step_size(weight, int2, "mse", per_channel=True)
+    assert per_channel.shape == (64, 1)
+    assert error(per_channel) <= error(mse)
+    with pytest.raises(ValueError, match="median"):
+        initial_step_size(weight, int2, "median")
+
+
+def test_activation_quantizer_initialises_from_first_batch_and_learns():
+    quantizer = ActivationQuantizer(level_set(4), Smoothing("uniform", 1 / (2 * math.sqrt(3))))
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
+    out = quantizer(x)
+    assert bool(quantizer.initialized)
+    torch.testing.assert_close(quantizer.alpha.detach(), 2 * x.abs().mean() / math.sqrt(7))
+    levels = (out / quantizer.alpha.detach()).round()
+    torch.testing.assert_close(out, levels * quantizer.alpha.detach())
+    out.sum().backward()
+    assert quantizer.alpha.grad is not None and torch.isfinite(quantizer.alpha.grad)
