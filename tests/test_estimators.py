@@ -382,3 +382,29 @@ def test_training_a_quantized_mlp_lowers_the_loss(make, lr, steps):
     with torch.no_grad():
         final = F.cross_entropy(model(x), y).item()
     assert final < 0.8 * initial, (initial, final)
+
+
+# ------------------------------------------------------------------ vectorize
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda m, v: fogzo.SPSA(m, n=6, seed=4, perturb="all", vectorize=v),
+        lambda m, v: fogzo.FOGZO(m, total_steps=10, n=3, beta=0.7, seed=4, vectorize=v),
+        lambda m, v: fogzo.FOGZO(m, total_steps=10, n=3, beta=0.7, seed=4, one_sided=True, vectorize=v),
+    ],
+)
+def test_vectorized_passes_equal_the_loop(make):
+    x, y = _batch()
+    results = []
+    for vectorize in (None, 4):
+        model = _mlp()
+        info = make(model, vectorize).estimate(lambda: F.cross_entropy(model(x), y))
+        results.append((info, _grads(model)))
+    (loop_info, loop), (vector_info, vector) = results
+    assert loop_info.forward_passes == vector_info.forward_passes
+    # Same noise and weights; only the matmul summation order differs (batched vs single).
+    torch.testing.assert_close(torch.tensor(vector_info.differences), torch.tensor(loop_info.differences), rtol=1e-4, atol=1e-5)
+    for name in loop:
+        torch.testing.assert_close(vector[name], loop[name], rtol=1e-3, atol=1e-5)

@@ -79,7 +79,7 @@ class LevelSet:
         """The hard quantizer ``h(x)`` (a float tensor holding integer levels)."""
         if self.is_sign:
             return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
-        return torch.round(x).clamp_(self.low, self.high)
+        return torch.round(x).clamp(self.low, self.high)
 
     def to_codes(self, levels: torch.Tensor) -> torch.Tensor:
         """Levels -> unsigned codes ``0..num_levels-1`` (uint8)."""
@@ -146,8 +146,15 @@ def fake_quantize(
     smoothing: Smoothing,
     alpha_grad_scale: float = 1.0,
 ) -> torch.Tensor:
-    """``α·h(W/α)`` with the surrogate-slope STE; ``α`` broadcasts against ``weight``."""
-    return _FakeQuantize.apply(weight, alpha, levels, smoothing, alpha_grad_scale)
+    """``α·h(W/α)`` with the surrogate-slope STE; ``α`` broadcasts against ``weight``.
+
+    Without autograd (``torch.no_grad`` or nothing requiring grad) this is a plain
+    element-wise expression, so perturbed forward passes skip the autograd machinery and
+    can run under ``torch.func.vmap``.
+    """
+    if torch.is_grad_enabled() and (weight.requires_grad or alpha.requires_grad):
+        return _FakeQuantize.apply(weight, alpha, levels, smoothing, alpha_grad_scale)
+    return levels.round(weight / alpha) * alpha
 
 
 def initial_step_size(

@@ -150,12 +150,17 @@ class ZerothOrderMeasurement:
     ``gradient`` turns them into ``G_W = (1/n) Σ_i d_i v_i / c`` for one tensor.
     """
 
-    def __init__(self, perturbed: PerturbedSet, one_sided: bool, on_nonfinite: str) -> None:
+    def __init__(
+        self, perturbed: PerturbedSet, one_sided: bool, on_nonfinite: str, vectorize: int | None = None
+    ) -> None:
         if on_nonfinite not in ("raise", "skip"):
             raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
+        if vectorize is not None and (not isinstance(vectorize, int) or vectorize < 1):
+            raise ValueError(f"vectorize must be None or an int >= 1, got {vectorize!r}")
         self.perturbed = perturbed
         self.one_sided = one_sided
         self.on_nonfinite = on_nonfinite
+        self.vectorize = vectorize
 
     @property
     def passes_per_sample(self) -> int:
@@ -173,19 +178,27 @@ class ZerothOrderMeasurement:
         """``(d_i, perturbed losses)``; ``d_i`` is ``None`` when a loss was non-finite and we skip."""
         eps_bar = self.perturbed.smoothing.eps_bar
         scales = [entry.coordinate_scale(eps_bar) for entry in self.perturbed.tensors]
+        passes = [(direction, sign) for direction in directions for sign in (1.0, -1.0)[: self.passes_per_sample]]
+
+        def shifted(entry: PerturbedTensor, direction: Direction, sign: float) -> torch.Tensor:
+            return self._shifted_weight(entry, scales[entry.index], guides[entry.index], step_seed, direction, sign)
+
         losses: list[torch.Tensor] = []
         try:
-            for direction in directions:
-                for sign in (1.0, -1.0)[: self.passes_per_sample]:
-
-                    def shifted(entry: PerturbedTensor, direction=direction, sign=sign) -> torch.Tensor:
-                        return self._shifted_weight(
-                            entry, scales[entry.index], guides[entry.index], step_seed, direction, sign
-                        )
-
+            if self.vectorize is None:
+                for direction, sign in passes:
                     guard.rewind()
-                    with torch.no_grad(), self.perturbed.swapped(shifted):
+                    with torch.no_grad(), self.perturbed.swapped(lambda e: shifted(e, direction, sign)):
                         losses.append(checked_loss(closure()).detach().float())
+            else:
+                for start in range(0, len(passes), self.vectorize):
+                    chunk = passes[start : start + self.vectorize]
+                    stacks = [
+                        torch.stack([shifted(entry, direction, sign) for direction, sign in chunk])
+                        for entry in self.perturbed.tensors
+                    ]
+                    guard.rewind()
+                    losses.extend(self._vectorized_losses(closure, stacks).float().unbind())
         finally:
             guard.close()
         values = torch.stack(losses)
@@ -208,6 +221,23 @@ class ZerothOrderMeasurement:
                 )
             return None, values
         return differences.tolist(), values
+
+    def _vectorized_losses(self, closure: Closure, stacks: list[torch.Tensor]) -> torch.Tensor:
+        """Losses of a stack of perturbed weight sets in one ``torch.func.vmap`` forward."""
+
+        def loss_of(*weights: torch.Tensor) -> torch.Tensor:
+            with self.perturbed.swapped(lambda entry: weights[entry.index]):
+                return checked_loss(closure())
+
+        try:
+            with torch.no_grad():
+                return torch.func.vmap(loss_of, randomness="same")(*stacks)
+        except RuntimeError as error:
+            raise RuntimeError(
+                f"vectorized perturbed passes failed under torch.func.vmap ({error}). Models that "
+                "write buffers in the forward (BatchNorm in training mode) cannot be vmapped: "
+                "use vectorize=None"
+            ) from error
 
     def _shifted_weight(
         self,

@@ -69,6 +69,8 @@ class FOGZO:
         guide_norm: ``r = ‖ĝ‖`` (1 in the paper's reading).
         on_nonfinite: ``"raise"`` a ``FloatingPointError`` on a non-finite perturbed loss,
             or ``"skip"``: keep the STE gradient for that step and flag ``info.skipped``.
+        vectorize: evaluate this many perturbed passes per ``torch.func.vmap`` forward
+            (see :class:`~fogzo.SPSA`); ``None`` runs them one by one.
 
     Example::
 
@@ -94,6 +96,7 @@ class FOGZO:
         normalize: str = "global",
         guide_norm: float = 1.0,
         on_nonfinite: str = "raise",
+        vectorize: int | None = None,
     ) -> None:
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"n must be an int >= 1, got {n!r}")
@@ -119,7 +122,7 @@ class FOGZO:
         self.normalize = normalize
         self.guide_norm = float(guide_norm)
         self.perturbed = PerturbedSet.from_model(model, perturb, eps, smoothing)
-        self.measurement = ZerothOrderMeasurement(self.perturbed, one_sided, on_nonfinite)
+        self.measurement = ZerothOrderMeasurement(self.perturbed, one_sided, on_nonfinite, vectorize)
         self.counter = StepCounter(seed)
 
     def estimate(self, closure: Closure) -> EstimateInfo:

@@ -35,6 +35,11 @@ class SPSA:
     ``info.loss`` is the mean perturbed loss. ``one_sided=True`` uses
     ``(L(x + ε̄u_i) − L(x)) / ε̄`` (``n`` + 1 forwards; needs the loss pass).
 
+    ``vectorize=K`` evaluates K perturbed passes at a time in one ``torch.func.vmap``
+    forward (same noise, same result up to float summation order): much faster for large
+    ``n`` on small models, at K times the memory of the perturbed weights. The model must
+    be vmappable (no in-place buffer writes in the forward, e.g. no BatchNorm in training).
+
     Example::
 
         estimator = fogzo.SPSA(model, n=64, seed=0)
@@ -53,6 +58,7 @@ class SPSA:
         one_sided: bool = False,
         report_loss: bool = True,
         on_nonfinite: str = "raise",
+        vectorize: int | None = None,
     ) -> None:
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be an int >= 1, got {n!r}")
@@ -62,7 +68,7 @@ class SPSA:
         self.n = n
         self.report_loss = report_loss
         self.perturbed = PerturbedSet.from_model(model, perturb, eps, smoothing)
-        self.measurement = ZerothOrderMeasurement(self.perturbed, one_sided, on_nonfinite)
+        self.measurement = ZerothOrderMeasurement(self.perturbed, one_sided, on_nonfinite, vectorize)
         self.counter = StepCounter(seed)
 
     def estimate(self, closure: Closure) -> EstimateInfo:
