@@ -14,6 +14,7 @@ Quick start::
 
 from .convert import QuantConfig, full_precision, quantize, quantized_layers
 from .estimators import FOGZO, SPSA, STE, EstimateInfo, Estimator, PerturbedSet, constant_beta, linear_beta
+from .export import ExportedModel, QuantizedWeight, export, pack_codes, rebuild_float_model, unpack_codes
 from .layers import QuantConv1d, QuantConv2d, QuantEmbedding, QuantizedLayer, QuantLinear
 from .quantizers import ActivationQuantizer, LevelSet, WeightQuantizer, fake_quantize, level_set
 from .smoothing import NOISE_LAWS, STE_KINDS, NoiseLaw, Smoothing, smoothing_for
@@ -29,6 +30,7 @@ __all__ = [
     "ActivationQuantizer",
     "EstimateInfo",
     "Estimator",
+    "ExportedModel",
     "LevelSet",
     "NoiseLaw",
     "PerturbedSet",
@@ -38,14 +40,19 @@ __all__ = [
     "QuantEmbedding",
     "QuantLinear",
     "QuantizedLayer",
+    "QuantizedWeight",
     "Smoothing",
     "WeightQuantizer",
     "constant_beta",
+    "export",
     "fake_quantize",
     "full_precision",
     "level_set",
     "linear_beta",
+    "pack_codes",
     "quantize",
     "quantized_layers",
+    "rebuild_float_model",
     "smoothing_for",
+    "unpack_codes",
 ]
