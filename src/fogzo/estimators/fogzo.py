@@ -140,11 +140,11 @@ class FOGZO:
             for param, gradient, prior in zip(params, ste_gradients, previous):
                 _restore(param, gradient, prior)
             return EstimateInfo(float(loss0.detach()), 1, 1, None, step_seed, step)
-        guard.after_first_pass()
         guides, norm = self._guides(ste_gradients)
 
         # 2. β_t.
         beta = check_beta(self.schedule(step), f"beta at step {step}")
+        guard.after_first_pass()  # from here on, measure() restores all state on exit
 
         # 3. v_i = √β·s_i·ĝ + √(1−β)·u_i;  d_i from the perturbed passes.
         directions = [

@@ -208,11 +208,20 @@ class StateGuard:
         self._rng_before = _rng_state()
         self._rng_after: tuple | None = None
         self._buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._ddp_sync: list[tuple[nn.Module, bool]] = []
 
     def after_first_pass(self) -> None:
-        """Call after the unperturbed (STE) pass: snapshot its buffers and RNG state."""
+        """Call after the unperturbed (STE) pass: snapshot its buffers and RNG state.
+
+        DistributedDataParallel wrappers stop broadcasting buffers at each forward until
+        :meth:`close`, so perturbed passes issue no collective of their own.
+        """
         self._rng_after = _rng_state()
         self._buffers = [(b, b.detach().clone()) for b in self._model.buffers()]
+        for module in self._model.modules():
+            if isinstance(module, nn.parallel.DistributedDataParallel):
+                self._ddp_sync.append((module, module.require_forward_param_sync))
+                module.require_forward_param_sync = False
 
     def rewind(self) -> None:
         _set_rng_state(self._rng_before)
@@ -222,6 +231,9 @@ class StateGuard:
         self._restore_buffers()
         if self._rng_after is not None:
             _set_rng_state(self._rng_after)
+        for module, sync in self._ddp_sync:
+            module.require_forward_param_sync = sync
+        self._ddp_sync = []
 
     def _restore_buffers(self) -> None:
         # Always copy: kernels such as batch_norm update running statistics in place
