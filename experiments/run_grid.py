@@ -36,14 +36,15 @@ def _product(**axes: list[str]) -> list[list[str]]:
 GRIDS = {
     # SPEC §6 baseline: the plain reading, per α rule, every lr, both estimators.
     "alpha": _product(estimator=["ste", "fogzo"], **{"alpha-init": ["max", "mse", "lsq"]}, lr=LRS, seed=SEEDS),
-    # FOGZO's open choices at α = max and α = mse (1 seed screen).
+    # FOGZO's open choices at α = max, 2 seeds, Adam lr 1e-3 / 3e-3 (the STE / FOGZO optima).
     "knobs": (
-        _product(**{"alpha-init": ["max", "mse"]}, perturb=["quantized", "all"], **{"guide-norm": ["1", "10", "0"]},
-                 lr=["1e-3", "1e-2"], seed=["0"])
-        + _product(**{"alpha-init": ["max", "mse"]}, **{"beta-min": ["0.99", "0.9999"]}, lr=["1e-3", "1e-2"], seed=["0"])
-        + _product(**{"alpha-init": ["max", "mse"]}, **{"eps-bar": ["0.5774", "1.0"]}, lr=["1e-3", "1e-2"], seed=["0"])
-        + _product(**{"alpha-init": ["max", "mse"]}, **{"one-sided": ["__flag__"]}, lr=["1e-3", "1e-2"], seed=["0"])
+        _product(estimator=["fogzo"], **{"beta-min": ["0.9999", "1.0"]}, lr=["1e-3", "3e-3"], seed=["0", "1"])
+        + _product(estimator=["fogzo"], perturb=["quantized"], lr=["1e-3", "3e-3"], seed=["0", "1"])
+        + _product(estimator=["fogzo"], **{"guide-norm": ["10", "0"]}, lr=["1e-3", "3e-3"], seed=["0", "1"])
+        + _product(estimator=["fogzo"], **{"eps-bar": ["0.5774"]}, lr=["1e-3", "3e-3"], seed=["0", "1"])
     ),
+    # SGD with momentum 0.9, both estimators on one lr grid.
+    "sgd": _product(estimator=["ste", "fogzo"], optimizer=["sgd"], lr=["0.003", "0.01", "0.03", "0.1"], seed=["0", "1"]),
 }
 
 

@@ -408,3 +408,16 @@ def test_vectorized_passes_equal_the_loop(make):
     torch.testing.assert_close(torch.tensor(vector_info.differences), torch.tensor(loop_info.differences), rtol=1e-4, atol=1e-5)
     for name in loop:
         torch.testing.assert_close(vector[name], loop[name], rtol=1e-3, atol=1e-5)
+
+
+def test_perturb_all_covers_every_trainable_tensor_except_step_sizes():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 12), nn.LayerNorm(12), nn.Linear(12, 4))
+    fogzo.quantize(model, fogzo.QuantConfig(bits=2, step_size="lsq", activation_bits=4))
+    perturbed = fogzo.PerturbedSet.from_model(model, "all", eps=1e-2)
+    names = [entry.name for entry in perturbed.tensors]
+    assert names == ["0.weight", "0.bias", "1.weight", "1.bias", "2.weight", "2.bias"]
+    assert perturbed.num_coordinates == 8 * 12 + 12 + 12 + 12 + 12 * 4 + 4
+    scales = [entry.coordinate_scale(perturbed.smoothing.eps_bar) for entry in perturbed.tensors]
+    assert scales[1] == pytest.approx(1e-2 / perturbed.smoothing.eps_bar)  # c = ε/ε̄ for a bias
+    assert torch.equal(scales[0], model[0].weight_quantizer.alpha.detach())

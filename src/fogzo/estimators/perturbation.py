@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..layers import QuantizedLayer
-from ..quantizers import WeightQuantizer
+from ..quantizers import ActivationQuantizer, WeightQuantizer
 from ..smoothing import Smoothing
 
 __all__ = ["PerturbedSet", "PerturbedTensor", "StateGuard", "derive_seed"]
@@ -79,8 +79,9 @@ class PerturbedSet:
     Args:
         model: the (quantized) model.
         perturb: ``"quantized"`` (latent weights of quantized layers, the default),
-            ``"all"`` (every trainable parameter; those without a quantizer use step
-            ``eps``), or an iterable of parameters.
+            ``"all"`` (every trainable parameter except quantizer step sizes, which keep
+            their back-propagated gradient; tensors without a quantizer use step ``eps``),
+            or an iterable of parameters.
         eps: step ``ε`` (in weight units) for perturbed tensors without a quantizer.
         smoothing: the noise law and ``ε̄``; by default the one of the quantized layers
             (they must agree). A model without quantized layers defaults to Gaussian noise
@@ -106,7 +107,7 @@ class PerturbedSet:
         for module in model.modules():
             if isinstance(module, QuantizedLayer):
                 quantizer_of[id(module.weight)] = module.weight_quantizer
-            if isinstance(module, WeightQuantizer):
+            if isinstance(module, (WeightQuantizer, ActivationQuantizer)):
                 quantizer_params.update(id(p) for p in module.parameters(recurse=False))
         if perturb == "quantized":
             chosen = {pid for pid in quantizer_of}
