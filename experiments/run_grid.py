@@ -43,6 +43,9 @@ GRIDS = {
         + _product(estimator=["fogzo"], **{"guide-norm": ["10", "0"]}, lr=["1e-3", "3e-3"], seed=["0", "1"])
         + _product(estimator=["fogzo"], **{"eps-bar": ["0.5774"]}, lr=["1e-3", "3e-3"], seed=["0", "1"])
     ),
+    # The best knobs combined, 3 seeds, on the shared Adam lr grid.
+    "tuned": _product(estimator=["fogzo"], **{"guide-norm": ["10"]}, **{"beta-min": ["0.999", "0.9999"]},
+                      lr=LRS, seed=SEEDS),
     # SGD with momentum 0.9, both estimators on one lr grid.
     "sgd": _product(estimator=["ste", "fogzo"], optimizer=["sgd"], lr=["0.003", "0.01", "0.03", "0.1"], seed=["0", "1"]),
 }

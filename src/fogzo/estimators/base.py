@@ -106,7 +106,9 @@ class StepCounter:
 
 def stash_gradients(params: Sequence[nn.Parameter]) -> list[torch.Tensor | None]:
     """Take existing ``.grad`` off ``params`` so a backward pass leaves only this step's."""
-    previous = [p.grad for p in params]
+    # Under DDP(gradient_as_bucket_view=True) a .grad is a view of a communication bucket
+    # that the next backward overwrites: keep a copy of such gradients.
+    previous = [g.clone() if g is not None and g._base is not None else g for g in (p.grad for p in params)]
     for p in params:
         p.grad = None
     return previous
