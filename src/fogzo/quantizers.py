@@ -158,7 +158,7 @@ def fake_quantize(
 
 
 def initial_step_size(
-    weight: torch.Tensor, levels: LevelSet, rule: str = "mse", per_channel: bool = False
+    weight: torch.Tensor, levels: LevelSet, rule: str = "lsq", per_channel: bool = False
 ) -> torch.Tensor:
     """A step size ``α`` from weight statistics (per tensor, or per slice along dim 0).
 
@@ -211,7 +211,7 @@ class WeightQuantizer(nn.Module):
         *,
         learned: bool = False,
         per_channel: bool = False,
-        alpha_init: str = "mse",
+        alpha_init: str = "lsq",
     ) -> None:
         super().__init__()
         self.levels = levels
