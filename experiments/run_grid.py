@@ -46,6 +46,8 @@ GRIDS = {
     # The best knobs combined, 3 seeds, on the shared Adam lr grid.
     "tuned": _product(estimator=["fogzo"], **{"guide-norm": ["10"]}, **{"beta-min": ["0.999", "0.9999"]},
                       lr=LRS, seed=SEEDS),
+    # Bit widths: sign and ternary against the 2-bit rows of "alpha" (α = max, Adam).
+    "bits": _product(estimator=["ste", "fogzo"], bits=["1", "ternary"], lr=["1e-3", "3e-3"], seed=["0", "1"]),
     # SGD with momentum 0.9, both estimators on one lr grid.
     "sgd": _product(estimator=["ste", "fogzo"], optimizer=["sgd"], lr=["0.003", "0.01", "0.03", "0.1"], seed=["0", "1"]),
 }
