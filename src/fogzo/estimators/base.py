@@ -259,8 +259,12 @@ class ZerothOrderMeasurement:
         else:
             shift = torch.zeros_like(param)
         if direction.guided != 0.0 and guide is not None:
-            coefficient = sign * eps_bar * direction.guided * guide.scale
-            shift.add_(guide.gradient * (scale * scale * coefficient))
+            factor = scale * scale * (sign * eps_bar * direction.guided * guide.scale)
+            # In place, no weight-sized temporary: this runs in every perturbed pass.
+            if isinstance(factor, torch.Tensor):
+                shift.addcmul_(guide.gradient, factor)
+            else:
+                shift.add_(guide.gradient, alpha=factor)
         return shift.add_(param)
 
     def noise_gradient(
