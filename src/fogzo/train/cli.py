@@ -7,6 +7,12 @@ Every config key is an option: ``--estimator=fogzo --lr=3e-3 --seed=1 --steps=50
 ``--time-budget 120``, ``--device cuda``, ``--autocast bf16``, ``--threads 1``,
 ``--data-dir PATH``, ``--text-file PATH``, ``--one-sided`` / ``--no-augment``
 (``-`` and ``_`` are interchangeable). ``--help-keys`` lists them with their defaults.
+
+Data-parallel (DDP) training on one machine with 2 processes (``batch_size`` stays the
+global batch; see ``docs/distributed.md``)::
+
+    torchrun --standalone --nproc-per-node 2 -m fogzo.train --config FILE [--key=value ...]
+    torchrun --standalone --nproc-per-node 2 --no-python fogzo train --config FILE [...]
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -104,28 +111,42 @@ def _overrides(args: argparse.Namespace) -> dict:
     return values
 
 
+def _main_rank() -> bool:
+    """Rank 0 (or no torchrun): the process that prints. Read from the environment, so it
+    also holds before the process group exists."""
+    return os.environ.get("RANK", "0") in ("", "0")
+
+
+def _print(*args, **kwargs) -> None:
+    if _main_rank():
+        print(*args, **kwargs)
+
+
 def run_from_args(args: argparse.Namespace, extra: Sequence[str] = (), command: list[str] | None = None) -> int:
     if args.help_keys:
-        print(keys_help())
+        _print(keys_help())
         return 0
     try:
         overrides = _overrides(args)
         overrides.update(parse_overrides(list(extra)))  # unknown keys end up here: a clear error
         config = load_config(args.config, overrides, quick=args.quick)
     except ConfigError as error:
-        print(f"fogzo train: error: {error}", file=sys.stderr)
+        _print(f"fogzo train: error: {error}", file=sys.stderr)
         return 2
     if args.print_config:
-        print(json.dumps(config.to_dict(), indent=2))
+        _print(json.dumps(config.to_dict(), indent=2))
         return 0
+    from .. import distributed as fd
     from .trainer import train
 
     command = command or [Path(sys.argv[0]).name, *sys.argv[1:]]
     try:
         results = train(config, resume=args.resume, command=command)
     except ConfigError as error:  # e.g. --resume with a config that differs from the checkpoint's
-        print(f"fogzo train: error: {error}", file=sys.stderr)
+        # The same error on every rank (config checks come before any collective): rank 0 says it.
+        _print(f"fogzo train: error: {error}", file=sys.stderr)
         return 2
+    fd.cleanup()  # under torchrun: leave the process group (after a failure, exiting does)
     return 1 if results.get("diverged") else 0
 
 

@@ -12,6 +12,16 @@ checkpoint restores the exact batch sequence. Batches come out on the training d
 * Image folders (``data_dir/train/<class>/*``, ``data_dir/val/<class>/*``, e.g.
   ImageNet-100): decoded with Pillow in DataLoader workers; random-resized-crop + flip
   whose randomness is derived from ``(seed, epoch, position)``, so it too is resumable.
+
+Data parallelism (``torchrun``). Every rank runs the same stream with the same generator,
+so every rank draws the same *global* batch (``batch_size`` examples); ``next_batch()``
+then returns this rank's equal share (:func:`fogzo.distributed.shard_indices`: rank ``r``
+of ``w`` keeps examples ``r·b/w … (r+1)·b/w − 1``). The image-folder stream decodes only
+its own share. Stream states are therefore defined in global batches and do not depend on
+the world size: a checkpoint of a 2-rank run resumes in 1 process and vice versa.
+Evaluation splits the evaluation chunks round-robin over the ranks and gathers the
+per-chunk sums before adding them up in the single-process order, so the metrics are
+bit-identical to a 1-process evaluation of the same weights.
 """
 
 from __future__ import annotations
@@ -26,8 +36,11 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from .. import distributed as fd
 
 from ..data import (
     FASHION_MNIST_MEAN,
@@ -70,8 +83,10 @@ class TaskData:
         name, source, note: the data set actually loaded, where from, and any fallback note.
         dims: model dimensions (``in_channels``, ``num_classes``, ``image_size`` or ``vocab_size``).
         stream: the training batch stream (``next_batch()``, ``state_dict``, ``load_state_dict``).
-        evaluate: ``evaluate(model, forward_context) -> dict`` of eval metrics.
+        evaluate: ``evaluate(model, forward_context) -> dict`` of eval metrics (a collective
+            under data parallelism: every rank must call it, with the same weights).
         primary: the headline metric and whether higher is better.
+        rank, world_size: this rank's share of every global batch (``1/world_size``).
     """
 
     kind: str
@@ -83,6 +98,8 @@ class TaskData:
     evaluate: Callable[[nn.Module, ForwardContext], dict[str, float]]
     primary: tuple[str, bool]
     sizes: dict[str, int] = field(default_factory=dict)
+    rank: int = 0
+    world_size: int = 1
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -108,8 +125,68 @@ def data_dimensions(config: TrainConfig) -> dict[str, int]:
     raise ValueError(f"dataset={config.dataset!r} is text data but model {config.model!r} is not a LLaMA model")
 
 
-def build_data(config: TrainConfig, device: torch.device, log: Callable[[str], None] = print) -> TaskData:
-    """Load the data set named by ``config`` and wrap it in a stream and an evaluator."""
+class Shard:
+    """Rank ``rank`` of ``world_size``: which part of a global batch / of the eval chunks it owns."""
+
+    def __init__(self, rank: int = 0, world_size: int = 1, device: torch.device | None = None) -> None:
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        self.rank, self.world_size, self.device = rank, world_size, device
+
+    def check_batch(self, batch_size: int) -> None:
+        if batch_size % self.world_size:
+            raise ValueError(
+                f"batch_size={batch_size} (the global batch) is not divisible by the world size "
+                f"{self.world_size}: every rank needs an equal share"
+            )
+
+    def block(self, total: int) -> slice:
+        """This rank's slice of a global batch of ``total`` examples."""
+        part = fd.shard_indices(total, self.rank, self.world_size)
+        return slice(part.start, part.stop)
+
+    def take(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.world_size == 1:
+            return tensors
+        block = self.block(tensors[0].shape[0])
+        return tuple(t[block] for t in tensors)
+
+    def owns(self, chunk: int) -> bool:
+        """Evaluation chunks are dealt round-robin: chunk ``i`` belongs to rank ``i % w``."""
+        return chunk % self.world_size == self.rank
+
+    def gather(self, values: dict[int, tuple[float, ...]], count: int, width: int) -> list[tuple[float, ...]]:
+        """Every chunk's values on every rank, in chunk order (exact: one rank adds, the rest add 0).
+
+        ``values`` holds this rank's chunks. One all-reduce of ``count × width`` float64.
+        """
+        if self.world_size == 1:
+            return [values[index] for index in range(count)]
+        on_device = dist.get_backend() == "nccl"
+        table = torch.zeros(count, width, dtype=torch.float64)
+        for index, row in values.items():
+            table[index] = torch.tensor(row, dtype=torch.float64)
+        if on_device:
+            table = table.to(self.device)
+        dist.all_reduce(table, op=dist.ReduceOp.SUM)
+        return [tuple(row) for row in table.cpu().tolist()]
+
+
+def build_data(
+    config: TrainConfig,
+    device: torch.device,
+    log: Callable[[str], None] = print,
+    *,
+    rank: int | None = None,
+    world_size: int | None = None,
+) -> TaskData:
+    """Load the data set named by ``config`` and wrap it in a stream and an evaluator.
+
+    ``rank`` and ``world_size`` (default: the process group's) select this rank's share of
+    every global batch; ``config.batch_size`` must be divisible by ``world_size``.
+    """
+    shard = Shard(fd.rank() if rank is None else rank, fd.world_size() if world_size is None else world_size, device)
+    shard.check_batch(config.batch_size)
     text_model = is_text_model(config.model)
     text_data = config.dataset in ("shakespeare", "text")
     if text_model != text_data:
@@ -119,10 +196,13 @@ def build_data(config: TrainConfig, device: torch.device, log: Callable[[str], N
         )
     generator = torch.Generator(device="cpu").manual_seed(derive_seed(config.seed, 0xDA7A))
     if text_data:
-        return _text_data(config, device, generator, log)
-    if config.dataset == "image_folder":
-        return _image_folder_data(config, device, generator, log)
-    return _mnist_like_data(config, device, generator, log)
+        data = _text_data(config, device, generator, log, shard)
+    elif config.dataset == "image_folder":
+        data = _image_folder_data(config, device, generator, log, shard)
+    else:
+        data = _mnist_like_data(config, device, generator, log, shard)
+    data.rank, data.world_size = shard.rank, shard.world_size
+    return data
 
 
 # --------------------------------------------------------------------- MNIST-like images
@@ -141,7 +221,11 @@ def _load_mnist_like(config: TrainConfig, log: Callable[[str], None]) -> tuple[A
 
 
 class ImageTensorStream:
-    """Shuffled epochs over uint8 images held on the device; crop/flip augmentation."""
+    """Shuffled epochs over uint8 images held on the device; crop/flip augmentation.
+
+    The global batch is drawn and augmented in full on every rank (cheap: tensors on the
+    device), then this rank's share is returned.
+    """
 
     def __init__(
         self,
@@ -151,8 +235,10 @@ class ImageTensorStream:
         generator: torch.Generator,
         mean: float,
         std: float,
+        shard: Shard | None = None,
     ) -> None:
         self.images, self.labels = images, labels
+        self.shard = shard or Shard()
         self.batch_size = config.batch_size
         if self.batch_size > len(images):
             raise ValueError(f"batch_size {self.batch_size} exceeds the {len(images)} training images")
@@ -174,7 +260,8 @@ class ImageTensorStream:
         batch = self.images[index]
         if self.augment:
             batch = random_crop_flip(batch, self.padding, generator=self.generator, flip=self.flip)
-        return to_float(batch, self.mean, self.std), self.labels[index]
+        batch, labels = self.shard.take(batch, self.labels[index])
+        return to_float(batch, self.mean, self.std), labels
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -191,20 +278,39 @@ class ImageTensorStream:
         self.epoch = int(state["epoch"])
 
 
+def _classification_sums(model: nn.Module, x: torch.Tensor, y: torch.Tensor, forward: ForwardContext) -> tuple[float, ...]:
+    with forward():
+        logits = model(x)
+    logits = logits.float()
+    return float(F.cross_entropy(logits, y, reduction="sum")), int((logits.argmax(1) == y).sum()), len(y)
+
+
 def _classification_metrics(
     model: nn.Module,
     batches: Any,
     forward: ForwardContext,
+    shard: Shard | None = None,
+    count: int | None = None,
 ) -> tuple[float, float]:
-    total_loss, correct, count = 0.0, 0, 0
-    for x, y in batches:
-        with forward():
-            logits = model(x)
-        logits = logits.float()
-        total_loss += float(F.cross_entropy(logits, y, reduction="sum"))
-        correct += int((logits.argmax(1) == y).sum())
-        count += len(y)
-    return total_loss / count, correct / count
+    """Mean loss and accuracy over ``batches`` (an iterable of ``(x, y)``).
+
+    With a ``shard`` of several ranks, ``batches`` yields only this rank's chunks (chunk
+    indices ``rank, rank + w, ...`` of ``count`` chunks); the per-chunk sums are gathered and
+    added in chunk order, as in one process.
+    """
+    shard = shard or Shard()
+    if count is None:
+        rows = [_classification_sums(model, x, y, forward) for x, y in batches]
+    else:
+        mine = [index for index in range(count) if shard.owns(index)]
+        values = {index: _classification_sums(model, x, y, forward) for index, (x, y) in zip(mine, batches)}
+        rows = shard.gather(values, count, 3)
+    total_loss, correct, total = 0.0, 0, 0
+    for loss, hits, size in rows:
+        total_loss += loss
+        correct += int(hits)
+        total += int(size)
+    return total_loss / total, correct / total
 
 
 @contextlib.contextmanager
@@ -220,7 +326,7 @@ def evaluating(model: nn.Module):
 
 
 def _mnist_like_data(
-    config: TrainConfig, device: torch.device, generator: torch.Generator, log: Callable[[str], None]
+    config: TrainConfig, device: torch.device, generator: torch.Generator, log: Callable[[str], None], shard: Shard
 ) -> TaskData:
     if config.image_size != 32:
         raise ValueError(f"MNIST-like data is padded to 32x32; image_size must be 32, got {config.image_size}")
@@ -230,24 +336,31 @@ def _mnist_like_data(
     test_images = pad_to_32(dataset.test_images).unsqueeze(1).to(device)
     train_labels = dataset.train_labels.to(device)
     test_labels = dataset.test_labels.to(device)
-    stream = ImageTensorStream(train_images, train_labels, config, generator, mean, std)
+    stream = ImageTensorStream(train_images, train_labels, config, generator, mean, std, shard)
     eval_count = config.eval_size or len(test_images)
     train_eval_count = config.train_eval_size
 
+    def starts(images: torch.Tensor, count: int) -> list[int]:
+        return list(range(0, min(count, len(images)), config.eval_batch_size))
+
     def chunks(images: torch.Tensor, labels: torch.Tensor, count: int):
         count = min(count, len(images))
-        for start in range(0, count, config.eval_batch_size):
-            stop = min(start + config.eval_batch_size, count)
-            yield to_float(images[start:stop], mean, std), labels[start:stop]
+        for index, start in enumerate(starts(images, count)):
+            if shard.owns(index):
+                stop = min(start + config.eval_batch_size, count)
+                yield to_float(images[start:stop], mean, std), labels[start:stop]
+
+    def metrics_of(model, images, labels, count, forward):
+        return _classification_metrics(
+            model, chunks(images, labels, count), forward, shard, len(starts(images, count))
+        )
 
     def evaluate(model: nn.Module, forward: ForwardContext) -> dict[str, float]:
         with evaluating(model):
-            loss, accuracy = _classification_metrics(model, chunks(test_images, test_labels, eval_count), forward)
+            loss, accuracy = metrics_of(model, test_images, test_labels, eval_count, forward)
             metrics = {"eval_loss": loss, "eval_accuracy": accuracy}
             if train_eval_count:
-                loss, accuracy = _classification_metrics(
-                    model, chunks(train_images, train_labels, train_eval_count), forward
-                )
+                loss, accuracy = metrics_of(model, train_images, train_labels, train_eval_count, forward)
                 metrics.update(train_eval_loss=loss, train_eval_accuracy=accuracy)
         return metrics
 
@@ -273,15 +386,22 @@ def _mnist_like_data(
 
 
 class TextStream:
-    """Random training windows (:func:`fogzo.data.random_batches`) from a private generator."""
+    """Random training windows (:func:`fogzo.data.random_batches`) from a private generator.
 
-    def __init__(self, tokens: torch.Tensor, config: TrainConfig, generator: torch.Generator) -> None:
+    Every rank draws the global batch's windows and keeps its share.
+    """
+
+    def __init__(
+        self, tokens: torch.Tensor, config: TrainConfig, generator: torch.Generator, shard: Shard | None = None
+    ) -> None:
         self.tokens = tokens
         self.batch_size, self.seq_len = config.batch_size, config.seq_len
         self.generator = generator
+        self.shard = shard or Shard()
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return random_batches(self.tokens, self.batch_size, self.seq_len, self.generator)
+        x, y = random_batches(self.tokens, self.batch_size, self.seq_len, self.generator)
+        return self.shard.take(x, y)
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self.generator.get_state()}
@@ -303,7 +423,7 @@ def _bpe_tokens(text: str, vocab_size: int) -> tuple[torch.Tensor, int]:
 
 
 def _text_data(
-    config: TrainConfig, device: torch.device, generator: torch.Generator, log: Callable[[str], None]
+    config: TrainConfig, device: torch.device, generator: torch.Generator, log: Callable[[str], None], shard: Shard
 ) -> TaskData:
     if config.text_file:
         text, name, source = load_text_file(config.text_file), Path(config.text_file).name, config.text_file
@@ -318,35 +438,46 @@ def _text_data(
         tokens, vocab_size = _bpe_tokens(text, config.vocab_size or 32000)
     train_tokens, val_tokens = split_tokens(tokens, config.val_fraction)
     train_tokens, val_tokens = train_tokens.to(device), val_tokens.to(device)
-    stream = TextStream(train_tokens, config, generator)
+    stream = TextStream(train_tokens, config, generator, shard)
     seq_len = config.seq_len
 
-    def windows(tokens: torch.Tensor, count: int):
+    def window_count(tokens: torch.Tensor, count: int) -> int:
         count = min(count or len(tokens), len(tokens) - 1)
         n_windows = max(count // seq_len, 1)
-        n_windows = min(n_windows, (len(tokens) - 1) // seq_len)
+        return min(n_windows, (len(tokens) - 1) // seq_len)
+
+    def windows(tokens: torch.Tensor, count: int):
+        n_windows = window_count(tokens, count)
         starts = torch.arange(n_windows, device=tokens.device) * seq_len
-        for first in range(0, n_windows, config.eval_batch_size):
+        for index, first in enumerate(range(0, n_windows, config.eval_batch_size)):
+            if not shard.owns(index):
+                continue
             chosen = starts[first : first + config.eval_batch_size]
             positions = chosen[:, None] + torch.arange(seq_len + 1, device=tokens.device)
             block = tokens[positions]
             yield block[:, :-1], block[:, 1:]
 
-    def mean_loss(model: nn.Module, batches: Any, forward: ForwardContext) -> float:
-        total, count = 0.0, 0
-        for x, y in batches:
-            with forward():
-                logits = model(x)
-            total += float(F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum"))
-            count += y.numel()
-        return total / count
+    def chunk_sums(model: nn.Module, x: torch.Tensor, y: torch.Tensor, forward: ForwardContext) -> tuple[float, ...]:
+        with forward():
+            logits = model(x)
+        return float(F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")), y.numel()
+
+    def mean_loss(model: nn.Module, tokens: torch.Tensor, count: int, forward: ForwardContext) -> float:
+        chunks = math.ceil(window_count(tokens, count) / config.eval_batch_size)
+        mine = [index for index in range(chunks) if shard.owns(index)]
+        values = {index: chunk_sums(model, x, y, forward) for index, (x, y) in zip(mine, windows(tokens, count))}
+        total, size = 0.0, 0
+        for loss, n in shard.gather(values, chunks, 2):
+            total += loss
+            size += int(n)
+        return total / size
 
     def evaluate(model: nn.Module, forward: ForwardContext) -> dict[str, float]:
         with evaluating(model):
-            loss = mean_loss(model, windows(val_tokens, config.eval_size), forward)
+            loss = mean_loss(model, val_tokens, config.eval_size, forward)
             metrics = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
             if config.train_eval_size:
-                metrics["train_eval_loss"] = mean_loss(model, windows(train_tokens, config.train_eval_size), forward)
+                metrics["train_eval_loss"] = mean_loss(model, train_tokens, config.train_eval_size, forward)
         return metrics
 
     log(
@@ -437,10 +568,18 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
 
 class ImageFolderStream:
-    """Shuffled epochs over an image folder; resumable (order, position and seeds are saved)."""
+    """Shuffled epochs over an image folder; resumable (order, position and seeds are saved).
 
-    def __init__(self, dataset: ImageFolderDataset, config: TrainConfig, generator: torch.Generator, device) -> None:
+    Under data parallelism each rank decodes only its share of every global batch; the
+    augmentation seeds depend on the global position, so the shares are exactly the slices
+    of the global batch.
+    """
+
+    def __init__(
+        self, dataset: ImageFolderDataset, config: TrainConfig, generator: torch.Generator, device, shard: Shard | None = None
+    ) -> None:
         self.dataset, self.config, self.generator, self.device = dataset, config, generator, device
+        self.shard = shard or Shard()
         self.batch_size = config.batch_size
         self.order: torch.Tensor | None = None
         self.position = 0
@@ -452,11 +591,13 @@ class ImageFolderStream:
     def _start_iterator(self) -> None:
         assert self.order is not None
         batches = []
+        mine = self.shard.block(self.batch_size)
         for start in range(self.position, len(self.order) - self.batch_size + 1, self.batch_size):
-            indices = self.order[start : start + self.batch_size].tolist()
+            offsets = range(mine.start, mine.stop)
+            indices = [int(self.order[start + offset]) for offset in offsets]
             seeds = [
                 derive_seed(self.config.seed, self.epoch, start + offset) if self.config.augment else None
-                for offset in range(len(indices))
+                for offset in offsets
             ]
             batches.append(list(zip(indices, seeds)))
         loader = torch.utils.data.DataLoader(
@@ -495,7 +636,7 @@ class ImageFolderStream:
 
 
 def _image_folder_data(
-    config: TrainConfig, device: torch.device, generator: torch.Generator, log: Callable[[str], None]
+    config: TrainConfig, device: torch.device, generator: torch.Generator, log: Callable[[str], None], shard: Shard
 ) -> TaskData:
     if not config.data_dir:
         raise ValueError("dataset=image_folder needs data_dir=PATH holding train/<class>/ and val/<class>/")
@@ -508,26 +649,35 @@ def _image_folder_data(
         raise ValueError(f"num_classes={config.num_classes} but {root}/train holds {len(classes)} classes")
     train_set = ImageFolderDataset(train_samples, config.image_size)
     val_set = ImageFolderDataset(val_samples, config.image_size)
-    stream = ImageFolderStream(train_set, config, generator, device)
+    stream = ImageFolderStream(train_set, config, generator, device, shard)
 
-    def chunks(dataset: ImageFolderDataset, count: int):
+    def eval_batches(dataset: ImageFolderDataset, count: int) -> list[list[tuple[int, None]]]:
         count = min(count or len(dataset), len(dataset))
         # Spread the evaluated examples over all classes (samples are sorted by class).
         indices = torch.linspace(0, len(dataset) - 1, count).round().long().unique().tolist()
-        batches = [
+        return [
             [(index, None) for index in indices[start : start + config.eval_batch_size]]
             for start in range(0, len(indices), config.eval_batch_size)
         ]
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=config.num_workers)
+
+    def chunks(dataset: ImageFolderDataset, batches: list[list[tuple[int, None]]]):
+        mine = [batch for index, batch in enumerate(batches) if shard.owns(index)]
+        if not mine:
+            return
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=mine, num_workers=config.num_workers)
         for images, labels in loader:
             yield stream.normalise(images), labels.to(device)
 
+    def metrics_of(model, dataset, count, forward):
+        batches = eval_batches(dataset, count)
+        return _classification_metrics(model, chunks(dataset, batches), forward, shard, len(batches))
+
     def evaluate(model: nn.Module, forward: ForwardContext) -> dict[str, float]:
         with evaluating(model):
-            loss, accuracy = _classification_metrics(model, chunks(val_set, config.eval_size), forward)
+            loss, accuracy = metrics_of(model, val_set, config.eval_size, forward)
             metrics = {"eval_loss": loss, "eval_accuracy": accuracy}
             if config.train_eval_size:
-                loss, accuracy = _classification_metrics(model, chunks(train_set, config.train_eval_size), forward)
+                loss, accuracy = metrics_of(model, train_set, config.train_eval_size, forward)
                 metrics.update(train_eval_loss=loss, train_eval_accuracy=accuracy)
         return metrics
 

@@ -13,6 +13,15 @@ Outputs in the run folder (``config.output_dir()``):
   state (generator, epoch order, position), global RNG state, step and counters;
 * ``results.json`` — the final metrics of a finished run.
 
+Data parallelism. Under ``torchrun --nproc-per-node N`` (``WORLD_SIZE`` in the environment)
+:func:`train` joins the process group (:func:`fogzo.distributed.init_from_env`: gloo on CPU,
+nccl on ``cuda:LOCAL_RANK``), wraps the model in DDP and hands the DDP module to the
+estimator. ``batch_size`` stays the *global* batch: every rank draws the same global batch
+and trains on its equal share, so N ranks follow the 1-process trajectory up to float
+summation order. Only rank 0 prints, shows the progress bar and writes files; logged
+losses are means over ranks. Checkpoints hold the unwrapped model and global-batch stream
+states, so a run can resume with a different world size (see ``docs/distributed.md``).
+
 Wall time (``wall_time``) counts training steps only (data, estimate, optimizer step);
 evaluation and checkpointing are excluded, also from ``time_budget``.
 
@@ -38,16 +47,20 @@ import os
 import statistics
 import sys
 import time
+import zlib
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from .. import FOGZO, SPSA, STE, QuantConfig, quantize, quantized_layers
+from .. import distributed as fd
+from ..estimators import derive_seed
 from ..experiments.common import JsonlLogger, progress, read_jsonl
 from ..models import build_model, count_parameters
 from .config import RUN_CONTROL_KEYS, ConfigError, TrainConfig
@@ -75,6 +88,15 @@ CONFIG = "config.json"
 def _model_kwargs(config: TrainConfig, dims: dict[str, int]) -> dict[str, Any]:
     kwargs = dict(config.model_args)
     name = config.model.strip().lower().replace("_", "-")
+    if name == "mlp":
+        # MLP(sizes): the input and output sizes come from the data; model_args may give
+        # the hidden sizes (``hidden = [256]``, the default) or ``sizes`` in full.
+        hidden = [int(size) for size in kwargs.pop("hidden", [256])]
+        inputs = dims["in_channels"] * dims["image_size"] ** 2
+        kwargs.setdefault("sizes", [inputs, *hidden, dims["num_classes"]])
+        if config.dropout not in (None, 0.0):
+            raise ValueError(f"model {config.model!r} has no dropout; leave dropout unset")
+        return kwargs
     if is_text_model(name):
         if "vocab_size" in dims:
             kwargs["vocab_size"] = dims["vocab_size"]
@@ -224,17 +246,79 @@ def forward_context(config: TrainConfig, device: torch.device) -> Callable[[], c
     return lambda: torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def _rng_state() -> dict[str, Any]:
+def _rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """The global RNG state: CPU, and CUDA (every device; under DDP only this rank's device)."""
     state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if device is not None and device.type == "cuda" and fd.is_distributed():
+        state["cuda_device"] = torch.cuda.get_rng_state(device)
+    elif torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def _set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
     torch.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
+    if "cuda_device" in state and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda_device"], device)
+    elif "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _seed_rank_rng(seed: int, step: int, rank: int, device: torch.device) -> None:
+    """Seed this rank's global RNG (dropout) from ``(seed, step, rank)``."""
+    value = derive_seed(seed, 0x5EED, step, rank)
+    torch.manual_seed(value)
+    if device.type == "cuda":
+        torch.cuda.manual_seed(value)
+
+
+# -------------------------------------------------------------------- data parallelism
+
+
+def launch_world_size() -> int:
+    """The world size of this launch: the process group's, else ``WORLD_SIZE`` (torchrun), else 1."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1") or "1")
+
+
+def check_batch_divisible(config: TrainConfig, world: int) -> None:
+    if config.batch_size % world:
+        lower = config.batch_size - config.batch_size % world
+        raise ConfigError(
+            f"batch_size={config.batch_size} is the global batch and must be divisible by the world "
+            f"size {world} (each rank trains on batch_size / world_size examples): use e.g. "
+            f"--batch-size={lower or world} or --batch-size={lower + world}"
+        )
+
+
+def _mean_over_ranks(values: list[float], device: torch.device) -> list[float]:
+    """Means over ranks of a few scalars: one all-reduce (float64)."""
+    if not fd.is_distributed():
+        return [float(v) for v in values]
+    where = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    tensor = torch.tensor(values, dtype=torch.float64, device=where)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return [v / dist.get_world_size() for v in tensor.cpu().tolist()]
+
+
+def _broadcast_buffers(model: nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics) before an evaluation."""
+    if fd.is_distributed():
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+def _barrier(device: torch.device) -> None:
+    if fd.is_distributed():
+        if dist.get_backend() == "nccl" and device.type == "cuda":
+            dist.barrier(device_ids=[device.index])
+        else:
+            dist.barrier()
+
+
+def _config_digest(config: TrainConfig) -> int:
+    return zlib.crc32(json.dumps(config.to_dict(), sort_keys=True, default=str).encode())
 
 
 def _synchronize(device: torch.device) -> None:
@@ -307,9 +391,13 @@ def _phase(info) -> str:
 
 
 def calibrate(config: TrainConfig, model: nn.Module, data: TaskData, device: torch.device, log) -> dict[str, Any]:
-    """Median step times of STE and of the configured estimator (see the module docstring)."""
+    """Median step times of STE and of the configured estimator (see the module docstring).
+
+    Under DDP every rank times DDP steps on its shard and the medians are averaged over
+    ranks, so every rank computes the same ``T``.
+    """
     started = time.perf_counter()
-    rng = _rng_state()
+    rng = _rng_state(device)
     stream_state = copy.deepcopy(data.stream.state_dict())
     kinds = ["ste"] if config.estimator == "ste" else ["ste", config.estimator]
     times: dict[str, float] = {}
@@ -317,8 +405,9 @@ def calibrate(config: TrainConfig, model: nn.Module, data: TaskData, device: tor
         clone = copy.deepcopy(model)
         clone.train()
         optimizer = build_optimizer(config, clone)
-        estimator = build_estimator(config, clone, 10**9, kind=kind, ste_fraction=0.0)
-        runner = StepRunner(config, clone, data, estimator, optimizer, None, device)
+        wrapped = fd.wrap_ddp(clone)
+        estimator = build_estimator(config, wrapped, 10**9, kind=kind, ste_fraction=0.0)
+        runner = StepRunner(config, wrapped, data, estimator, optimizer, None, device)
         samples = []
         for index in range(config.calibration_steps + 1):
             _synchronize(device)
@@ -327,10 +416,10 @@ def calibrate(config: TrainConfig, model: nn.Module, data: TaskData, device: tor
             _synchronize(device)
             if index > 0:  # the first step warms up caches and allocators
                 samples.append(time.perf_counter() - begin)
-        times[kind] = statistics.median(samples)
-        del clone, optimizer, estimator, runner
+        times[kind] = _mean_over_ranks([statistics.median(samples)], device)[0]
+        del clone, wrapped, optimizer, estimator, runner
     data.stream.load_state_dict(stream_state)
-    _set_rng_state(rng)
+    _set_rng_state(rng, device)
     t_ste = times["ste"]
     t_est = times.get(config.estimator, t_ste)
     r = config.ste_fraction if config.estimator == "fogzo" else 0.0
@@ -388,26 +477,51 @@ def train(
 
     With ``stop_at`` the run saves a checkpoint after that step and returns a record with
     ``"stop_reason": "stop_at"`` and no final evaluation; ``resume=True`` continues it.
+
+    Under torchrun (``WORLD_SIZE`` > 1) this joins the process group (and leaves it joined:
+    :func:`fogzo.distributed.cleanup` ends it; the CLI does) and trains with DDP; every rank
+    returns the same record. ``log`` is called on rank 0 only.
     """
-    log = log or (lambda message: print(message, flush=True))
+    world = launch_world_size()
+    check_batch_divisible(config, world)  # before any collective: every rank raises alike
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     device = resolve_device(config.device)
+    if world > 1:
+        device = fd.init_from_env(device=device.type)
+    rank = fd.rank()
+    main = rank == 0
+    if not main or log is None:
+        log = (lambda message: None) if not main else (lambda message: print(message, flush=True))
+    if world > 1:
+        fd.check_same_on_all_ranks(config.seed, "seed (model init, data order, estimator noise)")
+        fd.check_same_on_all_ranks(_config_digest(config), "the training config")
     out = config.output_dir()
-    out.mkdir(parents=True, exist_ok=True)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
     checkpoint_path = out / CHECKPOINT
     checkpoint = None
     if resume:
         if checkpoint_path.exists():
             checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
             _check_resume_config(checkpoint["config"], config)
-            log(f"resuming from {checkpoint_path} at step {checkpoint['step']}")
+            saved_world = int(checkpoint.get("world_size", 1))
+            log(
+                f"resuming from {checkpoint_path} at step {checkpoint['step']}"
+                + (f" (saved by {saved_world} ranks, now {world})" if saved_world != world else "")
+            )
         else:
             log(f"--resume: no checkpoint in {out}; starting from scratch")
+    if world > 1:
+        # Every rank must agree on whether (and from which step) it resumes.
+        fd.check_same_on_all_ranks(-1 if checkpoint is None else int(checkpoint["step"]), "the resumed step")
 
-    data = build_data(config, device, log)
+    data = build_data(config, device, log, rank=rank, world_size=world)
     model = build_quantized_model(config, data.dims).to(device)
     model.train()
+    if world > 1 and rank > 0:
+        # Dropout masks: rank 0 keeps the 1-process RNG stream, the others get their own.
+        _seed_rank_rng(config.seed, 0, rank, device)
 
     calibration: dict[str, Any] = {}
     if checkpoint is not None:
@@ -418,14 +532,21 @@ def train(
         total_steps = calibration["total_steps"]
     else:
         total_steps = config.steps
+    fd.check_same_on_all_ranks(total_steps, "total steps T")
 
-    estimator = build_estimator(config, model, total_steps)
+    if checkpoint is not None:
+        state = checkpoint["model"]
+        model.load_state_dict({key.removeprefix("module."): value for key, value in state.items()})
+    ddp = fd.wrap_ddp(model)  # the model itself in one process
+    estimator = build_estimator(config, ddp, total_steps)
+    if world > 1 and getattr(estimator, "counter", None) is not None:
+        fd.check_same_on_all_ranks(estimator.counter.seed, "estimator seed")
     optimizer = build_optimizer(config, model)
     scheduler = build_scheduler(config, optimizer, total_steps)
     scaler = None
     if config.autocast == "fp16":
         scaler = torch.amp.GradScaler(device.type)
-    runner = StepRunner(config, model, data, estimator, optimizer, scheduler, device, scaler)
+    runner = StepRunner(config, ddp, data, estimator, optimizer, scheduler, device, scaler)
 
     counters = {"forward_passes": 0, "backward_passes": 0, "compute_units": 0, "zero_differences": 0, "differences": 0}
     phase_time: dict[str, float] = {}
@@ -433,21 +554,29 @@ def train(
     step, elapsed = 0, 0.0
     recent: deque[float] = deque(maxlen=50)
     if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         estimator.load_state_dict(checkpoint["estimator"])
         data.stream.load_state_dict(checkpoint["data"])
         if scaler is not None and checkpoint.get("scaler"):
             scaler.load_state_dict(checkpoint["scaler"])
-        _set_rng_state(checkpoint["rng"])
         step, elapsed = int(checkpoint["step"]), float(checkpoint["elapsed"])
+        # The global RNG (dropout, nothing else: data and noise have their own generators).
+        # Rank r restores the state rank r saved; a rank the checkpoint has no state for
+        # (more ranks than before) is seeded from (seed, step, rank).
+        saved_world = int(checkpoint.get("world_size", 1))
+        states = checkpoint.get("rng_per_rank") or [checkpoint["rng"]]
+        if rank < min(saved_world, len(states)):
+            _set_rng_state(states[rank], device)
+        else:
+            _seed_rank_rng(config.seed, step, rank, device)
         counters.update(checkpoint["counters"])
         phase_time.update(checkpoint["phase_time"])
         phase_steps.update(checkpoint["phase_steps"])
         recent.extend(checkpoint["recent_losses"])
-    kept = _kept_records(out / METRICS, step) if checkpoint is not None else []
-    (out / RESULTS).unlink(missing_ok=True)
+    kept = _kept_records(out / METRICS, step) if checkpoint is not None and main else []
+    if main:
+        (out / RESULTS).unlink(missing_ok=True)
 
     layers = [name for name, _ in quantized_layers(model)]
     resolved = {
@@ -460,28 +589,43 @@ def train(
         "ste_steps": round(config.ste_fraction * total_steps) if config.estimator == "fogzo" else None,
         "calibration": calibration,
         "device": str(device),
+        "world_size": world,
+        "batch_size_per_rank": config.batch_size // world,
+        "backend": dist.get_backend() if fd.is_distributed() else None,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "command": command if command is not None else sys.argv,
         "resumed_from_step": step if checkpoint is not None else None,
+        "resumed_from_world_size": int(checkpoint.get("world_size", 1)) if checkpoint is not None else None,
     }
     config_record = {**config.to_dict(), "_resolved": resolved}
-    _write_json(out / CONFIG, config_record)
+    if main:
+        _write_json(out / CONFIG, config_record)
     log("resolved config:\n" + json.dumps(config_record, indent=2, default=str))
 
     def save_checkpoint() -> None:
+        # A collective under DDP (the ranks' RNG states are gathered); rank 0 writes.
+        rng = _rng_state(device)
+        per_rank = None
+        if fd.is_distributed():
+            per_rank = [None] * world
+            dist.all_gather_object(per_rank, rng)
+        if not main:
+            return
         _atomic_save(
             {
                 "config": config.to_dict(),
                 "step": step,
                 "total_steps": total_steps,
-                "model": model.state_dict(),
+                "world_size": world,
+                "model": model.state_dict(),  # the unwrapped model: no "module." prefix
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "estimator": estimator.state_dict(),
-                "data": data.stream.state_dict(),
+                "data": data.stream.state_dict(),  # in global batches
                 "scaler": scaler.state_dict() if scaler is not None else None,
-                "rng": _rng_state(),
+                "rng": rng,
+                "rng_per_rank": per_rank,
                 "elapsed": elapsed,
                 "counters": dict(counters),
                 "phase_time": dict(phase_time),
@@ -492,19 +636,23 @@ def train(
             checkpoint_path,
         )
 
-    logger = JsonlLogger(out / METRICS)  # truncates; a resumed run first rewrites the kept records
+    logger = JsonlLogger(out / METRICS) if main else None  # truncates; a resumed run first rewrites the kept records
     for record in kept:
         logger.log(record)
-    write = logger.log
+
+    def write(record: dict[str, Any]) -> None:
+        if logger is not None:
+            logger.log(record)
 
     def evaluate() -> dict[str, float]:
         begin = time.perf_counter()
-        metrics = data.evaluate(model, runner.forward)
+        _broadcast_buffers(model)
+        metrics = data.evaluate(model, runner.forward)  # sharded over the ranks
         write({"event": "eval", "step": step, "wall_time": elapsed, **metrics, "eval_time": time.perf_counter() - begin})
         return metrics
 
-    # tqdm on stderr (quiet when stderr is not a terminal, or with progress=false).
-    bar = progress(total_steps, config.name, enabled=None if config.progress else False)
+    # tqdm on stderr (quiet when stderr is not a terminal, or with progress=false); rank 0 only.
+    bar = progress(total_steps, config.name, enabled=None if config.progress and main else False)
     bar.update(step)
     stop_reason = "steps"
     diverged = False
@@ -527,6 +675,9 @@ def train(
             info, loss = runner.step()
             _synchronize(device)
             seconds = time.perf_counter() - begin
+            # The loss of the global batch (mean of the ranks' shard means) and a step time
+            # that every rank agrees on (time budget, divergence: the same decision everywhere).
+            loss, seconds = _mean_over_ranks([loss, seconds], device)
             step += 1
             elapsed += seconds
             phase = _phase(info)
@@ -585,6 +736,7 @@ def train(
             "total_steps": total_steps,
             "stop_reason": stop_reason,
             "wall_time": elapsed,
+            "world_size": world,
             **counters,
             "phase_steps": phase_steps,
             "phase_step_time": {k: phase_time[k] / phase_steps[k] for k in phase_time},
@@ -599,14 +751,18 @@ def train(
         }
         if stop_reason == "stop_at":
             log(f"stopped at step {step} (stop_at); resume with --resume")
+            _barrier(device)  # the checkpoint is on disk when any rank returns
             return base
         metrics = {} if diverged else evaluate()
         results = {**base, **metrics, "diverged": diverged}
         write({"event": "final", "step": step, **{k: v for k, v in results.items() if not isinstance(v, dict)}})
-        _write_json(out / RESULTS, results)
+        if main:
+            _write_json(out / RESULTS, results)
         summary = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
         log(f"done: {step}/{total_steps} steps ({stop_reason}), {elapsed:.1f} s training; {summary}")
+        _barrier(device)
         return results
     finally:
         bar.close()
-        logger.close()
+        if logger is not None:
+            logger.close()
