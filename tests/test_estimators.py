@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fogzo
+from fogzo.smoothing import Smoothing
 
 
 def _mlp(bits=2, seed=0, hidden=12):
@@ -421,3 +422,111 @@ def test_perturb_all_covers_every_trainable_tensor_except_step_sizes():
     scales = [entry.coordinate_scale(perturbed.smoothing.eps_bar) for entry in perturbed.tensors]
     assert scales[1] == pytest.approx(1e-2 / perturbed.smoothing.eps_bar)  # c = ε/ε̄ for a bias
     assert torch.equal(scales[0], model[0].weight_quantizer.alpha.detach())
+
+
+# ------------------------------------------------- the step against its equations
+
+
+def _reference_fogzo(model, x, y, *, n, beta, one_sided, seed, guide_norm=1.0):
+    """G_W of SPEC §3 computed from scratch: explicit v_i, weights written, losses, d_i."""
+    estimator = fogzo.FOGZO(model, total_steps=10, n=n, beta=beta, seed=seed, perturb="all", eps=1e-2,
+                            one_sided=one_sided, guide_norm=guide_norm)
+    perturbed = estimator.perturbed
+    eps_bar = perturbed.smoothing.eps_bar
+    step_seed = estimator.counter.step_seed()
+    model.zero_grad(set_to_none=True)
+    loss0 = F.cross_entropy(model(x), y)
+    loss0.backward()
+    scales = [entry.coordinate_scale(eps_bar) for entry in perturbed.tensors]
+    g_x = [entry.param.grad * scale for entry, scale in zip(perturbed.tensors, scales)]
+    norm = torch.sqrt(sum(g.square().sum() for g in g_x))
+    guide = [guide_norm * g / norm for g in g_x]
+    originals = [entry.param.detach().clone() for entry in perturbed.tensors]
+
+    def loss_at(shifts):
+        with torch.no_grad():
+            for entry, original, shift in zip(perturbed.tensors, originals, shifts):
+                entry.param.copy_(original + shift)
+            value = F.cross_entropy(model(x), y)
+            for entry, original in zip(perturbed.tensors, originals):
+                entry.param.copy_(original)
+        return value
+
+    total = [torch.zeros_like(o) for o in originals]
+    for i in range(n):
+        sign = estimator._sign(step_seed, i)
+        v = [math.sqrt(beta) * sign * g + math.sqrt(1 - beta) * perturbed.noise(entry, step_seed, i)
+             for entry, g in zip(perturbed.tensors, guide)]
+        plus = loss_at([c * eps_bar * vk for c, vk in zip(scales, v)])
+        if one_sided:
+            d = (plus - loss0.detach()) / eps_bar
+        else:
+            d = (plus - loss_at([-c * eps_bar * vk for c, vk in zip(scales, v)])) / (2 * eps_bar)
+        total = [t + d * vk / c / n for t, vk, c in zip(total, v, scales)]
+    model.zero_grad(set_to_none=True)
+    return {entry.name: t for entry, t in zip(perturbed.tensors, total)}
+
+
+@pytest.mark.parametrize("n", [1, 3])  # n = 1: shift built once in the gradient buffer; n = 3: regenerated
+@pytest.mark.parametrize("one_sided", [False, True])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_fogzo_gradient_matches_the_equations(n, one_sided, per_channel):
+    x, y = _batch(seed=3)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 4))
+    fogzo.quantize(model, fogzo.QuantConfig(bits=2, per_channel=per_channel))
+    expected = _reference_fogzo(model, x, y, n=n, beta=0.6, one_sided=one_sided, seed=11, guide_norm=3.0)
+    estimator = fogzo.FOGZO(model, total_steps=10, n=n, beta=0.6, seed=11, perturb="all", eps=1e-2,
+                            one_sided=one_sided, guide_norm=3.0)
+    estimator.estimate(lambda: F.cross_entropy(model(x), y))
+    for name, param in model.named_parameters():
+        if name in expected:
+            # Same noise, same weights; the estimator forms W ± c·ε̄·v and G = d·v/c in another
+            # order (e.g. d·δ/(ε̄c²)), so agreement is to a few float32 ulps of the loss
+            # differences, which ε̄ divides: rtol 1e-4 on d·v, atol for entries near 0.
+            torch.testing.assert_close(param.grad, expected[name], rtol=1e-4, atol=1e-5 * expected[name].abs().max().item())
+
+
+@pytest.mark.parametrize("n,draws_per_tensor", [(1, 1), (3, 9)])
+def test_noise_draws_per_step(n, draws_per_tensor, monkeypatch):
+    """n = 1 draws each tensor's noise once per step; n > 1 regenerates it (2 passes + gradient)."""
+    x, y = _batch()
+    model = _mlp()
+    estimator = fogzo.FOGZO(model, total_steps=10, n=n, beta=0.5, seed=0)
+    calls = []
+    original = fogzo.PerturbedSet.noise
+
+    def counting(self, entry, step_seed, sample):
+        calls.append(entry.index)
+        return original(self, entry, step_seed, sample)
+
+    monkeypatch.setattr(fogzo.PerturbedSet, "noise", counting)
+    estimator.estimate(lambda: F.cross_entropy(model(x), y))
+    tensors = len(estimator.perturbed.tensors)
+    assert sorted(calls) == sorted(list(range(tensors)) * draws_per_tensor)
+
+
+# ------------------------------------------------------------ block-seeded noise
+
+
+@pytest.mark.parametrize("law", ["uniform", "gaussian", "logistic", "triangular"])
+def test_block_noise_of_any_range_is_the_slice_of_the_whole(law, monkeypatch):
+    """A shard [start, stop) draws exactly the elements the unsharded tensor draws there."""
+    from fogzo.estimators import perturbation
+
+    monkeypatch.setattr(perturbation, "NOISE_BLOCK", 100)  # many blocks on a small tensor
+    smoothing = Smoothing(law, 0.5)
+    key = (7, 0, 3, 1)
+    whole = perturbation.block_noise(smoothing, key, (13, 37), torch.device("cpu"), torch.float32)
+    flat = whole.view(-1)
+    # Ranges cutting blocks at both ends, inside one block, on block edges, odd lengths
+    # (the Gaussian kernel draws in groups of 16), and the empty range.
+    for start, stop in [(0, 481), (37, 74), (150, 199), (100, 300), (455, 481), (5, 6), (200, 200), (99, 101)]:
+        part = perturbation.block_noise(smoothing, key, (stop - start,), torch.device("cpu"), torch.float32, start, 481)
+        assert torch.equal(part, flat[start:stop]), (start, stop)
+    # Blocks are not copies of one another, and another key gives other numbers.
+    assert not torch.equal(flat[:100], flat[100:200])
+    other = perturbation.block_noise(smoothing, (7, 0, 4, 1), (13, 37), torch.device("cpu"), torch.float32)
+    assert not torch.equal(whole, other)
+    with pytest.raises(ValueError, match="outside"):
+        perturbation.block_noise(smoothing, key, (10,), torch.device("cpu"), torch.float32, 475, 481)

@@ -92,19 +92,22 @@ class NoiseLaw:
         dtype: torch.dtype = torch.float32,
     ) -> torch.Tensor:
         """Draw i.i.d. unit-variance noise of ``shape`` from the private ``generator``."""
+        return self.fill_(torch.empty(shape, device=device, dtype=dtype), generator)
+
+    def fill_(self, out: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Overwrite ``out`` with i.i.d. unit-variance noise from ``generator``; returns ``out``."""
         if self.name == "gaussian":
-            return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+            return out.normal_(generator=generator)
         if self.name == "uniform":
-            u = torch.rand(shape, generator=generator, device=device, dtype=dtype)
-            return u.mul_(2 * _SQRT3).sub_(_SQRT3)
+            # One pass: the kernel maps its uniform draw to [−√3, √3) itself.
+            return out.uniform_(-_SQRT3, _SQRT3, generator=generator)
         if self.name == "logistic":
-            u = torch.rand(shape, generator=generator, device=device, dtype=dtype)
-            # Inverse CDF s·log(u / (1 − u)); clamp keeps log finite at u = 0.
-            u = u.clamp_(1e-7, 1 - 1e-7)
-            return torch.logit(u).mul_(_LOGISTIC_SCALE)
+            # Inverse CDF s·log(u / (1 − u)); the bounds keep log finite.
+            return out.uniform_(1e-7, 1 - 1e-7, generator=generator).logit_().mul_(_LOGISTIC_SCALE)
         if self.name == "triangular":
-            u = torch.rand((2, *shape), generator=generator, device=device, dtype=dtype)
-            return (u[0] + u[1] - 1.0).mul_(_SQRT6)
+            out.uniform_(generator=generator)
+            second = torch.empty_like(out).uniform_(generator=generator)
+            return out.add_(second).sub_(1.0).mul_(_SQRT6)
         raise AssertionError(self.name)
 
 
@@ -157,6 +160,10 @@ class Smoothing:
     ) -> torch.Tensor:
         """Unit-variance noise ``u`` (not yet multiplied by ``ε̄``)."""
         return self.law.sample(shape, generator, device=device, dtype=dtype)
+
+    def fill_(self, out: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Overwrite ``out`` with unit-variance noise ``u``."""
+        return self.law.fill_(out, generator)
 
     def reach(self) -> float:
         """Distance beyond which a threshold no longer contributes to the slope."""

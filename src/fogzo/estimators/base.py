@@ -26,7 +26,7 @@ from torch import nn
 
 from .perturbation import PerturbedSet, PerturbedTensor, StateGuard, derive_seed
 
-__all__ = ["Closure", "Direction", "EstimateInfo", "Estimator", "Guide", "ZerothOrderMeasurement"]
+__all__ = ["Closure", "Direction", "EstimateInfo", "Estimator", "Guide", "Measured", "ZerothOrderMeasurement"]
 
 Closure = Callable[[], torch.Tensor]
 
@@ -140,6 +140,20 @@ class Guide:
     scale: float
 
 
+@dataclass(frozen=True)
+class Measured:
+    """What :meth:`ZerothOrderMeasurement.measure` returns.
+
+    ``differences``: the ``d_i`` (``None`` when a loss was non-finite and the call skips);
+    ``losses``: the perturbed losses in pass order; ``deltas``: the shifts ``δ = c·ε̄·v``
+    per tensor on the one-direction path (``None`` on the regenerated path).
+    """
+
+    differences: list[float] | None
+    losses: torch.Tensor
+    deltas: list[torch.Tensor] | None
+
+
 class ZerothOrderMeasurement:
     """Finite differences of the loss along directions ``v_i``, and their gradient.
 
@@ -149,7 +163,17 @@ class ZerothOrderMeasurement:
 
         d_i = (L(x + ε̄v_i) − L(x − ε̄v_i)) / 2ε̄        or        (L(x + ε̄v_i) − L0) / ε̄.
 
-    ``gradient`` turns them into ``G_W = (1/n) Σ_i d_i v_i / c`` for one tensor.
+    ``gradients`` turns them into ``G_W = (1/n) Σ_i d_i v_i / c`` for every tensor.
+
+    Two ways to get the perturbation, same numbers up to float rounding:
+
+    * **one direction** (n = 1, not vectorized; the common case): the shift
+      ``δ = c·ε̄·v`` is built *once* per tensor before the passes, in the STE gradient's own
+      buffer when there is one (``g_W`` is not needed afterwards: ``G_W = d·δ/(ε̄·c²)``
+      contains the guided part). One noise draw per step and no extra memory; each pass
+      only adds ``W ± δ`` in the owner's pre-hook.
+    * **regenerated** (n > 1 or vectorized): ``u_i`` is drawn again in every pass and once
+      more for the gradient, so the extra memory stays one tensor at a time whatever n is.
     """
 
     def __init__(
@@ -176,13 +200,24 @@ class ZerothOrderMeasurement:
         directions: Sequence[Direction],
         guides: Sequence[Guide | None],
         loss0: torch.Tensor | None,
-    ) -> tuple[list[float] | None, torch.Tensor]:
-        """``(d_i, perturbed losses)``; ``d_i`` is ``None`` when a loss was non-finite and we skip."""
+    ) -> Measured:
+        """The ``d_i`` (``None`` when a loss was non-finite and we skip), losses and shifts."""
         eps_bar = self.perturbed.smoothing.eps_bar
         scales = [entry.coordinate_scale(eps_bar) for entry in self.perturbed.tensors]
         passes = [(direction, sign) for direction in directions for sign in (1.0, -1.0)[: self.passes_per_sample]]
+        deltas: list[torch.Tensor] | None = None
+        if self.vectorize is None and len(directions) == 1:
+            # Reusing the STE gradient's buffer destroys g_W, which on_nonfinite="skip"
+            # must give back: then δ gets a buffer of its own.
+            reuse = self.on_nonfinite == "raise"
+            deltas = [
+                self._delta(entry, scales[entry.index], guides[entry.index], step_seed, directions[0], reuse)
+                for entry in self.perturbed.tensors
+            ]
 
         def shifted(entry: PerturbedTensor, direction: Direction, sign: float) -> torch.Tensor:
+            if deltas is not None:
+                return torch.add(entry.param.detach(), deltas[entry.index], alpha=sign)
             return self._shifted_weight(entry, scales[entry.index], guides[entry.index], step_seed, direction, sign)
 
         losses: list[torch.Tensor] = []
@@ -190,7 +225,7 @@ class ZerothOrderMeasurement:
             if self.vectorize is None:
                 for direction, sign in passes:
                     guard.rewind()
-                    with torch.no_grad(), self.perturbed.swapped(lambda e: shifted(e, direction, sign)):
+                    with torch.inference_mode(), self.perturbed.swapped(lambda e: shifted(e, direction, sign)):
                         losses.append(checked_loss(closure()).detach().float())
             else:
                 for start in range(0, len(passes), self.vectorize):
@@ -221,8 +256,8 @@ class ZerothOrderMeasurement:
                     "no weight was changed. Lower eps_bar/eps or the learning rate, or pass "
                     "on_nonfinite='skip' to keep the STE gradient for such steps"
                 )
-            return None, values
-        return differences.tolist(), values
+            return Measured(None, values, deltas)
+        return Measured(differences.tolist(), values, deltas)
 
     def _vectorized_losses(self, closure: Closure, stacks: list[torch.Tensor]) -> torch.Tensor:
         """Losses of a stack of perturbed weight sets in one ``torch.func.vmap`` forward."""
@@ -240,6 +275,70 @@ class ZerothOrderMeasurement:
                 "write buffers in the forward (BatchNorm in training mode) cannot be vmapped: "
                 "use vectorize=None"
             ) from error
+
+    def _delta(
+        self,
+        entry: PerturbedTensor,
+        scale: torch.Tensor | float,
+        guide: Guide | None,
+        step_seed: int,
+        direction: Direction,
+        reuse_guide: bool,
+    ) -> torch.Tensor:
+        """``δ = c·ε̄·v`` with ``v = guided·k·(c·g_W) + noise·u``: one noise draw.
+
+        With ``reuse_guide`` it is built in place in ``guide.gradient`` (which it overwrites).
+        """
+        eps_bar = self.perturbed.smoothing.eps_bar
+        delta = None
+        if direction.guided != 0.0 and guide is not None:
+            factor = scale * scale * (eps_bar * direction.guided * guide.scale)
+            delta = guide.gradient.mul_(factor) if reuse_guide else guide.gradient.mul(factor)
+        if direction.noise != 0.0:
+            noise = self.perturbed.noise(entry, step_seed, direction.sample)
+            weight = scale * (eps_bar * direction.noise)
+            if delta is None:
+                delta = noise.mul_(weight)
+            elif isinstance(weight, torch.Tensor):
+                delta.addcmul_(noise, weight)
+            else:
+                delta.add_(noise, alpha=weight)
+        return torch.zeros_like(entry.param.detach()) if delta is None else delta
+
+    def gradients(
+        self,
+        step_seed: int,
+        directions: Sequence[Direction],
+        measured: Measured,
+        guides: Sequence[Guide | None],
+    ) -> list[torch.Tensor]:
+        """``G_W = (1/n) Σ_i d_i·v_i / c`` for every perturbed tensor (consumes ``guides``).
+
+        One direction: ``G_W = d·δ/(ε̄·c²)``, in δ's buffer. Regenerated: the guided part
+        ``[(1/n) Σ_i d_i·guided_i·k]·g_W`` (the ``c`` cancels) plus the noise part
+        ``(1/n) Σ_i d_i·noise_i·u_i / c`` with ``u_i`` drawn again.
+        """
+        assert measured.differences is not None
+        eps_bar = self.perturbed.smoothing.eps_bar
+        result = []
+        if measured.deltas is not None:
+            (difference,) = measured.differences
+            for entry, delta in zip(self.perturbed.tensors, measured.deltas):
+                scale = entry.coordinate_scale(eps_bar)
+                if isinstance(scale, torch.Tensor):
+                    result.append(delta.mul_(difference / eps_bar).div_(scale * scale))
+                else:
+                    result.append(delta.mul_(difference / (eps_bar * scale * scale)))
+            return result
+        count = len(directions)
+        guided = sum(d * direction.guided for d, direction in zip(measured.differences, directions)) / count
+        for entry, guide in zip(self.perturbed.tensors, guides):
+            gradient = self.noise_gradient(entry, step_seed, directions, measured.differences)
+            if guide is not None and guided != 0.0:
+                guided_part = guide.gradient.mul_(guided * guide.scale)
+                gradient = guided_part if gradient is None else gradient.add_(guided_part)
+            result.append(torch.zeros_like(entry.param.detach()) if gradient is None else gradient)
+        return result
 
     def _shifted_weight(
         self,

@@ -11,9 +11,12 @@ One step (SPEC §3), for the perturbed tensors in normalised coordinates ``x = W
 4. ``G_x = (1/n) Σ_i d_i·v_i``;  ``G_W = G_x / c`` replaces the STE gradient of the
    perturbed tensors; every other parameter keeps its back-propagated gradient.
 
-``G_W`` is computed without storing any ``v_i``: its guided part is
-``[(1/n) Σ_i d_i·√β·s_i·r/‖g_x‖]·g_W`` (the ``c`` cancels) and its noise part
-``(1/n) Σ_i d_i·√(1−β)·u_i / c`` regenerates ``u_i`` from its seed.
+Memory: no model-sized buffer beyond the STE gradient. For n = 1 the shift ``c·ε̄·v`` is
+built once, in the STE gradient's buffer, and ``G_W = d·(c·ε̄·v)/(ε̄·c²)`` reuses it (one
+noise draw per step). For n > 1 nothing is stored per sample: the guided part of ``G_W`` is
+``[(1/n) Σ_i d_i·√β·s_i·r/‖g_x‖]·g_W`` (the ``c`` cancels) and the noise part
+``(1/n) Σ_i d_i·√(1−β)·u_i / c`` regenerates ``u_i`` from its seed (see
+:class:`~fogzo.estimators.base.ZerothOrderMeasurement`).
 
 β = 0 is n-SPSA with the STE's noise law; β = 1 gives ``G = (directional derivative along
 ĝ)·ĝ``. Cost: 1 forward + 1 backward + 2n forwards (n forwards one-sided).
@@ -151,7 +154,8 @@ class FOGZO:
             Direction(sample, guided=math.sqrt(beta) * self._sign(step_seed, sample), noise=math.sqrt(1.0 - beta))
             for sample in range(self.n)
         ]
-        differences, _ = self.measurement.measure(closure, guard, step_seed, directions, guides, loss0)
+        measured = self.measurement.measure(closure, guard, step_seed, directions, guides, loss0)
+        differences = measured.differences
         forward_passes = 1 + self.n * self.measurement.passes_per_sample
         if differences is None:  # on_nonfinite="skip": keep the STE gradient
             for param, gradient, prior in zip(params, ste_gradients, previous):
@@ -159,14 +163,10 @@ class FOGZO:
             return EstimateInfo(float(loss0.detach()), forward_passes, 1, beta, step_seed, step, skipped=True)
 
         # 4. G_W = (1/n) Σ_i d_i·v_i / c  =  guided·g_W  +  (1/n) Σ_i d_i·√(1−β)·u_i / c.
-        guided = sum(d * direction.guided for d, direction in zip(differences, directions)) / self.n
-        for entry, guide, prior in zip(self.perturbed.tensors, guides, previous):
-            gradient = self.measurement.noise_gradient(entry, step_seed, directions, differences)
-            if guide is not None and guided != 0.0:
-                guided_part = guide.gradient.mul_(guided * guide.scale)
-                gradient = guided_part if gradient is None else gradient.add_(guided_part)
+        gradients = self.measurement.gradients(step_seed, directions, measured, guides)
+        for entry, gradient, prior in zip(self.perturbed.tensors, gradients, previous):
             entry.param.grad = None
-            set_gradient(entry.param, torch.zeros_like(entry.param) if gradient is None else gradient, prior)
+            set_gradient(entry.param, gradient, prior)
         return EstimateInfo(
             loss=float(loss0.detach()),
             forward_passes=forward_passes,

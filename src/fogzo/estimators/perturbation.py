@@ -6,10 +6,11 @@ weight, and ``c = ε / ε̄`` for a tensor without a quantizer (a bias, a norm g
 ``ε`` is a user step. A step ``ε̄·v`` in ``x`` is ``c·ε̄·v`` in ``W``; one finite difference
 ``(L₊ − L₋)/2ε̄`` is shared by every tensor (SPEC §2).
 
-Noise. ``u`` for tensor ``k`` and sample ``i`` at step seed ``s`` is drawn from a private
-``torch.Generator`` seeded with ``derive_seed(s, k, i)``: reproducible, independent of the
-global RNG, different for every tensor, and regenerated (not stored) whenever it is needed,
-so the extra memory of a perturbed pass is one tensor at a time.
+Noise. ``u`` for tensor ``k`` and sample ``i`` at step seed ``s`` is drawn, block by block of
+``NOISE_BLOCK`` flattened elements, from private ``torch.Generator`` s seeded with
+``derive_seed(s, 0, k, i, block)``: reproducible, independent of the global RNG, different
+for every tensor, defined by global coordinates (a shard draws only its own blocks), and
+regenerated rather than stored where an estimator needs it again.
 
 Perturbed passes never write to a parameter: a forward pre-hook on the module that owns
 the parameter puts ``W + δ`` in its place for the duration of that module's forward, and a
@@ -31,7 +32,7 @@ from ..layers import QuantizedLayer
 from ..quantizers import ActivationQuantizer, WeightQuantizer
 from ..smoothing import Smoothing
 
-__all__ = ["PerturbedSet", "PerturbedTensor", "StateGuard", "derive_seed"]
+__all__ = ["NOISE_BLOCK", "PerturbedSet", "PerturbedTensor", "StateGuard", "block_noise", "derive_seed"]
 
 _MASK64 = (1 << 64) - 1
 NOISE_STREAM = 0
@@ -43,6 +44,51 @@ def _splitmix64(value: int) -> int:
     value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
     return value ^ (value >> 31)
+
+
+NOISE_BLOCK = 1 << 18
+"""Elements per noise block: the flattened noise of a tensor is a sequence of blocks, each
+drawn from its own generator, so any contiguous range (a shard) can be drawn on its own."""
+
+
+def block_noise(
+    smoothing: Smoothing,
+    key: tuple[int, ...],
+    shape: torch.Size | tuple[int, ...],
+    device: torch.device,
+    dtype: torch.dtype,
+    start: int = 0,
+    total: int | None = None,
+) -> torch.Tensor:
+    """Elements ``[start, start + prod(shape))`` of the flattened noise of a tensor of
+    ``total`` elements (default: the whole tensor, ``start = 0``), reshaped to ``shape``.
+
+    Block ``b`` covers flat indices ``[b·B, min((b+1)·B, total))`` (``B = NOISE_BLOCK``) and is
+    ``smoothing.fill_`` of a fresh tensor of that length, from a generator seeded with
+    ``derive_seed(*key, b)``. Blocks that the range covers entirely are drawn in place; a
+    block cut by the range (a shard boundary) is drawn whole and sliced, so every range of
+    every tensor sees the same numbers whatever the kernel's draw order.
+    """
+    out = torch.empty(shape, device=device, dtype=dtype)
+    flat = out.view(-1)
+    count = flat.numel()
+    total = count if total is None else total
+    stop = start + count
+    if not 0 <= start <= stop <= total:
+        raise ValueError(f"noise range [{start}, {stop}) lies outside a tensor of {total} elements")
+    generator = torch.Generator(device=device)
+    block = start // NOISE_BLOCK
+    while block * NOISE_BLOCK < stop:
+        first, last = block * NOISE_BLOCK, min((block + 1) * NOISE_BLOCK, total)
+        low, high = max(first, start), min(last, stop)
+        generator.manual_seed(derive_seed(*key, block))
+        if (low, high) == (first, last):
+            smoothing.fill_(flat[low - start : high - start], generator)
+        else:
+            whole = smoothing.fill_(torch.empty(last - first, device=device, dtype=dtype), generator)
+            flat[low - start : high - start].copy_(whole[low - first : high - first])
+        block += 1
+    return out
 
 
 def derive_seed(*parts: int) -> int:
@@ -161,10 +207,10 @@ class PerturbedSet:
 
     def noise(self, entry: PerturbedTensor, step_seed: int, sample: int) -> torch.Tensor:
         """Unit-variance noise ``u`` for ``entry`` and ``sample``, regenerated on demand."""
-        param = entry.param
-        generator = torch.Generator(device=param.device)
-        generator.manual_seed(derive_seed(step_seed, NOISE_STREAM, entry.index, sample))
-        return self.smoothing.sample(param.shape, generator, device=param.device, dtype=param.dtype)
+        param = entry.param.detach()
+        return block_noise(
+            self.smoothing, (step_seed, NOISE_STREAM, entry.index, sample), param.shape, param.device, param.dtype
+        )
 
     @contextlib.contextmanager
     def swapped(self, replacement: Callable[[PerturbedTensor], torch.Tensor]) -> Iterator[None]:

@@ -81,16 +81,17 @@ class SPSA:
         guard.after_first_pass()
         directions = [Direction(sample, guided=0.0, noise=1.0) for sample in range(self.n)]
         guides = [None] * len(self.perturbed.tensors)
-        differences, losses = self.measurement.measure(closure, guard, step_seed, directions, guides, loss0)
+        measured = self.measurement.measure(closure, guard, step_seed, directions, guides, loss0)
+        differences = measured.differences
         self.counter.step += 1
         forward_passes = int(self.report_loss) + self.n * self.measurement.passes_per_sample
         if differences is None:
             return EstimateInfo(float("nan"), forward_passes, 0, 0.0, step_seed, step, skipped=True)
-        for entry in self.perturbed.tensors:
+        gradients = self.measurement.gradients(step_seed, directions, measured, guides)
+        for entry, gradient in zip(self.perturbed.tensors, gradients):
             previous = stash_gradients([entry.param])[0]
-            gradient = self.measurement.noise_gradient(entry, step_seed, directions, differences)
-            set_gradient(entry.param, torch.zeros_like(entry.param) if gradient is None else gradient, previous)
-        loss = float(loss0) if loss0 is not None else float(losses.mean())
+            set_gradient(entry.param, gradient, previous)
+        loss = float(loss0) if loss0 is not None else float(measured.losses.mean())
         return EstimateInfo(
             loss=loss,
             forward_passes=forward_passes,
