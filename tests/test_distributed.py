@@ -5,7 +5,8 @@
 * Communication: the ZO part of a step adds exactly one Python-level collective, an
   ``all_reduce`` of the n finite differences, and no buffer broadcast in perturbed passes.
 * Failure: a rank that raises makes the run stop with an error instead of hanging.
-* FSDP2 (``fully_shard``): documents what works today (STE) and what does not (ZO estimators).
+* FSDP2 (``fully_shard``): the same equivalence with sharded parameters (noise by global
+  coordinates), per-channel α on uneven shards, and the collectives the ZO part adds.
 
 Every multi-process run goes through :func:`fogzo.distributed.spawn_local`, which bounds
 it by a wall-clock deadline and a collective timeout. Processes are forked where the
@@ -52,6 +53,8 @@ CASES = {
     "fogzo_one_sided": {"n": N, "beta": 0.5, "one_sided": True},
 }
 ZO_CASES = [name for name in CASES if name != "ste"]
+# FSDP-only cases: per-channel α, 13 hidden rows (uneven shards 7 + 6), FOGZO β = 0.5.
+PER_CHANNEL_CASES = {"per_channel_n1": {"n": 1, "beta": 0.5}, "per_channel_n2": {"n": 2, "beta": 0.5}}
 
 
 def _mlp() -> nn.Module:
@@ -66,7 +69,7 @@ def _batch() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _estimator(name: str, model: nn.Module):
-    kwargs = CASES[name]
+    kwargs = CASES[name] if name in CASES else PER_CHANNEL_CASES[name]
     if name == "ste":
         return fogzo.STE(model)
     if name == "spsa":
@@ -123,8 +126,9 @@ class CollectiveLog:
         self._saved.clear()
 
 
-def _train(name: str, model: nn.Module, call: nn.Module, x, y, log: CollectiveLog | None = None):
+def _train(name: str, model: nn.Module, call: nn.Module, x, y, log: CollectiveLog | None = None, grads=None):
     """STEPS estimator steps with SGD in between; per step (gradients, info, collectives)."""
+    grads = grads or _grads
     estimator = _estimator(name, model)
     optimizer = torch.optim.SGD(call.parameters(), lr=0.05)
     records = []
@@ -143,7 +147,7 @@ def _train(name: str, model: nn.Module, call: nn.Module, x, y, log: CollectiveLo
             with log:
                 info = estimator.estimate(closure)
             events = list(log.events)
-        records.append({"grads": _grads(model), "info": info, "events": events})
+        records.append({"grads": grads(model), "info": info, "events": events})
         optimizer.step()
     return records
 
@@ -222,24 +226,34 @@ def _bucket_view_worker(rank: int, world: int, out_dir: str) -> None:
     torch.save(grads, os.path.join(out_dir, f"bucket{rank}.pt"))
 
 
-def _fsdp_worker(rank: int, world: int, out_dir: str) -> None:
+def _fsdp_model(per_channel: bool = False, hidden: int = 16) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, hidden), nn.ReLU(), nn.Linear(hidden, 4))
+    model = fogzo.quantize(model, fogzo.QuantConfig(bits=2, per_channel=per_channel))
+    for layer in (model[0], model[2]):
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def _full_grads(model: nn.Module) -> dict[str, torch.Tensor | None]:
+    return {name: None if p.grad is None else p.grad.full_tensor().detach().clone() for name, p in model.named_parameters()}
+
+
+def _fsdp_worker(rank: int, world: int, out_dir: str) -> None:
+    """Every case of CASES on an FSDP2 (fully_shard) model, plus per-channel α on uneven shards."""
     x, y = fd.shard_batch(*_batch())
-    outcome = {}
-    for name in ("ste", "spsa", "fogzo_beta05"):
-        model = _mlp()
-        for layer in (model[0], model[2]):
-            fully_shard(layer)
-        fully_shard(model)
-        estimator = _estimator(name, model)
-        try:
-            info = estimator.estimate(lambda: F.cross_entropy(model(x), y))
-            outcome[name] = ("ok", info.loss, {n: type(p.grad).__name__ for n, p in model.named_parameters()})
-        except Exception as error:  # noqa: BLE001 - we record exactly what happens
-            outcome[name] = ("error", type(error).__name__, str(error))
-        dist.barrier()
-    torch.save(outcome, os.path.join(out_dir, f"fsdp{rank}.pt"))
+    results = {}
+    for name in CASES:
+        model = _fsdp_model()
+        results[name] = _train(name, model, model, x, y, CollectiveLog(), grads=_full_grads)
+    for n in (1, 2):  # n = 1: the shift built in the gradient's shard; n = 2: regenerated
+        model = _fsdp_model(per_channel=True, hidden=13)  # 13 rows: shards of 7 and 6
+        results[f"per_channel_n{n}"] = _train(f"per_channel_n{n}", model, model, x, y, CollectiveLog(), grads=_full_grads)
+    results["shard_rows"] = [(e.first_row, e.rows, e.start) for e in fogzo.PerturbedSet.from_model(model).tensors]
+    torch.save(results, os.path.join(out_dir, f"fsdp{rank}.pt"))
 
 
 def _env_worker(rank: int, world: int, port: int, out_dir: str) -> None:
@@ -291,6 +305,12 @@ def runs(tmp_path_factory):
 @pytest.mark.parametrize("name", list(CASES))
 def test_two_ranks_half_batch_equal_one_process_full_batch(runs, name):
     ranks, reference = runs
+    _assert_equivalent(ranks, reference, name)
+
+
+def _assert_equivalent(ranks, reference, name: str) -> None:
+    """Rank 0's gradients over STEPS steps equal the 1-process full-batch reference."""
+    kwargs = CASES[name] if name in CASES else PER_CHANNEL_CASES[name]
     for step, (got, ref) in enumerate(zip(ranks[0][name], reference[name])):
         info, ref_info = got["info"], ref["info"]
         assert info.beta == ref_info.beta and info.seed == ref_info.seed
@@ -313,9 +333,9 @@ def test_two_ranks_half_batch_equal_one_process_full_batch(runs, name):
             # the relative error |δd|/|d|, which at the |d| ≈ 4e-3 … 9e-2 of this problem
             # is <= 5e-4, so rtol 1e-3 of the gradient's scale; observed ~1e-5.
             eps_bar = fogzo.QuantConfig(bits=2).smoothing.eps_bar
-            factor = 16 if CASES[name].get("one_sided") else 8
+            factor = 16 if kwargs.get("one_sided") else 8
             d_tol = factor * U32 * max(abs(ref_info.loss), 1.0) / eps_bar
-            assert len(info.differences) == len(ref_info.differences) == N
+            assert len(info.differences) == len(ref_info.differences) == kwargs["n"]
             for d, d_ref in zip(info.differences, ref_info.differences):
                 assert abs(d - d_ref) <= d_tol, (step, info.differences, ref_info.differences)
             rtol = 1e-3
@@ -432,28 +452,66 @@ def test_surviving_rank_fails_on_the_collective_timeout(tmp_path):
     assert time.monotonic() - start < WALL_TIMEOUT
 
 
-# ---------------------------------------------------------------- 4. FSDP2 (status)
+# ---------------------------------------------------------------- 4. FSDP2
 
 
-def test_fsdp2_status(tmp_path):
-    """``fully_shard`` today: STE works, the ZO estimators raise (they do not hang).
+@pytest.fixture(scope="module")
+def fsdp_runs(tmp_path_factory, runs):
+    """One 2-rank FSDP2 run of every case; the 1-process references (DDP's, plus per-channel)."""
+    out = tmp_path_factory.mktemp("fsdp")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _launch(_fsdp_worker, (str(out),), tmpdir=str(out))
+        ranks = [torch.load(out / f"fsdp{r}.pt", weights_only=False) for r in range(WORLD)]
+        x, y = _batch()
+        reference = dict(runs[1])
+        for name in PER_CHANNEL_CASES:
+            torch.manual_seed(0)
+            model = nn.Sequential(nn.Linear(8, 13), nn.ReLU(), nn.Linear(13, 4))
+            model = fogzo.quantize(model, fogzo.QuantConfig(bits=2, per_channel=True))
+            reference[name] = _train(name, model, model, x, y)
+    finally:
+        torch.set_num_threads(previous)
+    return ranks, reference
 
-    FSDP2 replaces each parameter by a sharded ``DTensor`` and, in its own forward
-    pre-hook (registered before the estimator's), swaps the all-gathered full tensor in.
-    The estimator's pre-hook then builds ``W + δ`` from the *sharded* DTensor it captured:
-    ``aten.add_`` of a plain tensor and a DTensor raises. FOGZO fails earlier, on
-    ``.tolist()`` of the DTensor norm of the sharded STE gradient. Update this test when
-    FSDP support lands (see docs/distributed.md for what it needs).
-    """
-    _launch(_fsdp_worker, (str(tmp_path),), tmpdir=str(tmp_path))
-    outcome = [torch.load(tmp_path / f"fsdp{r}.pt", weights_only=False) for r in range(WORLD)]
-    for rank_outcome in outcome:
-        assert rank_outcome["ste"][0] == "ok"
-        assert set(rank_outcome["ste"][2].values()) == {"DTensor"}
-        assert rank_outcome["spsa"][:2] == ("error", "RuntimeError")
-        assert "DTensor" in rank_outcome["spsa"][2]
-        assert rank_outcome["fogzo_beta05"][:2] == ("error", "RuntimeError")
-        assert "DTensor" in rank_outcome["fogzo_beta05"][2]
+
+@pytest.mark.parametrize("name", list(CASES) + list(PER_CHANNEL_CASES))
+def test_fsdp_two_ranks_equal_one_process_full_batch(fsdp_runs, name):
+    """Sharded runs draw the unsharded run's perturbation (noise by global coordinates)."""
+    ranks, reference = fsdp_runs
+    _assert_equivalent(ranks, reference, name)
+    # Both ranks hold the same full gradients (each shard is computed once, on its owner).
+    for got0, got1 in zip(ranks[0][name], ranks[1][name]):
+        for param, grad in got0["grads"].items():
+            assert (grad is None and got1["grads"][param] is None) or torch.equal(grad, got1["grads"][param])
+
+
+def test_fsdp_shards_are_uneven_rows():
+    # Sanity of the fixture's premise: a 13-row weight splits 7 + 6 over 2 ranks.
+    assert torch.tensor(range(13)).chunk(WORLD)[1].numel() == 6
+
+
+@pytest.mark.parametrize("name", ZO_CASES + list(PER_CHANNEL_CASES))
+def test_fsdp_zo_part_adds_one_norm_and_one_difference_all_reduce(fsdp_runs, name):
+    """FSDP: FOGZO adds an all-reduce of K squared norms (K = 2 quantized tensors) and one
+    of the n differences; SPSA only the latter. FSDP's own all-gathers and reduce-scatters
+    are not Python-level calls of the names logged here."""
+    ranks, _ = fsdp_runs
+    kwargs = CASES[name] if name in CASES else PER_CHANNEL_CASES[name]
+    n = kwargs["n"]
+    for record in ranks[0][name]:
+        reduces = [(event, numel) for event, _, numel in record["events"]]
+        expected = [("all_reduce", n)] if name == "spsa" else [("all_reduce", 2), ("all_reduce", n)]
+        assert reduces == expected, (name, record["events"])
+
+
+def test_fsdp_shard_offsets(fsdp_runs):
+    ranks, _ = fsdp_runs
+    # 13×8 weight: rank 0 rows 0..6 (flat start 0), rank 1 rows 7..12 (flat start 56);
+    # 4×13 weight: rows 0..1 and 2..3 (flat starts 0 and 26).
+    assert ranks[0]["shard_rows"] == [(0, 7, 0), (0, 2, 0)]
+    assert ranks[1]["shard_rows"] == [(7, 6, 56), (2, 2, 26)]
 
 
 # ---------------------------------------------------------------- helpers without a group

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .perturbation import PerturbedSet, PerturbedTensor, StateGuard, derive_seed
+from .perturbation import PerturbedSet, PerturbedTensor, StateGuard, _is_dtensor, _shift_by, derive_seed
 
 __all__ = ["Closure", "Direction", "EstimateInfo", "Estimator", "Guide", "Measured", "ZerothOrderMeasurement"]
 
@@ -115,7 +115,17 @@ def stash_gradients(params: Sequence[nn.Parameter]) -> list[torch.Tensor | None]
 
 
 def set_gradient(param: nn.Parameter, gradient: torch.Tensor, previous: torch.Tensor | None) -> None:
-    """``param.grad = previous + gradient`` (accumulation semantics of ``backward``)."""
+    """``param.grad = previous + gradient`` (accumulation semantics of ``backward``).
+
+    For an FSDP parameter ``gradient`` may be the rank's local part; it becomes a ``DTensor``
+    with the parameter's layout (no copy).
+    """
+    if _is_dtensor(param) and not _is_dtensor(gradient):
+        from torch.distributed.tensor import DTensor
+
+        gradient = DTensor.from_local(
+            gradient, param.device_mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()
+        )
     param.grad = gradient if previous is None else previous.add_(gradient)
 
 
@@ -183,6 +193,8 @@ class ZerothOrderMeasurement:
             raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
         if vectorize is not None and (not isinstance(vectorize, int) or vectorize < 1):
             raise ValueError(f"vectorize must be None or an int >= 1, got {vectorize!r}")
+        if vectorize is not None and perturbed.sharded:
+            raise ValueError("vectorize is not supported for FSDP-sharded models: use vectorize=None")
         self.perturbed = perturbed
         self.one_sided = one_sided
         self.on_nonfinite = on_nonfinite
@@ -215,23 +227,26 @@ class ZerothOrderMeasurement:
                 for entry in self.perturbed.tensors
             ]
 
-        def shifted(entry: PerturbedTensor, direction: Direction, sign: float) -> torch.Tensor:
+        def shift(entry: PerturbedTensor, direction: Direction, sign: float) -> tuple[torch.Tensor, float]:
+            """``(t, a)`` with ``a·t = sign·c·ε̄·v`` for this entry (its local part)."""
             if deltas is not None:
-                return torch.add(entry.param.detach(), deltas[entry.index], alpha=sign)
-            return self._shifted_weight(entry, scales[entry.index], guides[entry.index], step_seed, direction, sign)
+                return deltas[entry.index], sign
+            return self._shift(entry, scales[entry.index], guides[entry.index], step_seed, direction, sign), 1.0
 
+        # FSDP's forward sets version counters, which inference tensors do not have.
+        no_autograd = torch.no_grad if self.perturbed.sharded else torch.inference_mode
         losses: list[torch.Tensor] = []
         try:
             if self.vectorize is None:
                 for direction, sign in passes:
                     guard.rewind()
-                    with torch.inference_mode(), self.perturbed.swapped(lambda e: shifted(e, direction, sign)):
+                    with no_autograd(), self.perturbed.shifted(lambda e: shift(e, direction, sign)):
                         losses.append(checked_loss(closure()).detach().float())
             else:
                 for start in range(0, len(passes), self.vectorize):
                     chunk = passes[start : start + self.vectorize]
                     stacks = [
-                        torch.stack([shifted(entry, direction, sign) for direction, sign in chunk])
+                        torch.stack([_shift_by(entry.param.detach(), shift(entry, d, s)) for d, s in chunk])
                         for entry in self.perturbed.tensors
                     ]
                     guard.rewind()
@@ -303,7 +318,7 @@ class ZerothOrderMeasurement:
                 delta.addcmul_(noise, weight)
             else:
                 delta.add_(noise, alpha=weight)
-        return torch.zeros_like(entry.param.detach()) if delta is None else delta
+        return torch.zeros_like(entry.local_param()) if delta is None else delta
 
     def gradients(
         self,
@@ -337,10 +352,10 @@ class ZerothOrderMeasurement:
             if guide is not None and guided != 0.0:
                 guided_part = guide.gradient.mul_(guided * guide.scale)
                 gradient = guided_part if gradient is None else gradient.add_(guided_part)
-            result.append(torch.zeros_like(entry.param.detach()) if gradient is None else gradient)
+            result.append(torch.zeros_like(entry.local_param()) if gradient is None else gradient)
         return result
 
-    def _shifted_weight(
+    def _shift(
         self,
         entry: PerturbedTensor,
         scale: torch.Tensor | float,
@@ -349,9 +364,9 @@ class ZerothOrderMeasurement:
         direction: Direction,
         sign: float,
     ) -> torch.Tensor:
-        """``W + sign·c·ε̄·v`` with ``v = guided·k·(c·g_W) + noise·u``, built in one buffer."""
+        """``sign·c·ε̄·v`` with ``v = guided·k·(c·g_W) + noise·u``, built in one buffer."""
         eps_bar = self.perturbed.smoothing.eps_bar
-        param = entry.param.detach()
+        param = entry.local_param()
         if direction.noise != 0.0:
             shift = self.perturbed.noise(entry, step_seed, direction.sample)
             shift.mul_(scale * (sign * eps_bar * direction.noise))
@@ -364,7 +379,7 @@ class ZerothOrderMeasurement:
                 shift.addcmul_(guide.gradient, factor)
             else:
                 shift.add_(guide.gradient, alpha=factor)
-        return shift.add_(param)
+        return shift
 
     def noise_gradient(
         self, entry: PerturbedTensor, step_seed: int, directions: Sequence[Direction], differences: Sequence[float]

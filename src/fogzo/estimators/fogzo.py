@@ -28,6 +28,7 @@ import math
 from collections.abc import Iterable
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ..smoothing import Smoothing
@@ -42,7 +43,7 @@ from .base import (
     set_gradient,
     stash_gradients,
 )
-from .perturbation import SIGN_STREAM, PerturbedSet, StateGuard, derive_seed
+from .perturbation import SIGN_STREAM, PerturbedSet, StateGuard, derive_seed, local_part
 from .schedules import BetaSchedule, check_beta, constant_beta, linear_beta
 
 __all__ = ["FOGZO"]
@@ -182,14 +183,20 @@ class FOGZO:
     def _guides(self, gradients: list[torch.Tensor | None]) -> tuple[list[Guide | None], float]:
         """Per tensor, the factor k with ``ĝ = k·c·g_W``; and the global ``‖g_x‖``."""
         eps_bar = self.perturbed.smoothing.eps_bar
+        gradients = [None if g is None else local_part(g) for g in gradients]  # FSDP: this rank's shard
         squared_norms = []
         for entry, gradient in zip(self.perturbed.tensors, gradients):
             if gradient is None:
-                squared_norms.append(torch.zeros((), device=entry.param.device))
+                squared_norms.append(torch.zeros((), device=entry.local_param().device))
                 continue
             scale = entry.coordinate_scale(eps_bar)
             squared_norms.append((gradient * scale).square().sum().float())
-        norms = torch.stack([s.to(squared_norms[0].device) for s in squared_norms]).sqrt().tolist()
+        stacked = torch.stack([s.to(squared_norms[0].device) for s in squared_norms])
+        if self.perturbed.sharded and dist.is_initialized():
+            # Squared norms of the shards add up to those of the tensors: one all-reduce of
+            # K scalars (K perturbed tensors), the only collective FSDP adds to the ZO part.
+            dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
+        norms = stacked.sqrt().tolist()
         total = math.sqrt(sum(n * n for n in norms))
         nonzero = sum(n > 0 for n in norms)
         guides: list[Guide | None] = []

@@ -99,9 +99,38 @@ def derive_seed(*parts: int) -> int:
     return state >> 1
 
 
+def _is_dtensor(tensor: object) -> bool:
+    return type(tensor).__name__ == "DTensor" and hasattr(tensor, "to_local")
+
+
+def local_part(tensor: torch.Tensor) -> torch.Tensor:
+    """The rank's own shard of a ``DTensor`` (a view: writes reach the DTensor), else ``tensor``."""
+    return tensor.to_local() if _is_dtensor(tensor) else tensor
+
+
+def _shard_rows(param: torch.Tensor) -> tuple[int, int]:
+    """``(first row, rows)`` of this rank's shard of a dim-0-sharded ``DTensor``."""
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    placements = tuple(param.placements)  # type: ignore[attr-defined]
+    if param.device_mesh.ndim != 1 or placements != (Shard(0),):  # type: ignore[attr-defined]
+        raise ValueError(
+            f"sharded parameters must be DTensors sharded on dim 0 over a 1-D mesh (FSDP2's default); "
+            f"got placements {placements}"
+        )
+    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, placements)  # type: ignore[attr-defined]
+    return int(offset[0]), int(shape[0])
+
+
 @dataclass(eq=False)
 class PerturbedTensor:
-    """One perturbed parameter, the modules that own it, and its coordinate scale."""
+    """One perturbed parameter, the modules that own it, and its coordinate scale.
+
+    Under FSDP (``param`` a ``DTensor`` sharded on dim 0) every tensor an estimator builds
+    for this entry is the rank's *local* part: rows ``[first_row, first_row + rows)``, which
+    start at flat index ``start`` of the unsharded tensor.
+    """
 
     index: int
     name: str
@@ -109,13 +138,34 @@ class PerturbedTensor:
     owners: list[tuple[nn.Module, str]]
     quantizer: WeightQuantizer | None = None
     eps: float | None = None
+    sharded: bool = False
+    first_row: int = 0
+    rows: int = 0
+    start: int = 0
+
+    def __post_init__(self) -> None:
+        if _is_dtensor(self.param):
+            self.sharded = True
+            self.first_row, self.rows = _shard_rows(self.param)
+            self.start = self.first_row * (self.param[0].numel() if self.param.dim() else 1)
+        else:
+            self.rows = self.param.shape[0] if self.param.dim() else 1
+
+    def local_param(self) -> torch.Tensor:
+        """The (local part of the) detached parameter."""
+        return local_part(self.param.detach())
 
     def coordinate_scale(self, eps_bar: float) -> torch.Tensor | float:
-        """``c``: ``α`` for a quantized weight, ``ε/ε̄`` otherwise."""
-        if self.quantizer is not None:
-            return self.quantizer.coordinate_scale()
-        assert self.eps is not None
-        return self.eps / eps_bar
+        """``c``: ``α`` for a quantized weight, ``ε/ε̄`` otherwise (rows of the shard under FSDP)."""
+        if self.quantizer is None:
+            assert self.eps is not None
+            return self.eps / eps_bar
+        scale = self.quantizer.coordinate_scale()
+        if _is_dtensor(scale):  # a learned per-channel α, sharded like its weight
+            return local_part(scale)
+        if self.sharded and scale.numel() > 1:  # a per-channel α buffer: this shard's rows
+            return scale[self.first_row : self.first_row + self.rows]
+        return scale
 
 
 @dataclass
@@ -137,6 +187,12 @@ class PerturbedSet:
     tensors: list[PerturbedTensor]
     smoothing: Smoothing
     _owners: dict[nn.Module, list[tuple[str, PerturbedTensor]]] = field(repr=False)
+    _fsdp_modules: list[nn.Module] = field(default_factory=list, repr=False)
+
+    @property
+    def sharded(self) -> bool:
+        """True when the perturbed tensors are FSDP shards (``DTensor``)."""
+        return self.tensors[0].sharded
 
     @classmethod
     def from_model(
@@ -198,7 +254,14 @@ class PerturbedSet:
                     "one ε̄ must serve the whole perturbation: pass smoothing= explicitly"
                 )
             smoothing = smoothings.pop() if smoothings else Smoothing("gaussian", 1.0)
-        return cls(tensors, smoothing, owners)
+        if len({entry.sharded for entry in tensors}) > 1:
+            mixed = [entry.name for entry in tensors if not entry.sharded][:3]
+            raise ValueError(
+                f"some perturbed tensors are FSDP shards (DTensor) and some are not (e.g. {mixed}): "
+                "apply fully_shard so that it covers every perturbed parameter"
+            )
+        fsdp_modules = [m for m in model.modules() if callable(getattr(m, "reshard", None)) and _is_fsdp(m)]
+        return cls(tensors, smoothing, owners, fsdp_modules)
 
     @property
     def num_coordinates(self) -> int:
@@ -207,10 +270,49 @@ class PerturbedSet:
 
     def noise(self, entry: PerturbedTensor, step_seed: int, sample: int) -> torch.Tensor:
         """Unit-variance noise ``u`` for ``entry`` and ``sample``, regenerated on demand."""
-        param = entry.param.detach()
+        local = entry.local_param()
         return block_noise(
-            self.smoothing, (step_seed, NOISE_STREAM, entry.index, sample), param.shape, param.device, param.dtype
+            self.smoothing,
+            (step_seed, NOISE_STREAM, entry.index, sample),
+            local.shape,
+            local.device,
+            local.dtype,
+            start=entry.start,
+            total=entry.param.numel(),
         )
+
+    @contextlib.contextmanager
+    def shifted(self, shift: Callable[[PerturbedTensor], tuple[torch.Tensor, float]]) -> Iterator[None]:
+        """Inside the block the model computes with ``W + a·t`` for ``(t, a) = shift(entry)``.
+
+        Unsharded: through :meth:`swapped` (no parameter is written). FSDP: ``t`` is the
+        rank's local part; it is added to the local shard in place (after a copy of the
+        shard is kept) and FSDP modules are resharded, so the forward all-gathers the
+        shifted shards; on exit each shard is copied back bit for bit and resharded again.
+        """
+        if not self.sharded:
+            with self.swapped(lambda entry: _shift_by(entry.local_param(), shift(entry))):
+                yield
+            return
+        saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+        try:
+            with torch.no_grad():
+                self._reshard()
+                for entry in self.tensors:
+                    local = entry.local_param()
+                    saved.append((local, local.clone()))
+                    tensor, alpha = shift(entry)
+                    local.add_(tensor, alpha=alpha)
+            yield
+        finally:
+            with torch.no_grad():
+                for local, original in saved:
+                    local.copy_(original)
+                self._reshard()
+
+    def _reshard(self) -> None:
+        for module in self._fsdp_modules:
+            module.reshard()  # type: ignore[operator]
 
     @contextlib.contextmanager
     def swapped(self, replacement: Callable[[PerturbedTensor], torch.Tensor]) -> Iterator[None]:
@@ -240,6 +342,20 @@ class PerturbedSet:
             for module, entries in self._owners.items():
                 for name, entry in entries:
                     module._parameters[name] = entry.param
+
+
+def _shift_by(weight: torch.Tensor, shift: tuple[torch.Tensor, float]) -> torch.Tensor:
+    """``weight + alpha·tensor`` in a new tensor."""
+    tensor, alpha = shift
+    return torch.add(weight, tensor, alpha=alpha)
+
+
+def _is_fsdp(module: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return False
+    return isinstance(module, FSDPModule)
 
 
 class StateGuard:
