@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Data-parallel cost of FOGZO against STE: bytes communicated per step, and step time.
+"""Data-parallel and sharded cost of FOGZO against STE: bytes communicated per step, step time.
 
 Command lines (from the repository root, with the project's virtual environment)::
 
@@ -29,6 +29,14 @@ Bytes per step (2 ranks, gloo, ``DistributedDataParallel``), three sources count
 * ``buffer_broadcast``: DDP's per-forward buffer broadcast (``dist._broadcast_coalesced``,
   wrapped the same way): the fixed α of each quantized layer, 4 bytes per layer, once per
   step (the estimator switches it off for the perturbed passes).
+
+With ``--engines fsdp`` (default ``ddp,fsdp``) the same models run under FSDP2
+(``fully_shard`` on every Linear, then on the root), counted by wrapping
+``torch.distributed.all_gather_into_tensor`` (``param_allgather``: output size, once per
+forward of each sharded module: 1 + 2n forwards per FOGZO step) and
+``torch.distributed.reduce_scatter_tensor`` (``grad_reducescatter``: input size, once per
+backward); ``zo_allreduce`` then holds the estimator's two all-reduces, K squared norms
+(K quantized layers) and n differences.
 
 These are payload bytes handed to the collectives; what a ring all-reduce puts on the wire
 is about ``2·(w−1)/w`` times that per rank.
@@ -105,7 +113,8 @@ class Counter:
     """Bytes handed to collectives, by source (see the module docstring)."""
 
     def __init__(self) -> None:
-        self.bytes = {"grad_allreduce": 0, "zo_allreduce": 0, "buffer_broadcast": 0}
+        self.bytes = {"grad_allreduce": 0, "zo_allreduce": 0, "buffer_broadcast": 0,
+                      "param_allgather": 0, "grad_reducescatter": 0}
         self.calls = {key: 0 for key in self.bytes}
         self.zo_seconds = 0.0
         self.in_hook = False
@@ -152,9 +161,26 @@ class Counter:
                 counter.calls["buffer_broadcast"] += 1
             return broadcast(group, tensors, *args, **kwargs)
 
-        self._originals = {"all_reduce": all_reduce, "_broadcast_coalesced": broadcast}
+        all_gather, reduce_scatter = dist.all_gather_into_tensor, dist.reduce_scatter_tensor
+
+        def counted_all_gather(output_tensor, input_tensor, *args, **kwargs):  # FSDP2's parameter all-gather
+            if counter.active:
+                counter.bytes["param_allgather"] += output_tensor.numel() * output_tensor.element_size()
+                counter.calls["param_allgather"] += 1
+            return all_gather(output_tensor, input_tensor, *args, **kwargs)
+
+        def counted_reduce_scatter(output, input, *args, **kwargs):  # FSDP2's gradient reduce-scatter
+            if counter.active:
+                counter.bytes["grad_reducescatter"] += input.numel() * input.element_size()
+                counter.calls["grad_reducescatter"] += 1
+            return reduce_scatter(output, input, *args, **kwargs)
+
+        self._originals = {"all_reduce": all_reduce, "_broadcast_coalesced": broadcast,
+                           "all_gather_into_tensor": all_gather, "reduce_scatter_tensor": reduce_scatter}
         dist.all_reduce = counted_all_reduce
         dist._broadcast_coalesced = counted_broadcast
+        dist.all_gather_into_tensor = counted_all_gather
+        dist.reduce_scatter_tensor = counted_reduce_scatter
 
     def uninstall(self) -> None:
         for name, original in self._originals.items():
@@ -208,16 +234,27 @@ def single_process(spec: dict, names: list[str], threads: int, warmup: int, repe
     return times
 
 
-def ddp_worker(rank: int, world: int, spec: dict, names: list[str], warmup: int, repeats: int, out: str) -> None:
+def ddp_worker(
+    rank: int, world: int, spec: dict, names: list[str], warmup: int, repeats: int, out: str, engine: str = "ddp"
+) -> None:
     x, y = fd.shard_batch(*make_batch(spec["layers"], spec["batch"]))
     counter = Counter()
     models, estimators, optimizers = {}, {}, {}
     for name in names:
-        ddp = nn.parallel.DistributedDataParallel(build_model(spec["layers"]))
-        ddp.register_comm_hook(None, counter.comm_hook)
-        models[name] = ddp
-        estimators[name] = make_estimator(name, ddp)
-        optimizers[name] = torch.optim.SGD(ddp.parameters(), lr=1e-3)
+        if engine == "ddp":
+            wrapped = nn.parallel.DistributedDataParallel(build_model(spec["layers"]))
+            wrapped.register_comm_hook(None, counter.comm_hook)
+        else:  # FSDP2: every Linear sharded on its own, then the root
+            from torch.distributed.fsdp import fully_shard
+
+            wrapped = build_model(spec["layers"])
+            for module in wrapped:
+                if isinstance(module, nn.Linear):
+                    fully_shard(module)
+            fully_shard(wrapped)
+        models[name] = wrapped
+        estimators[name] = make_estimator(name, wrapped)
+        optimizers[name] = torch.optim.SGD(wrapped.parameters(), lr=1e-3)
     counter.install()
     try:
         times, per_step = timed_steps(
@@ -243,6 +280,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--timeout", type=float, default=600.0, help="wall-clock limit of each 2-process run (s)")
     parser.add_argument("--json", default=None, help="write the results to this file")
+    parser.add_argument("--engines", default="ddp,fsdp", help="comma-separated: ddp (DistributedDataParallel), "
+                        "fsdp (FSDP2 fully_shard on every Linear and the root)")
     args = parser.parse_args(argv)
     table = QUICK if args.quick else MODELS
     repeats = args.repeats if args.repeats is not None else (3 if args.quick else 20)
@@ -257,28 +296,38 @@ def main(argv: list[str] | None = None) -> dict:
                  "quantized_layers": quantized, "variants": {}}
         one_thread = single_process(spec, names, 1, args.warmup, repeats)
         two_threads = single_process(spec, names, 2, args.warmup, repeats)
-        with tempfile.TemporaryDirectory() as tmp:
-            out = os.path.join(tmp, "rank0.json")
-            fd.spawn_local(ddp_worker, 2, (spec, names, args.warmup, repeats, out),
-                           timeout=args.timeout, collective_timeout=min(args.timeout, 120.0), tmpdir=tmp)
-            with open(out) as handle:
-                ddp = json.load(handle)
-        for name in names:
-            bytes_ = ddp["per_step"][name]["bytes"]
-            n = 0 if name == "ste" else int(name.removeprefix("fogzo_n"))
-            entry["variants"][name] = {
-                "bytes_per_step": {**bytes_, "total": sum(bytes_.values())},
-                "calls_per_step": ddp["per_step"][name]["calls"],
-                "zo_allreduce_ms": median_ms(ddp["per_step"][name]["zo_allreduce_s"]),
-                "expected_bytes": {"grad_allreduce": 4 * params, "zo_allreduce": 4 * n, "buffer_broadcast": 4 * quantized},
-                "time_ms": {
-                    "1proc_1thread": median_ms(one_thread[name]),
-                    "1proc_2threads": median_ms(two_threads[name]),
-                    "2proc_1thread": median_ms(ddp["times"][name]),
-                },
-                "samples_s": {"1proc_1thread": one_thread[name], "1proc_2threads": two_threads[name],
-                              "2proc_1thread": ddp["times"][name]},
-            }
+        runs = {}
+        for engine in args.engines.split(","):
+            with tempfile.TemporaryDirectory() as tmp:
+                out = os.path.join(tmp, "rank0.json")
+                fd.spawn_local(ddp_worker, 2, (spec, names, args.warmup, repeats, out, engine),
+                               timeout=args.timeout, collective_timeout=min(args.timeout, 120.0), tmpdir=tmp)
+                with open(out) as handle:
+                    runs[engine] = json.load(handle)
+        for engine, run in runs.items():
+            for name in names:
+                bytes_ = run["per_step"][name]["bytes"]
+                n = 0 if name == "ste" else int(name.removeprefix("fogzo_n"))
+                if engine == "ddp":
+                    expected = {"grad_allreduce": 4 * params, "zo_allreduce": 4 * n, "buffer_broadcast": 4 * quantized}
+                else:  # all-gather per forward (1 + 2n of them), reduce-scatter once, K norms + n differences
+                    expected = {"param_allgather": 4 * params * (1 + 2 * n), "grad_reducescatter": 4 * params,
+                                "zo_allreduce": 4 * (quantized + n) if n else 0}
+                key = name if engine == "ddp" else f"{name}_fsdp"
+                entry["variants"][key] = {
+                    "engine": engine,
+                    "bytes_per_step": {**bytes_, "total": sum(bytes_.values())},
+                    "calls_per_step": run["per_step"][name]["calls"],
+                    "zo_allreduce_ms": median_ms(run["per_step"][name]["zo_allreduce_s"]),
+                    "expected_bytes": expected,
+                    "time_ms": {
+                        "1proc_1thread": median_ms(one_thread[name]),
+                        "1proc_2threads": median_ms(two_threads[name]),
+                        "2proc_1thread": median_ms(run["times"][name]),
+                    },
+                    "samples_s": {"1proc_1thread": one_thread[name], "1proc_2threads": two_threads[name],
+                                  "2proc_1thread": run["times"][name]},
+                }
         results["models"][model_name] = entry
     print_table(results)
     if args.json:
@@ -289,16 +338,20 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def print_table(results: dict) -> None:
-    header = (f"{'model':<7} {'params':>8} {'variant':<9} {'grad AR B':>10} {'ZO AR B':>8} {'bcast B':>8} "
-              f"{'total B':>10} {'1p×1t ms':>9} {'1p×2t ms':>9} {'2p×1t ms':>9} {'ZO AR ms':>9}")
+    header = (f"{'model':<7} {'params':>8} {'variant':<14} {'grad AR B':>10} {'AG B':>10} {'RS B':>10} "
+              f"{'ZO AR B':>8} {'bcast B':>8} {'total B':>10} {'1p×1t ms':>9} {'1p×2t ms':>9} {'2p×1t ms':>9} "
+              f"{'ZO AR ms':>9}")
     print(header)
     print("-" * len(header))
     for model_name, entry in results["models"].items():
         for name, row in entry["variants"].items():
             b, t = row["bytes_per_step"], row["time_ms"]
-            print(f"{model_name:<7} {entry['parameters']:>8} {name:<9} {b['grad_allreduce']:>10} {b['zo_allreduce']:>8} "
+            print(f"{model_name:<7} {entry['parameters']:>8} {name:<14} {b['grad_allreduce']:>10} "
+                  f"{b['param_allgather']:>10} {b['grad_reducescatter']:>10} {b['zo_allreduce']:>8} "
                   f"{b['buffer_broadcast']:>8} {b['total']:>10} {t['1proc_1thread']:>9.2f} "
                   f"{t['1proc_2threads']:>9.2f} {t['2proc_1thread']:>9.2f} {row['zo_allreduce_ms']:>9.3f}")
+    print("(AG = FSDP2 parameter all-gather, RS = FSDP2 gradient reduce-scatter, output/input sizes; "
+          "the 1-process columns are the same runs for both engines)")
     print(f"(median of {results['repeats']} steps; bytes = payload handed to the collectives per step on one rank; "
           "ZO AR ms = time blocked in the estimator's all-reduce, waiting for the slower rank included)")
 
