@@ -340,8 +340,8 @@ class ZerothOrderMeasurement:
             (difference,) = measured.differences
             for entry, delta in zip(self.perturbed.tensors, measured.deltas):
                 scale = entry.coordinate_scale(eps_bar)
-                if isinstance(scale, torch.Tensor):
-                    result.append(delta.mul_(difference / eps_bar).div_(scale * scale))
+                if isinstance(scale, torch.Tensor):  # one pass: d/(ε̄c²) is a tensor of α's shape
+                    result.append(delta.mul_(scale.reciprocal().square_().mul_(difference / eps_bar)))
                 else:
                     result.append(delta.mul_(difference / (eps_bar * scale * scale)))
             return result

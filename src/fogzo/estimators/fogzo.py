@@ -190,7 +190,11 @@ class FOGZO:
                 squared_norms.append(torch.zeros((), device=entry.local_param().device))
                 continue
             scale = entry.coordinate_scale(eps_bar)
-            squared_norms.append((gradient * scale).square().sum().float())
+            if isinstance(scale, torch.Tensor) and scale.numel() > 1:  # per-channel c: Σ_rows c²·‖g_row‖²
+                rows = gradient.reshape(gradient.shape[0], -1).float().square().sum(dim=1)
+                squared_norms.append((rows * scale.reshape(-1).float().square()).sum().reshape(()))
+            else:  # one pass over the gradient: ‖c·g‖² = c²·‖g‖²
+                squared_norms.append((torch.linalg.vector_norm(gradient.float()).square() * (scale * scale)).reshape(()))
         stacked = torch.stack([s.to(squared_norms[0].device) for s in squared_norms])
         if self.perturbed.sharded and dist.is_initialized():
             # Squared norms of the shards add up to those of the tensors: one all-reduce of
