@@ -97,6 +97,15 @@ a skipped variant), ``times_ms_iqr``, ``times_ms_samples``, ``memory`` (per vari
 ``skipped``, ``workload``, ``settings``, ``notes`` (e.g. warnings seen during warm-up) and
 ``machine`` (torch version, threads, CPU model, device name, load average before and after).
 
+Allocator (``--malloc``). With glibc's default settings, freeing a large tensor at the top
+of the heap returns its pages to the OS and the next allocation faults them back in. An
+estimator step that keeps more buffers alive (FOGZO's shift, a perturbed weight) pays for
+this in page faults on a CPU — on the MLP that was most of the gap between the perturbed
+pass and an inference forward. ``--malloc keep`` sets ``mallopt`` so that freed memory
+stays in the process (what jemalloc/tcmalloc, recommended by PyTorch's CPU tuning guide, do
+anyway); the memory children always run with the defaults. The CUDA caching allocator has
+no such effect.
+
 Timings are never asserted anywhere: a busy machine gives noisy numbers; read the load
 average in the JSON before trusting a run. On a machine whose cores are shared with other
 work, pass ``--threads 1``: OpenMP threads that spin-wait on oversubscribed cores can make
@@ -702,6 +711,25 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     return info
 
 
+def keep_freed_memory() -> bool:
+    """glibc only: keep freed heap memory in the process (no trimming; no ``mmap`` below 32 MiB).
+
+    With glibc's defaults a tensor of a few hundred KiB that is freed at the top of the heap
+    is returned to the OS and the next allocation page-faults it back in; a step that
+    allocates more temporaries than another pays for it in page faults, not in compute.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+    return bool(
+        libc.mallopt(m_mmap_threshold, 32 << 20)
+        and libc.mallopt(m_trim_threshold, (1 << 31) - 1)
+        and libc.mallopt(m_top_pad, 64 << 20)
+    )
+
+
 # ---------------------------------------------------------------------------------- main
 
 
@@ -725,6 +753,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="'all', 'none' or a comma list of variants for the memory subprocesses (default all; quick: ste,fogzo)",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--malloc",
+        default="default",
+        choices=["default", "keep"],
+        help="CPU timings: 'keep' stops glibc from returning freed memory to the OS (mallopt), as "
+        "jemalloc/tcmalloc would; 'default' leaves glibc as it is (see the module docstring)",
+    )
     parser.add_argument("--json", default=None, help="write the results (a list, one object per model) here")
     parser.add_argument("--measure-memory", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--model", default=None, help=argparse.SUPPRESS)
@@ -782,6 +817,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
+    if args.malloc == "keep" and not keep_freed_memory():
+        raise SystemExit("--malloc keep: mallopt is not available (glibc only)")
+
     results = []
     for name in args.models:
         machine = machine_info(device)
@@ -828,6 +866,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
             "seed": args.seed,
             "limit": "t(ste) + 2 t(forward_inference); one-sided: t(ste) + t(forward_inference)",
             "statistic": "median",
+            "malloc": args.malloc,
         }
         result = summarize(name, samples, memory, skipped, description, settings, machine, notes)
         results.append(result)
