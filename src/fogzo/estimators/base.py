@@ -180,8 +180,11 @@ class ZerothOrderMeasurement:
     * **one direction** (n = 1, not vectorized; the common case): the shift
       ``δ = c·ε̄·v`` is built *once* per tensor before the passes, in the STE gradient's own
       buffer when there is one (``g_W`` is not needed afterwards: ``G_W = d·δ/(ε̄·c²)``
-      contains the guided part). One noise draw per step and no extra memory; each pass
-      only adds ``W ± δ`` in the owner's pre-hook.
+      contains the guided part). One noise draw per step and no extra memory (with
+      ``on_nonfinite="skip"`` δ gets a buffer of its own so that ``g_W`` survives a skipped
+      step); each pass only adds ``W ± δ`` in the owner's pre-hook.
+
+    Under FSDP every tensor here is the rank's shard (see :meth:`PerturbedSet.shifted`).
     * **regenerated** (n > 1 or vectorized): ``u_i`` is drawn again in every pass and once
       more for the gradient, so the extra memory stays one tensor at a time whatever n is.
     """
