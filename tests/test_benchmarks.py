@@ -95,3 +95,20 @@ def test_ratio_rejects_missing_and_nonpositive(step_cost):
     assert step_cost.ratio(1.0, float("nan")) is None
     assert step_cost.participation(10, 3) == {0, 3, 6}
     assert step_cost.participation(2, 5) == {0, 1}
+
+
+def test_step_phases_reports_every_phase(step_cost, capsys):
+    """The phase breakdown runs on the MLP and times every phase it names (values unchecked)."""
+    path = SCRIPT.with_name("step_phases.py")
+    spec = importlib.util.spec_from_file_location("step_phases", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    median = module.main(["--model", "mlp", "--steps", "3", "--warmup", "1", "--one-sided"])
+    for key in ("fogzo.closure", "fogzo.delta", "fogzo.noise", "fogzo.guides", "fogzo.guard", "fogzo.gradients",
+                "ste.closure", "ste.estimate", "forward_inference"):
+        assert median[key] > 0, key
+    assert "ratio" in capsys.readouterr().out
+    # The wrappers are removed afterwards.
+    import fogzo.estimators.base as base
+
+    assert base.ZerothOrderMeasurement._delta.__name__ == "_delta"
