@@ -119,6 +119,7 @@ class Counter:
         self.zo_seconds = 0.0
         self.in_hook = False
         self.active = False
+        self.collective_depth = 0
         self._originals: dict[str, object] = {}
 
     def reset(self) -> None:
@@ -161,26 +162,36 @@ class Counter:
                 counter.calls["buffer_broadcast"] += 1
             return broadcast(group, tensors, *args, **kwargs)
 
-        all_gather, reduce_scatter = dist.all_gather_into_tensor, dist.reduce_scatter_tensor
-
-        def counted_all_gather(output_tensor, input_tensor, *args, **kwargs):  # FSDP2's parameter all-gather
-            if counter.active:
-                counter.bytes["param_allgather"] += output_tensor.numel() * output_tensor.element_size()
-                counter.calls["param_allgather"] += 1
-            return all_gather(output_tensor, input_tensor, *args, **kwargs)
-
-        def counted_reduce_scatter(output, input, *args, **kwargs):  # FSDP2's gradient reduce-scatter
-            if counter.active:
-                counter.bytes["grad_reducescatter"] += input.numel() * input.element_size()
-                counter.calls["grad_reducescatter"] += 1
-            return reduce_scatter(output, input, *args, **kwargs)
-
-        self._originals = {"all_reduce": all_reduce, "_broadcast_coalesced": broadcast,
-                           "all_gather_into_tensor": all_gather, "reduce_scatter_tensor": reduce_scatter}
+        self._originals = {"all_reduce": all_reduce, "_broadcast_coalesced": broadcast}
         dist.all_reduce = counted_all_reduce
         dist._broadcast_coalesced = counted_broadcast
-        dist.all_gather_into_tensor = counted_all_gather
-        dist.reduce_scatter_tensor = counted_reduce_scatter
+        # FSDP2's collectives: torch 2.13 calls all_gather_single / reduce_scatter_single,
+        # older versions all_gather_into_tensor / reduce_scatter_tensor. Count the outermost
+        # call only, in case one name is implemented with the other.
+        sizes = {"all_gather_single": ("param_allgather", 0), "all_gather_into_tensor": ("param_allgather", 0),
+                 "reduce_scatter_single": ("grad_reducescatter", 1), "reduce_scatter_tensor": ("grad_reducescatter", 1)}
+        for name, (key, which) in sizes.items():
+            original = getattr(dist, name, None)
+            if original is None:
+                continue
+
+            def counted(*args, _original=original, _key=key, _which=which, **kwargs):
+                # (output, input) positionally or as keywords; the all-gather's output and
+                # the reduce-scatter's input are the full-size tensors.
+                tensors = list(args[:2]) + [kwargs[k] for k in ("output_tensor", "input_tensor", "output", "input")
+                                            if k in kwargs]
+                if counter.active and counter.collective_depth == 0 and len(tensors) >= 2:
+                    tensor = tensors[_which]
+                    counter.bytes[_key] += tensor.numel() * tensor.element_size()
+                    counter.calls[_key] += 1
+                counter.collective_depth += 1
+                try:
+                    return _original(*args, **kwargs)
+                finally:
+                    counter.collective_depth -= 1
+
+            self._originals[name] = original
+            setattr(dist, name, counted)
 
     def uninstall(self) -> None:
         for name, original in self._originals.items():

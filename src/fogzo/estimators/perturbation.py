@@ -295,6 +295,7 @@ class PerturbedSet:
                 yield
             return
         saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+        records = _fsdp_forward_records(self._fsdp_modules)
         try:
             with torch.no_grad():
                 self._reshard()
@@ -309,6 +310,11 @@ class PerturbedSet:
                 for local, original in saved:
                     local.copy_(original)
                 self._reshard()
+            # FSDP2 records the order of forwards to pick what to prefetch in the next
+            # backward; the perturbed forwards have no backward, so forget them (otherwise
+            # the next backward prefetches a module it does not need: one wasted all-gather).
+            for log, length in records:
+                del log[length:]
 
     def _reshard(self) -> None:
         for module in self._fsdp_modules:
@@ -348,6 +354,24 @@ def _shift_by(weight: torch.Tensor, shift: tuple[torch.Tensor, float]) -> torch.
     """``weight + alpha·tensor`` in a new tensor."""
     tensor, alpha = shift
     return torch.add(weight, tensor, alpha=alpha)
+
+
+def _fsdp_forward_records(modules: list[nn.Module]) -> list[tuple[list, int]]:
+    """FSDP2's forward-order logs (private attributes; skipped where a version lacks them)."""
+    logs: dict[int, list] = {}
+    for module in modules:
+        get_state = getattr(module, "_get_fsdp_state", None)
+        state = get_state() if callable(get_state) else None
+        groups = getattr(state, "_fsdp_param_groups", None)
+        if groups is None:
+            group = getattr(state, "_fsdp_param_group", None)
+            groups = [] if group is None else [group]
+        for group in groups:
+            for log in (getattr(group, "_post_forward_indices", None),
+                        getattr(getattr(group, "comm_ctx", None), "post_forward_order", None)):
+                if isinstance(log, list):
+                    logs[id(log)] = log
+    return [(log, len(log)) for log in logs.values()]
 
 
 def _is_fsdp(module: nn.Module) -> bool:
