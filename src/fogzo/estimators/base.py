@@ -234,7 +234,8 @@ class ZerothOrderMeasurement:
             """``(t, a)`` with ``a·t = sign·c·ε̄·v`` for this entry (its local part)."""
             if deltas is not None:
                 return deltas[entry.index], sign
-            return self._shift(entry, scales[entry.index], guides[entry.index], step_seed, direction, sign), 1.0
+            delta = self._delta(entry, scales[entry.index], guides[entry.index], step_seed, direction, False)
+            return delta, sign
 
         # FSDP's forward sets version counters, which inference tensors do not have.
         no_autograd = torch.no_grad if self.perturbed.sharded else torch.inference_mode
@@ -303,25 +304,27 @@ class ZerothOrderMeasurement:
         direction: Direction,
         reuse_guide: bool,
     ) -> torch.Tensor:
-        """``δ = c·ε̄·v`` with ``v = guided·k·(c·g_W) + noise·u``: one noise draw.
+        """``δ = c·ε̄·v`` with ``v = guided·k·(c·g_W) + noise·u``: one noise draw, one buffer.
 
-        With ``reuse_guide`` it is built in place in ``guide.gradient`` (which it overwrites).
+        With ``reuse_guide`` the buffer is ``guide.gradient`` (overwritten); otherwise the
+        freshly drawn noise's, so no weight-sized temporary is made either way.
         """
         eps_bar = self.perturbed.smoothing.eps_bar
-        delta = None
-        if direction.guided != 0.0 and guide is not None:
-            factor = scale * scale * (eps_bar * direction.guided * guide.scale)
-            delta = guide.gradient.mul_(factor) if reuse_guide else guide.gradient.mul(factor)
+        guided = direction.guided != 0.0 and guide is not None
+        noise_weight = scale * (eps_bar * direction.noise)
+        guide_factor = scale * scale * (eps_bar * direction.guided * guide.scale) if guided else 0.0
+        if guided and reuse_guide:
+            delta = guide.gradient.mul_(guide_factor)
+            if direction.noise != 0.0:
+                _add_scaled(delta, self.perturbed.noise(entry, step_seed, direction.sample), noise_weight)
+            return delta
         if direction.noise != 0.0:
-            noise = self.perturbed.noise(entry, step_seed, direction.sample)
-            weight = scale * (eps_bar * direction.noise)
-            if delta is None:
-                delta = noise.mul_(weight)
-            elif isinstance(weight, torch.Tensor):
-                delta.addcmul_(noise, weight)
-            else:
-                delta.add_(noise, alpha=weight)
-        return torch.zeros_like(entry.local_param()) if delta is None else delta
+            delta = self.perturbed.noise(entry, step_seed, direction.sample).mul_(noise_weight)
+        else:
+            delta = torch.zeros_like(entry.local_param())
+        if guided:
+            _add_scaled(delta, guide.gradient, guide_factor)
+        return delta
 
     def gradients(
         self,
@@ -358,32 +361,6 @@ class ZerothOrderMeasurement:
             result.append(torch.zeros_like(entry.local_param()) if gradient is None else gradient)
         return result
 
-    def _shift(
-        self,
-        entry: PerturbedTensor,
-        scale: torch.Tensor | float,
-        guide: Guide | None,
-        step_seed: int,
-        direction: Direction,
-        sign: float,
-    ) -> torch.Tensor:
-        """``sign·c·ε̄·v`` with ``v = guided·k·(c·g_W) + noise·u``, built in one buffer."""
-        eps_bar = self.perturbed.smoothing.eps_bar
-        param = entry.local_param()
-        if direction.noise != 0.0:
-            shift = self.perturbed.noise(entry, step_seed, direction.sample)
-            shift.mul_(scale * (sign * eps_bar * direction.noise))
-        else:
-            shift = torch.zeros_like(param)
-        if direction.guided != 0.0 and guide is not None:
-            factor = scale * scale * (sign * eps_bar * direction.guided * guide.scale)
-            # In place, no weight-sized temporary: this runs in every perturbed pass.
-            if isinstance(factor, torch.Tensor):
-                shift.addcmul_(guide.gradient, factor)
-            else:
-                shift.add_(guide.gradient, alpha=factor)
-        return shift
-
     def noise_gradient(
         self, entry: PerturbedTensor, step_seed: int, directions: Sequence[Direction], differences: Sequence[float]
     ) -> torch.Tensor | None:
@@ -400,3 +377,9 @@ class ZerothOrderMeasurement:
             return None
         return total.div_(entry.coordinate_scale(self.perturbed.smoothing.eps_bar))
 
+
+def _add_scaled(target: torch.Tensor, tensor: torch.Tensor, coefficient: torch.Tensor | float) -> torch.Tensor:
+    """``target += coefficient·tensor`` in place; ``coefficient`` may be a broadcastable tensor (α)."""
+    if isinstance(coefficient, torch.Tensor):
+        return target.addcmul_(tensor, coefficient)
+    return target.add_(tensor, alpha=coefficient)

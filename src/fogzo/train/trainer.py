@@ -161,32 +161,26 @@ def build_estimator(
     kind = kind or config.estimator
     if kind == "ste":
         return STE(model)
+    zeroth_order = {
+        "n": config.n,
+        "seed": config.seed,
+        "perturb": config.perturb,
+        "eps": config.eps,
+        "one_sided": config.one_sided,
+        "on_nonfinite": config.on_nonfinite,
+        "vectorize": config.vectorize,
+    }
     if kind == "spsa":
-        return SPSA(
-            model,
-            n=config.n,
-            seed=config.seed,
-            perturb=config.perturb,
-            eps=config.eps,
-            one_sided=config.one_sided,
-            on_nonfinite=config.on_nonfinite,
-            vectorize=config.vectorize,
-        )
+        return SPSA(model, **zeroth_order)
     return FOGZO(
         model,
         total_steps=total_steps,
         beta_min=config.beta_min,
-        n=config.n,
-        seed=config.seed,
         beta=config.beta,
-        perturb=config.perturb,
-        eps=config.eps,
-        one_sided=config.one_sided,
         ste_fraction=config.ste_fraction if ste_fraction is None else ste_fraction,
         normalize=config.normalize,
         guide_norm=config.guide_norm,
-        on_nonfinite=config.on_nonfinite,
-        vectorize=config.vectorize,
+        **zeroth_order,
     )
 
 
