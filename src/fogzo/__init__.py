@@ -13,7 +13,8 @@ Quick start::
 """
 
 from .convert import QuantConfig, full_precision, quantize, quantized_layers
-from .estimators import FOGZO, SPSA, STE, EstimateInfo, Estimator, PerturbedSet, constant_beta, linear_beta
+from .estimators import FOGZO, SPSA, STE, EstimateInfo, Estimator, PerturbedSet, SmoothedGradient, constant_beta, linear_beta
+from .diagnostics import Diagnosis, LayerDiagnosis, diagnose
 from .export import ExportedModel, QuantizedWeight, export, pack_codes, rebuild_float_model, unpack_codes
 from .layers import QuantConv1d, QuantConv2d, QuantEmbedding, QuantizedLayer, QuantLinear
 from .quantizers import ActivationQuantizer, LevelSet, WeightQuantizer, fake_quantize, level_set
@@ -28,9 +29,11 @@ __all__ = [
     "STE",
     "STE_KINDS",
     "ActivationQuantizer",
+    "Diagnosis",
     "EstimateInfo",
     "Estimator",
     "ExportedModel",
+    "LayerDiagnosis",
     "LevelSet",
     "NoiseLaw",
     "PerturbedSet",
@@ -42,8 +45,10 @@ __all__ = [
     "QuantizedLayer",
     "QuantizedWeight",
     "Smoothing",
+    "SmoothedGradient",
     "WeightQuantizer",
     "constant_beta",
+    "diagnose",
     "export",
     "fake_quantize",
     "full_precision",

@@ -1,9 +1,11 @@
-"""Gradient estimators: STE, n-SPSA and FOGZO, all with ``estimate(closure) -> EstimateInfo``."""
+"""Gradient estimators: STE, n-SPSA, FOGZO and the smoothed-gradient oracle, all with
+``estimate(closure) -> EstimateInfo``."""
 
 from .base import EstimateInfo, Estimator
 from .fogzo import FOGZO
 from .perturbation import PerturbedSet, derive_seed
 from .schedules import constant_beta, linear_beta
+from .smoothed import LevelMoves, SmoothedGradient, smoothed_partials
 from .spsa import SPSA
 from .ste import STE
 
@@ -13,8 +15,11 @@ __all__ = [
     "STE",
     "EstimateInfo",
     "Estimator",
+    "LevelMoves",
     "PerturbedSet",
+    "SmoothedGradient",
     "constant_beta",
     "derive_seed",
     "linear_beta",
+    "smoothed_partials",
 ]

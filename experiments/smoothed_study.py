@@ -1,0 +1,483 @@
+"""Where and why FOGZO beats the STE: STE, FOGZO, n-SPSA and exact smoothed-gradient descent.
+
+Trains the MNIST / Fashion-MNIST MLP (784-10-10 unless ``hidden`` says otherwise) with one
+estimator per run and prints one JSON line per run: the final full-training-set loss, test
+accuracy, wall time, a loss curve, and the STE-bias diagnostic (``fogzo.diagnose``: cosine of
+the STE with the exact smoothed gradient) at the start, middle and end of training.
+
+    python experiments/smoothed_study.py grid question --out results/question.jsonl --workers 2
+    python experiments/smoothed_study.py grid map --out results/map.jsonl --workers 2
+    python experiments/smoothed_study.py summarize results/question.jsonl
+    python experiments/smoothed_study.py run '{"estimator": "oracle", "lr": 0.003, "seed": 0}'
+
+Learning rates (the same procedure for every estimator): every learning rate of the shared grid
+with seed 0; if the best lies at an edge of what was tried, the next rate of the ladder
+1e-4, 3e-4, … 3e-1 beyond it is added (at most two extensions per side); then the best rate
+with the remaining seeds. ``grid`` is resumable: runs already in ``--out`` are not repeated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+LADDER = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
+MAX_EXTENSIONS = 2
+
+#: Named estimator variants. "fogzo" is the paper's reading (n = 1, β_min = 0.999, ‖ĝ‖ = 1,
+#: every parameter perturbed); "fogzo-g10" is the best variant of docs/results.md (‖ĝ‖ = 10).
+ESTIMATORS: dict[str, dict[str, Any]] = {
+    "ste": {},
+    "fogzo": {"kind": "fogzo", "n": 1, "beta_min": 0.999, "guide_norm": 1.0, "perturb": "all"},
+    "fogzo-g10": {"kind": "fogzo", "n": 1, "beta_min": 0.999, "guide_norm": 10.0, "perturb": "all"},
+    "oracle": {"kind": "oracle", "draws": 1},
+    "spsa64": {"kind": "spsa", "n": 64, "perturb": "all"},
+}
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One training run."""
+
+    estimator: str = "ste"
+    lr: float = 1e-3
+    seed: int = 0
+    dataset: str = "mnist"
+    bits: int | str = 2
+    ste: str = "identity"
+    step_size: str = "fixed"
+    alpha_init: str = "max"
+    hidden: int = 10
+    iterations: int = 2000
+    batch_size: int = 128
+    optimizer: str = "adam"
+    options: dict[str, Any] = field(default_factory=dict)  # overrides of the named estimator's
+    diagnose_at: tuple[int, ...] | None = None  # default: start, middle, end
+    diagnose_coordinates: int = 512
+    diagnose_draws: int = 4
+
+    def key(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    def setting(self) -> tuple:
+        """Everything but the learning rate and the seed."""
+        values = dataclasses.asdict(self)
+        values.pop("lr"), values.pop("seed")
+        return tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in values.items()))
+
+
+def spec_from(values: dict[str, Any]) -> Spec:
+    values = dict(values)
+    if isinstance(values.get("diagnose_at"), list):
+        values["diagnose_at"] = tuple(values["diagnose_at"])
+    return Spec(**values)
+
+
+# ----------------------------------------------------------------------------- one run
+
+
+def cross_entropy(logits, targets):
+    """Mean cross-entropy written with logsumexp (same value as ``F.cross_entropy``).
+
+    torch's CPU log_softmax is slow over a last dimension of 10 when a leading batch of moves is
+    vmapped in front (≈ 6× here); this form runs the same arithmetic in a few fast passes.
+    """
+    top = logits.detach().amax(-1, keepdim=True)
+    log_normaliser = (logits - top).exp().sum(-1).log() + top.squeeze(-1)
+    return (log_normaliser - logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)).mean()
+
+
+def run(spec: Spec) -> dict[str, Any]:
+    import torch
+
+    import fogzo
+    from fogzo.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, MNIST_MEAN, MNIST_STD
+    from fogzo.data import load_fashion_mnist, load_mnist, to_float
+    from fogzo.models import MLP
+
+    torch.set_num_threads(1)
+    if spec.dataset == "mnist":
+        data, mean, std = load_mnist(), MNIST_MEAN, MNIST_STD
+    elif spec.dataset == "fashion":
+        data, mean, std = load_fashion_mnist(), FASHION_MNIST_MEAN, FASHION_MNIST_STD
+    else:
+        raise ValueError(f"unknown dataset {spec.dataset!r}")
+    train_x = to_float(data.train_images, mean, std).reshape(-1, 784)
+    test_x = to_float(data.test_images, mean, std).reshape(-1, 784)
+    train_y, test_y = data.train_labels, data.test_labels
+    bits = spec.bits if spec.bits == "ternary" else int(spec.bits)
+
+    torch.manual_seed(spec.seed)
+    model = MLP((784, spec.hidden, 10))
+    config = fogzo.QuantConfig(bits=bits, ste=spec.ste, alpha_init=spec.alpha_init, step_size=spec.step_size)
+    fogzo.quantize(model, config)
+    layers = [layer for _, layer in fogzo.quantized_layers(model)]
+    mean_alpha = sum(float(layer.weight_quantizer.alpha.detach().mean()) for layer in layers) / len(layers)
+    eps = config.smoothing.eps_bar * mean_alpha  # biases move as far as a weight does
+    options = {**ESTIMATORS[spec.estimator], **spec.options}
+    kind = options.pop("kind", "ste")
+    if kind == "ste":
+        estimator = fogzo.STE(model)
+    elif kind == "fogzo":
+        estimator = fogzo.FOGZO(model, total_steps=spec.iterations, seed=spec.seed, eps=eps, **options)
+    elif kind == "spsa":
+        estimator = fogzo.SPSA(model, seed=spec.seed, eps=eps, report_loss=False, vectorize=options["n"], **options)
+    elif kind == "oracle":
+        estimator = fogzo.SmoothedGradient(model, seed=spec.seed, **options)
+    else:
+        raise ValueError(f"unknown estimator kind {kind!r}")
+    if spec.optimizer == "adam":
+        optimizer = torch.optim.Adam(model.parameters(), lr=spec.lr)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=0.9)
+
+    def evaluate(x, y, limit=None):
+        with torch.no_grad():
+            model.eval()
+            logits = model(x[:limit])
+            model.train()
+            return float(cross_entropy(logits, y[:limit])), float((logits.argmax(1) == y[:limit]).float().mean())
+
+    diagnose_at = spec.diagnose_at if spec.diagnose_at is not None else (0, spec.iterations // 2, spec.iterations)
+    generator = torch.Generator().manual_seed(spec.seed)
+    diagnostics, curve = [], []
+    wall, compute, step, diverged = 0.0, 0, 0, False
+    xb = yb = None
+
+    def diagnosis(at: int) -> None:
+        closure = lambda: cross_entropy(model(xb), yb)
+        report = fogzo.diagnose(model, closure, coordinates=spec.diagnose_coordinates, draws=spec.diagnose_draws,
+                                seed=spec.seed + 1000 * at)
+        overall = report.overall
+        diagnostics.append({
+            "iteration": at,
+            "cosine": overall.cosine,
+            "cosine_corrected": overall.cosine_corrected,
+            "sign_agreement": overall.sign_agreement,
+            "norm_ratio": overall.norm_ratio,
+            "blind_gradient": overall.blind_gradient,
+            "layers": {layer.name: {"cosine": layer.cosine, "cosine_corrected": layer.cosine_corrected,
+                                    "sign_agreement": layer.sign_agreement, "blind_gradient": layer.blind_gradient}
+                       for layer in report.layers},
+        })
+
+    while step < spec.iterations and not diverged:
+        order = torch.randperm(len(train_x), generator=generator)
+        for begin in range(0, len(train_x) - spec.batch_size + 1, spec.batch_size):
+            index = order[begin : begin + spec.batch_size]
+            xb, yb = train_x[index], train_y[index]
+            if step in diagnose_at:
+                diagnosis(step)
+            if step % 250 == 0:
+                curve.append((step, *evaluate(train_x, train_y, 10_000)))
+            started = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            try:
+                info = estimator.estimate(lambda: cross_entropy(model(xb), yb))
+            except FloatingPointError:
+                diverged = True
+                break
+            optimizer.step()
+            wall += time.perf_counter() - started
+            compute += info.compute_units
+            step += 1
+            if not math.isfinite(info.loss):
+                diverged = True
+                break
+            if step >= spec.iterations:
+                break
+    if not diverged and spec.iterations in diagnose_at:
+        diagnosis(spec.iterations)
+    train_loss, train_accuracy = evaluate(train_x, train_y)
+    test_loss, test_accuracy = evaluate(test_x, test_y)
+    diverged = diverged or not math.isfinite(train_loss)
+    curve.append((step, *evaluate(train_x, train_y, 10_000)))
+    return {
+        "spec": dataclasses.asdict(spec),
+        "key": spec.key(),
+        "train_loss": train_loss if not diverged else None,
+        "train_accuracy": train_accuracy,
+        "test_loss": test_loss if math.isfinite(test_loss) else None,
+        "test_accuracy": test_accuracy,
+        "diverged": diverged,
+        "steps": step,
+        "wall_s": round(wall, 2),
+        "compute_units": compute,
+        "curve": [(s, l if math.isfinite(l) else None, a) for s, l, a in curve],
+        "diagnostics": diagnostics,
+        "torch": torch.__version__,
+    }
+
+
+# ----------------------------------------------------------------------------- grids
+
+
+def _settings(datasets, rows, step_sizes, iterations=2000) -> list[dict[str, Any]]:
+    return [
+        {"dataset": d, "bits": bits, "ste": ste, "step_size": s, "iterations": iterations}
+        for d in datasets
+        for bits, ste in rows
+        for s in step_sizes
+    ]
+
+
+QUESTION_ROWS = [(2, "identity"), ("ternary", "identity"), (1, "hardtanh"), (1, "tanh"), (1, "approxsign")]
+MAP_ROWS = [(1, "identity"), (1, "hardtanh"), (1, "tanh"), (1, "approxsign"), ("ternary", "identity"), (2, "identity")]
+
+
+@dataclass(frozen=True)
+class Grid:
+    settings: list[dict[str, Any]]
+    estimators: tuple[str, ...]
+    lrs: tuple[float, ...]
+    seeds: tuple[int, ...] = (0, 1, 2)
+    only: dict[str, list[int]] = field(default_factory=dict)  # estimator -> indices of settings it runs on
+
+
+GRIDS: dict[str, Grid] = {
+    # §3: STE vs exact smoothed descent vs FOGZO vs n-SPSA on the paper's MNIST MLP.
+    "question": Grid(
+        settings=_settings(["mnist"], QUESTION_ROWS, ["fixed"]),
+        estimators=("ste", "oracle", "fogzo", "fogzo-g10", "spsa64"),
+        lrs=(3e-4, 1e-3, 3e-3, 1e-2),
+        only={"spsa64": [0]},
+    ),
+    # §4: the map, MNIST and Fashion-MNIST, fixed α and LSQ.
+    "map": Grid(
+        settings=_settings(["mnist", "fashion"], MAP_ROWS, ["fixed", "lsq"]),
+        estimators=("ste", "fogzo", "fogzo-g10", "oracle"),
+        lrs=(3e-4, 1e-3, 3e-3, 1e-2),
+    ),
+    # A seconds-long check of every code path.
+    "smoke": Grid(
+        settings=_settings(["mnist"], [(2, "identity"), (1, "tanh")], ["fixed"], iterations=20),
+        estimators=("ste", "oracle", "fogzo"),
+        lrs=(1e-3, 3e-3),
+        seeds=(0, 1),
+    ),
+}
+
+
+def _final(result: dict[str, Any]) -> float:
+    loss = result.get("train_loss")
+    return math.inf if loss is None else float(loss)
+
+
+def needed_runs(grid: Grid, results: dict[str, dict[str, Any]], overrides: dict[str, Any]) -> list[Spec]:
+    """Every run the grid needs given the results so far (the tuning procedure in the docstring)."""
+    runs: list[Spec] = []
+    for index, setting in enumerate(grid.settings):
+        for estimator in grid.estimators:
+            if estimator in grid.only and index not in grid.only[estimator]:
+                continue
+            base = spec_from({**setting, **overrides, "estimator": estimator})
+            tried = {lr: results.get(dataclasses.replace(base, lr=lr, seed=grid.seeds[0]).key()) for lr in _lrs(grid, base, results)}
+            missing = [dataclasses.replace(base, lr=lr, seed=grid.seeds[0]) for lr, r in tried.items() if r is None]
+            if missing:
+                runs += missing
+                continue
+            best = min(tried, key=lambda lr: (_final(tried[lr]), lr))
+            runs += [dataclasses.replace(base, lr=best, seed=seed) for seed in grid.seeds[1:]]
+    return runs
+
+
+def _lrs(grid: Grid, base: Spec, results: dict[str, dict[str, Any]]) -> list[float]:
+    """The grid's learning rates plus edge extensions decided by the seed-0 results so far."""
+    lrs = sorted(grid.lrs)
+    for _ in range(2 * MAX_EXTENSIONS):
+        done = {lr: results.get(dataclasses.replace(base, lr=lr, seed=grid.seeds[0]).key()) for lr in lrs}
+        if any(r is None for r in done.values()):
+            return lrs
+        best = min(done, key=lambda lr: (_final(done[lr]), lr))
+        if math.isinf(_final(done[best])):
+            return lrs
+        position = LADDER.index(best) if best in LADDER else None
+        if position is None:
+            return lrs
+        low_ext = sum(lr < min(grid.lrs) for lr in lrs)
+        high_ext = sum(lr > max(grid.lrs) for lr in lrs)
+        if best == lrs[0] and position > 0 and low_ext < MAX_EXTENSIONS:
+            lrs.insert(0, LADDER[position - 1])
+        elif best == lrs[-1] and position + 1 < len(LADDER) and high_ext < MAX_EXTENSIONS:
+            lrs.append(LADDER[position + 1])
+        else:
+            return lrs
+    return lrs
+
+
+def read_results(path: Path) -> dict[str, dict[str, Any]]:
+    results = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                results[record["key"]] = record
+    return results
+
+
+def run_grid(name: str, out: Path, workers: int, overrides: dict[str, Any]) -> None:
+    grid = GRIDS[name]
+    results = read_results(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    submitted: dict[str, Future] = {}
+    started = time.time()
+    with ThreadPoolExecutor(workers) as pool, out.open("a") as handle:
+        while True:
+            todo = [spec for spec in needed_runs(grid, results, overrides) if spec.key() not in submitted]
+            # Expensive estimators first so that they are not the tail.
+            todo.sort(key=lambda s: (s.estimator not in ("oracle", "spsa64"), s.seed))
+            for spec in todo:
+                if sum(not f.done() for f in submitted.values()) >= workers:
+                    break
+                submitted[spec.key()] = pool.submit(_subprocess_run, spec)
+            pending = [f for f in submitted.values() if not f.done()]
+            if not pending:
+                if not todo:
+                    break
+                continue
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                record = future.result()
+                if record is None:
+                    continue
+                results[record["key"]] = record
+                handle.write(json.dumps(record) + "\n")
+                handle.flush()
+                spec = record["spec"]
+                print(
+                    f"[{(time.time() - started) / 60:6.1f} min, {len(results)} done] {spec['dataset']} {spec['bits']} "
+                    f"{spec['ste']} {spec['step_size']} {spec['estimator']} lr={spec['lr']:g} seed={spec['seed']}: "
+                    f"loss {record['train_loss']} acc {record['test_accuracy']:.4f} ({record['wall_s']} s)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    print(f"grid {name}: complete, {len(results)} runs in {out}", file=sys.stderr)
+
+
+def _subprocess_run(spec: Spec) -> dict[str, Any] | None:
+    command = [sys.executable, __file__, "run", json.dumps(dataclasses.asdict(spec))]
+    result = subprocess.run(command, capture_output=True, text=True)
+    lines = result.stdout.strip().splitlines()
+    if result.returncode != 0 or not lines:
+        print(f"run failed: {spec}\n{result.stderr[-2000:]}", file=sys.stderr, flush=True)
+        return None
+    return json.loads(lines[-1])
+
+
+# ----------------------------------------------------------------------------- summaries
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if len(finite) < len(values) or not finite:
+        return math.nan, math.nan
+    mean = sum(finite) / len(finite)
+    std = math.sqrt(sum((v - mean) ** 2 for v in finite) / (len(finite) - 1)) if len(finite) > 1 else 0.0
+    return mean, std
+
+
+def best_cells(results: dict[str, dict[str, Any]], grid: Grid) -> dict[tuple, dict[str, Any]]:
+    """Per (setting, estimator): the best lr on seed 0, and the seed statistics there."""
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for record in results.values():
+        spec = spec_from(record["spec"])
+        groups[(spec.setting(), spec.estimator)].append(record)
+    cells = {}
+    for (setting, estimator), records in groups.items():
+        seed0 = {r["spec"]["lr"]: r for r in records if r["spec"]["seed"] == grid.seeds[0]}
+        if not seed0:
+            continue
+        best = min(seed0, key=lambda lr: (_final(seed0[lr]), lr))
+        at_best = [r for r in records if r["spec"]["lr"] == best]
+        losses = [_final(r) for r in at_best]
+        cells[(setting, estimator)] = {
+            "lr": best,
+            "lrs": sorted(seed0),
+            "edge": best in (min(seed0), max(seed0)) and len(seed0) > 1,
+            "seeds": sorted(r["spec"]["seed"] for r in at_best),
+            "loss": _mean_std(losses),
+            "accuracy": _mean_std([100 * r["test_accuracy"] for r in at_best]),
+            "wall": _mean_std([r["wall_s"] for r in at_best]),
+            "cosine": {
+                stage: _mean_std([_diag(r, stage, "cosine_corrected") for r in at_best]) for stage in ("start", "middle", "end")
+            },
+            "records": at_best,
+        }
+    return cells
+
+
+def _diag(record: dict[str, Any], stage: str, key: str) -> float:
+    entries = record.get("diagnostics") or []
+    if not entries:
+        return math.nan
+    entry = {"start": entries[0], "middle": entries[len(entries) // 2], "end": entries[-1]}[stage]
+    value = entry.get(key)
+    return math.nan if value is None else float(value)
+
+
+def _fmt(pair: tuple[float, float], digits: int = 3) -> str:
+    mean, std = pair
+    if not math.isfinite(mean):
+        return "diverged"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def summarize(path: Path, grid_name: str) -> str:
+    grid = GRIDS[grid_name]
+    results = read_results(path)
+    cells = best_cells(results, grid)
+    lines = []
+    for setting in grid.settings:
+        for estimator in grid.estimators:
+            base = spec_from({**setting, "estimator": estimator})
+            cell = cells.get((base.setting(), estimator))
+            if cell is None:
+                continue
+            cos = cell["cosine"]
+            lines.append(
+                f"| {setting['dataset']} | {setting['bits']} | {setting['ste']} | {setting['step_size']} | {estimator} | "
+                f"{cell['lr']:g}{' (edge)' if cell['edge'] else ''} | {len(cell['seeds'])} | {_fmt(cell['loss'])} | "
+                f"{_fmt(cell['accuracy'], 2)} | {_fmt(cos['start'], 2)} / {_fmt(cos['middle'], 2)} / {_fmt(cos['end'], 2)} | "
+                f"{cell['wall'][0]:.0f} |"
+            )
+    header = (
+        "| data | bits | STE | α | estimator | best lr | seeds | train loss | test acc % | cos(STE, ∇L_s) start / mid / end "
+        "| s / run |\n|---|---|---|---|---|---|---|---|---|---|---|"
+    )
+    return header + "\n" + "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    one = sub.add_parser("run", help="one run; prints a JSON line")
+    one.add_argument("spec", help="JSON object of Spec fields")
+    many = sub.add_parser("grid", help="a named grid, resumable")
+    many.add_argument("name", choices=sorted(GRIDS))
+    many.add_argument("--out", type=Path, required=True)
+    many.add_argument("--workers", type=int, default=2)
+    many.add_argument("--set", default="{}", help="JSON object of Spec fields applied to every run")
+    summary = sub.add_parser("summarize", help="Markdown table of a grid's results")
+    summary.add_argument("path", type=Path)
+    summary.add_argument("--grid", default="question", choices=sorted(GRIDS))
+    args = parser.parse_args()
+    if args.command == "run":
+        print(json.dumps(run(spec_from(json.loads(args.spec)))), flush=True)
+    elif args.command == "grid":
+        run_grid(args.name, args.out, args.workers, json.loads(args.set))
+    else:
+        print(summarize(args.path, args.grid))
+
+
+if __name__ == "__main__":
+    main()
