@@ -65,14 +65,23 @@ class Spec:
     diagnose_at: tuple[int, ...] | None = None  # default: start, middle, end
     diagnose_coordinates: int = 512
     diagnose_draws: int = 4
+    save_dir: str | None = None  # save the final weights there (file named by the run's key)
 
     def key(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+        """The run's identity: every field that differs from its default (new fields with a
+        default keep old keys valid)."""
+        values = dataclasses.asdict(self)
+        defaults = dataclasses.asdict(Spec())
+        return json.dumps(
+            {k: v for k, v in values.items() if k in ("lr", "seed") or (v != defaults[k] and k != "save_dir")},
+            sort_keys=True,
+        )
 
     def setting(self) -> tuple:
-        """Everything but the learning rate and the seed."""
+        """Everything but the learning rate, the seed and where the weights are saved."""
         values = dataclasses.asdict(self)
-        values.pop("lr"), values.pop("seed")
+        for name in ("lr", "seed", "save_dir"):
+            values.pop(name)
         return tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in values.items()))
 
 
@@ -95,6 +104,39 @@ def cross_entropy(logits, targets):
     top = logits.detach().amax(-1, keepdim=True)
     log_normaliser = (logits - top).exp().sum(-1).log() + top.squeeze(-1)
     return (log_normaliser - logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)).mean()
+
+
+def _digest(key: str) -> str:
+    import hashlib
+
+    return hashlib.sha1(key.encode()).hexdigest()[:16]
+
+
+def smoothed_train_loss(model, layers, x, y, seed: int, draws: int = 8, limit: int = 10_000) -> float:
+    """``L_s`` estimated on the first ``limit`` training examples: the mean loss over ``draws``
+    stochastic roundings ``h(x + ε̄u)`` of every quantized weight (the loss the oracle descends)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(10_000 + seed)
+    saved = [layer.weight.detach().clone() for layer in layers]
+    total = 0.0
+    model.eval()
+    try:
+        with torch.no_grad():
+            for _ in range(draws):
+                for layer, weight in zip(layers, saved):
+                    quantizer = layer.weight_quantizer
+                    alpha = quantizer.coordinate_scale()
+                    noise = quantizer.smoothing.sample(weight.shape, generator)
+                    levels = quantizer.levels.round(weight / alpha + quantizer.smoothing.eps_bar * noise)
+                    layer.weight.copy_(levels * alpha)
+                total += float(cross_entropy(model(x[:limit]), y[:limit]))
+    finally:
+        with torch.no_grad():
+            for layer, weight in zip(layers, saved):
+                layer.weight.copy_(weight)
+        model.train()
+    return total / draws
 
 
 def run(spec: Spec) -> dict[str, Any]:
@@ -201,11 +243,16 @@ def run(spec: Spec) -> dict[str, Any]:
     train_loss, train_accuracy = evaluate(train_x, train_y)
     test_loss, test_accuracy = evaluate(test_x, test_y)
     diverged = diverged or not math.isfinite(train_loss)
+    smoothed_loss = None if diverged else smoothed_train_loss(model, layers, train_x, train_y, spec.seed)
+    if spec.save_dir:
+        Path(spec.save_dir).mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), Path(spec.save_dir) / f"{_digest(spec.key())}.pt")
     curve.append((step, *evaluate(train_x, train_y, 10_000)))
     return {
         "spec": dataclasses.asdict(spec),
         "key": spec.key(),
         "train_loss": train_loss if not diverged else None,
+        "smoothed_train_loss": smoothed_loss,
         "train_accuracy": train_accuracy,
         "test_loss": test_loss if math.isfinite(test_loss) else None,
         "test_accuracy": test_accuracy,
@@ -330,6 +377,7 @@ def run_grid(name: str, out: Path, workers: int, overrides: dict[str, Any]) -> N
     results = read_results(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     submitted: dict[str, Future] = {}
+    keys: dict[Future, str] = {}
     started = time.time()
     with ThreadPoolExecutor(workers) as pool, out.open("a") as handle:
         while True:
@@ -340,6 +388,7 @@ def run_grid(name: str, out: Path, workers: int, overrides: dict[str, Any]) -> N
                 if sum(not f.done() for f in submitted.values()) >= workers:
                     break
                 submitted[spec.key()] = pool.submit(_subprocess_run, spec)
+                keys[submitted[spec.key()]] = spec.key()
             pending = [f for f in submitted.values() if not f.done()]
             if not pending:
                 if not todo:
@@ -350,6 +399,7 @@ def run_grid(name: str, out: Path, workers: int, overrides: dict[str, Any]) -> N
                 record = future.result()
                 if record is None:
                     continue
+                record["key"] = keys[future]  # the driver's identity of the run it asked for
                 results[record["key"]] = record
                 handle.write(json.dumps(record) + "\n")
                 handle.flush()
