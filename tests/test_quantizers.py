@@ -118,3 +118,54 @@ def test_activation_quantizer_initialises_from_first_batch_and_learns():
     torch.testing.assert_close(out, levels * quantizer.alpha.detach())
     out.sum().backward()
     assert quantizer.alpha.grad is not None and torch.isfinite(quantizer.alpha.grad)
+
+
+# ------------------------------------------- zero weights and the edges of the range
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_all_zero_weights_warn_and_get_a_usable_step_size(per_channel):
+    weight = torch.zeros(6, 5)
+    if per_channel:
+        weight[0] = torch.linspace(-1.0, 1.0, 5)  # one live row: only the others fall back
+    with pytest.warns(UserWarning, match="layer7.*zero"):
+        alpha = initial_step_size(weight, level_set(2), "lsq", per_channel, name="layer7")
+    fallback = 1 / (math.sqrt(5) * 1)  # 1/(√fan_in·Q_p), Q_p = 1 for 2 bits
+    if per_channel:
+        assert alpha[0, 0].item() == pytest.approx(2 * weight[0].abs().mean().item())
+        torch.testing.assert_close(alpha[1:], torch.full((5, 1), fallback))
+    else:
+        assert alpha.item() == pytest.approx(fallback)
+
+
+def test_zero_initialised_layer_moves_under_ste_training():
+    """x = W/α = 0 sits where two ramps of the identity STE meet: slope 1, not 0."""
+    from torch import nn
+
+    import fogzo
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    nn.init.zeros_(model[2].weight)
+    with pytest.warns(UserWarning, match="'?2'?.*zero"):
+        fogzo.quantize(model, fogzo.QuantConfig(bits=2))
+    x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    estimator = fogzo.STE(model)
+    for _ in range(5):
+        optimizer.zero_grad(set_to_none=True)
+        estimator.estimate(lambda: torch.nn.functional.cross_entropy(model(x), y))
+        optimizer.step()
+    assert model[2].weight.abs().max() > 0
+    quantized = model[2].weight_quantizer(model[2].weight)
+    assert quantized.abs().max() > 0  # some weights changed level: the layer now computes
+
+
+def test_largest_weight_under_max_rule_gets_a_gradient():
+    """alpha_init="max" puts the largest weight at x = Q_p exactly, the top of the range."""
+    levels = level_set(2)
+    weight = torch.tensor([[-0.3, 0.1, 0.7, 0.25]], requires_grad=True)
+    quantizer = WeightQuantizer(weight.detach(), levels, smoothing_for("identity"), alpha_init="max")
+    assert (weight.detach() / quantizer.alpha).max().item() == 1.0
+    quantizer(weight).sum().backward()
+    assert weight.grad[0, 2].item() == 1.0

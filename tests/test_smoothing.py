@@ -88,3 +88,77 @@ def test_smoothing_rejects_bad_values():
         Smoothing("uniform", -0.5)
     with pytest.raises(ValueError, match="nope"):
         fogzo.smoothing_for("nope")
+
+
+# ------------------------------------------------ edges: integer and half-integer x
+
+_LOGISTIC_SCALE = math.sqrt(3.0) / math.pi
+
+
+def _unit_cdf(law, u):
+    """CDF of the unit-variance noise laws, in closed form (independent of ``NoiseLaw``)."""
+    if law == "uniform":
+        return ((u + math.sqrt(3.0)) / (2 * math.sqrt(3.0))).clamp(0.0, 1.0)
+    if law == "logistic":
+        return torch.sigmoid(u / _LOGISTIC_SCALE)
+    if law == "triangular":
+        r = math.sqrt(6.0)
+        low = (u + r).clamp(min=0.0).square() / 12
+        high = 1 - (r - u).clamp(min=0.0).square() / 12
+        return torch.where(u < 0, low, high).clamp(0.0, 1.0)
+    if law == "gaussian":
+        return 0.5 * (1 + torch.erf(u / math.sqrt(2.0)))
+    raise AssertionError(law)
+
+
+def _smoothed_quantizer(smoothing, levels, x):
+    """``E[h(x + ε̄u)] = h(−∞) + Σ_k J·P(ε̄u ≥ t_k − x)`` in closed form."""
+    thresholds = levels.first_threshold + torch.arange(levels.num_thresholds, dtype=torch.float64)
+    above = 1 - _unit_cdf(smoothing.noise, (thresholds[:, None] - x[None, :]) / smoothing.eps_bar)
+    return -1.0 + 2 * above.sum(0) if levels.is_sign else levels.low + above.sum(0)
+
+
+@pytest.mark.parametrize("ste", sorted(STE_KINDS))
+@pytest.mark.parametrize("bits", [1, "ternary", 2, 4])
+def test_slope_at_whole_and_half_points_is_the_left_derivative_of_the_smoothed_quantizer(ste, bits):
+    """At x = k and k + ½ (ramp edges of the uniform STEs, the zero-initialised weight x = 0,
+    the largest weight x = Q_p under alpha_init="max") the slope is the one-sided derivative
+    of E[h(x + ε̄u)] from the left: noise support [−a, a), each edge counted once."""
+    smoothing = smoothing_for(ste)
+    levels = level_set(bits)
+    x = torch.arange(levels.low - 3, levels.high + 3.5, 0.5, dtype=torch.float64)
+    delta = 1e-6  # uniform: h_s is linear on [x − δ, x] (its kinks are at multiples of ½), so exact
+    left = (_smoothed_quantizer(smoothing, levels, x) - _smoothed_quantizer(smoothing, levels, x - delta)) / delta
+    # Truncation error ≤ δ·max|p'|/2 < 1e-6 for the smooth laws; rounding ≈ 1e-16/δ.
+    torch.testing.assert_close(_slope(smoothing, levels, x), left, atol=1e-5, rtol=0)
+    # The same in float32 (the dtype of weights): the edge decisions do not depend on rounding.
+    torch.testing.assert_close(_slope(smoothing, levels, x.float()).double(), left, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("ste", sorted(STE_KINDS))
+@pytest.mark.parametrize("bits", [1, "ternary", 2, 4])
+def test_slope_integrates_to_the_jumps(ste, bits):
+    smoothing = smoothing_for(ste)
+    levels = level_set(bits)
+    reach = smoothing.reach() + 1
+    step = 1e-4
+    grid = torch.arange(levels.first_threshold - reach, levels.first_threshold + levels.num_thresholds + reach, step,
+                        dtype=torch.float64)
+    total = torch.trapezoid(_slope(smoothing, levels, grid), grid).item()
+    # Each jump of the slope (at most 2 per threshold) costs the trapezoid rule ≤ step·max slope.
+    jumps = levels.jump * levels.num_thresholds
+    assert abs(total - jumps) < 2 * levels.num_thresholds * step * 2 + 1e-6, (total, jumps)
+
+
+@pytest.mark.parametrize("half_width", [0.3, 0.5, 1.0, 1.5])
+def test_uniform_slope_is_the_full_threshold_sum_on_the_edges(half_width):
+    """a ≤ ½ takes the indicator fast path, a > ½ the windowed sum; both equal the plain
+    sum Σ_k J·density(t_k − x) over every threshold, on a grid of edges t_k ± a."""
+    levels = level_set(3)
+    smoothing = Smoothing("uniform", half_width / math.sqrt(3.0))
+    assert smoothing.half_width == half_width
+    x = torch.arange(-6.0, 6.0, 0.1, dtype=torch.float64)
+    x = torch.cat([x, torch.arange(-6.0, 6.0, 0.5, dtype=torch.float64) + half_width % 0.5])
+    thresholds = levels.first_threshold + torch.arange(levels.num_thresholds, dtype=torch.float64)
+    full = smoothing.density(thresholds[:, None] - x[None, :]).sum(0)
+    torch.testing.assert_close(_slope(smoothing, levels, x), full, atol=1e-12, rtol=0)

@@ -117,6 +117,7 @@ def quantize(
             learned=config.step_size == "lsq",
             per_channel=config.per_channel,
             alpha_init=config.alpha_init,
+            name=name,
         ).to(module.weight.device)
         input_quantizer = None
         if config.activation_bits is not None and not isinstance(module, nn.Embedding):

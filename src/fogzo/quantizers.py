@@ -17,7 +17,9 @@ level).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -158,7 +160,12 @@ def fake_quantize(
 
 
 def initial_step_size(
-    weight: torch.Tensor, levels: LevelSet, rule: str = "lsq", per_channel: bool = False
+    weight: torch.Tensor,
+    levels: LevelSet,
+    rule: str = "lsq",
+    per_channel: bool = False,
+    *,
+    name: str | None = None,
 ) -> torch.Tensor:
     """A step size ``α`` from weight statistics (per tensor, or per slice along dim 0).
 
@@ -166,6 +173,11 @@ def initial_step_size(
     * ``"lsq"``: ``2·mean|W| / √Q_p`` (the LSQ initialisation);
     * ``"mse"``: ``argmin_α ‖α·h(W/α) − W‖²`` over a grid of 100 candidates in
       ``(0, max|W|/Q_p]`` (closed form ``mean|W|`` for sign).
+
+    A tensor (or, per channel, a slice) whose weights are all zero, e.g. a zero-initialised
+    residual branch, has no scale to measure: it gets ``α = 1/(√fan_in·Q_p)`` instead, the
+    ``"max"`` rule applied to the range ``±1/√fan_in`` of PyTorch's default initialisation
+    of Linear and Conv layers (``fan_in = numel / shape[0]``), with a warning naming ``name``.
     Returns a tensor of shape ``()`` or ``(C, 1, …, 1)``.
     """
     if rule not in ALPHA_INITS:
@@ -189,7 +201,18 @@ def initial_step_size(
             better = error < best_error
             best_error = torch.where(better, error, best_error)
             alpha = torch.where(better, candidate[:, 0], alpha)
-    alpha = alpha.clamp_min(_MIN_STEP)
+    fan_in = max(w[0].numel(), 1) if w.dim() > 1 else 1
+    fallback = 1.0 / (math.sqrt(fan_in) * levels.top_level)
+    empty = magnitude.amax(dim=1) == 0
+    if not w.is_meta and bool(empty.any()):
+        where = f"{int(empty.sum())} of {empty.numel()} channels" if per_channel else "all weights"
+        warnings.warn(
+            f"{name or 'weight'}: {where} are zero, so alpha_init={rule!r} has no scale to measure; "
+            f"using alpha = 1/(sqrt(fan_in)*Q_p) = {fallback:.4g} there (fan_in {fan_in}, Q_p {levels.top_level}). "
+            "Initialise the weights first, or set the weight quantizer's alpha yourself",
+            stacklevel=3,
+        )
+    alpha = torch.where(empty, torch.full_like(alpha, fallback), alpha).clamp_min(_MIN_STEP)
     if per_channel:
         return alpha.reshape(-1, *([1] * (weight.dim() - 1))).to(weight.dtype)
     return alpha.reshape(()).to(weight.dtype)
@@ -212,12 +235,13 @@ class WeightQuantizer(nn.Module):
         learned: bool = False,
         per_channel: bool = False,
         alpha_init: str = "lsq",
+        name: str | None = None,
     ) -> None:
         super().__init__()
         self.levels = levels
         self.smoothing = smoothing
         self.per_channel = per_channel
-        alpha = initial_step_size(weight, levels, alpha_init, per_channel)
+        alpha = initial_step_size(weight, levels, alpha_init, per_channel, name=name)
         if learned:
             self.alpha = nn.Parameter(alpha)
         else:

@@ -53,7 +53,8 @@ class NoiseLaw:
     def pdf(self, u: torch.Tensor) -> torch.Tensor:
         """Density of the unit-variance law at ``u``."""
         if self.name == "uniform":
-            return (u.abs() <= _SQRT3).to(u.dtype) / (2 * _SQRT3)
+            # Half-open support [−√3, √3), as drawn by fill_: adjacent edges never both count.
+            return ((u >= -_SQRT3) & (u < _SQRT3)).to(u.dtype) / (2 * _SQRT3)
         if self.name == "logistic":
             z = u / (2 * _LOGISTIC_SCALE)
             return 1.0 / (4 * _LOGISTIC_SCALE * torch.cosh(z).square())
@@ -147,8 +148,20 @@ class Smoothing:
     def law(self) -> NoiseLaw:
         return NOISE_LAWS[self.noise]
 
+    @property
+    def half_width(self) -> float:
+        """``a = ε̄·support``: the scaled noise lives in ``[−a, a)`` (``inf`` if unbounded)."""
+        return self.law.support * self.eps_bar
+
     def density(self, z: torch.Tensor) -> torch.Tensor:
-        """Density of the scaled noise ``ε̄u`` at ``z``: ``p(z/ε̄)/ε̄``."""
+        """Density of the scaled noise ``ε̄u`` at ``z``: ``p(z/ε̄)/ε̄``.
+
+        Uniform noise: ``1/(2a)`` on the half-open ``[−a, a)``, compared in ``z`` itself
+        (``z/ε̄`` against ``√3`` would put the edges at the mercy of rounding).
+        """
+        if self.noise == "uniform":
+            a = self.half_width
+            return ((z >= -a) & (z < a)).to(z.dtype) / (2 * a)
         return self.law.pdf(z / self.eps_bar) / self.eps_bar
 
     def sample(
@@ -176,15 +189,31 @@ class Smoothing:
 
         Only the thresholds within :meth:`reach` of ``x`` are summed, so the cost is
         O(reach) element-wise passes, independent of the number of levels.
+
+        Edges of uniform noise: a threshold counts when ``t_k − x ∈ [−a, a)`` (the support
+        of the sampled noise, ``a = ε̄√3``), so the slope is the derivative of the smoothed
+        quantizer ``E[h(x + ε̄u)]`` *from the left* everywhere, kinks included. Where two
+        ramps meet (thresholds ``2a`` apart, e.g. x = 0 with the identity STE) exactly one
+        counts and the slope is 1, not 0 or 2; at the top of the range (x = Q_p, the largest
+        weight under ``alpha_init="max"``) the slope is the inner one, 1, so that weight
+        can move; at x = low, the bottom of the range, it is 0 (slope 1 only above it).
         """
+        if self.noise == "uniform" and self.half_width <= 0.5:
+            # At most one threshold lies in [x − a, x + a): an indicator, the fast path.
+            a = self.half_width
+            height = jump / (2 * a)
+            if a == 0.5:
+                # The ramps (t_k − a, t_k + a] tile (first − ½, last + ½]: the clipped
+                # identity STE (the default), two comparisons and exact at every edge.
+                last_threshold = first_threshold + num_thresholds - 1
+                inside = (x > first_threshold - a) & (x <= last_threshold + a)
+                return inside.to(x.dtype) * height
+            # Gaps between the ramps: the candidate is the lowest threshold ≥ x − a.
+            index = (x - (first_threshold + a)).ceil_().clamp_(0, num_thresholds - 1)
+            offset = index.add_(first_threshold).sub_(x)  # t − x for that threshold
+            inside = (offset >= -a) & (offset < a)
+            return inside.to(x.dtype) * height
         last_threshold = first_threshold + num_thresholds - 1
-        if self.noise == "uniform" and self.law.support * self.eps_bar <= 0.5:
-            # At most one threshold lies inside the noise support: an indicator (the
-            # clipped identity STE when ε̄√3 = ½). Cheap fast path for the default STE.
-            half_width = self.law.support * self.eps_bar
-            nearest = (x - first_threshold).round_().clamp_(0, num_thresholds - 1) + first_threshold
-            inside = (nearest - x).abs_() < half_width
-            return inside.to(x.dtype) * (jump / (2 * half_width))
         radius = math.ceil(self.reach()) + 1
         base = torch.floor(x - first_threshold) + first_threshold  # threshold just below x
         slope = torch.zeros_like(x)
