@@ -16,7 +16,9 @@ built once, in the STE gradient's buffer, and ``G_W = d·(c·ε̄·v)/(ε̄·c²
 noise draw per step). For n > 1 nothing is stored per sample: the guided part of ``G_W`` is
 ``[(1/n) Σ_i d_i·√β·s_i·r/‖g_x‖]·g_W`` (the ``c`` cancels) and the noise part
 ``(1/n) Σ_i d_i·√(1−β)·u_i / c`` regenerates ``u_i`` from its seed (see
-:class:`~fogzo.estimators.base.ZerothOrderMeasurement`).
+:class:`~fogzo.estimators.base.ZerothOrderMeasurement`). The shifted weights exist one at a
+time, around the forward that reads each; a weight read outside every module's forward
+(e.g. in the closure) is shifted for the whole pass (:meth:`PerturbedSet.swapped`).
 
 β = 0 is n-SPSA with the STE's noise law; β = 1 gives ``G = (directional derivative along
 ĝ)·ĝ``. Cost: 1 forward + 1 backward + 2n forwards (n forwards one-sided).
