@@ -329,28 +329,140 @@ class _Trap(nn.Module):
         self.gain = nn.Parameter(torch.ones(4))
 
     def forward(self, h):
-        original = self._parameters["gain"] is self.gain_reference
-        return h * self.gain if original else h * float("inf")
+        original = type(self.gain) is nn.Parameter  # a perturbed pass puts a plain tensor there
+        return h * self.gain if original else h * self.gain * float("inf")
 
 
-def test_nonfinite_perturbed_loss_raises_or_skips_and_leaves_weights_untouched():
+def _snapshot(model, estimator):
+    """Parameters, buffers, .grad, the estimator's state and the global RNG."""
+    grads = {name: None if p.grad is None else p.grad.clone() for name, p in model.named_parameters()}
+    return _state(model), grads, estimator.state_dict(), torch.get_rng_state()
+
+
+def _assert_unchanged(model, estimator, snapshot):
+    state, grads, estimator_state, rng = snapshot
+    for key, value in _state(model).items():
+        assert torch.equal(value, state[key]), key
+    for name, p in model.named_parameters():
+        if grads[name] is None:
+            assert p.grad is None, name
+        else:
+            assert p.grad is not None and torch.equal(p.grad, grads[name]), name
+    assert estimator.state_dict() == estimator_state
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def _with_old_gradients(model, *names):
+    """Gradients from an earlier micro-batch on some parameters (others None)."""
+    generator = torch.Generator().manual_seed(9)
+    for name, p in model.named_parameters():
+        p.grad = torch.randn(p.shape, generator=generator) if name in names else None
+
+
+def test_nonfinite_perturbed_loss_raises_or_skips_and_leaves_everything_untouched():
     x, y = _batch()
     model = nn.Sequential(_mlp(), _Trap())
-    model[1].gain_reference = model[1].gain
-    before = _state(model)
-    estimator = fogzo.FOGZO(model, total_steps=10, perturb="all")
-    with pytest.raises(FloatingPointError, match="non-finite"):
+    model[1].__dict__["gain_reference"] = model[1].gain  # a plain attribute, not a second owner
+    _with_old_gradients(model, "0.0.weight", "0.2.bias")
+    for on_nonfinite in ("raise", "skip"):
+        estimator = fogzo.FOGZO(model, total_steps=10, perturb="all", on_nonfinite=on_nonfinite)
+        snapshot = _snapshot(model, estimator)
+        if on_nonfinite == "raise":
+            with pytest.raises(FloatingPointError, match="non-finite loss in a perturbed forward pass.*unperturbed L"):
+                estimator.estimate(lambda: F.cross_entropy(model(x), y))
+            _assert_unchanged(model, estimator, snapshot)
+        else:
+            info = estimator.estimate(lambda: F.cross_entropy(model(x), y))
+            assert info.skipped and info.skip_reason == "perturbed_loss"
+            assert estimator.state_dict()["step"] == 1  # the next step draws new noise
+            estimator.load_state_dict(snapshot[2])
+            _assert_unchanged(model, estimator, snapshot)  # .grad: only the old gradients
+        assert model[1]._parameters["gain"] is model[1].gain_reference
+
+
+class _NaNAbove(nn.Module):
+    """Returns NaN for inputs whose norm exceeds ``limit`` (a diverging model)."""
+
+    def __init__(self, limit):
+        super().__init__()
+        self.limit = limit
+
+    def forward(self, h):
+        return h * float("nan") if h.norm() > self.limit else h
+
+
+@pytest.mark.parametrize("make, reason", [
+    (lambda m, s: fogzo.FOGZO(m, total_steps=10, on_nonfinite=s), "loss"),
+    (lambda m, s: fogzo.FOGZO(m, total_steps=10, ste_fraction=0.5, on_nonfinite=s), "loss"),
+    (lambda m, s: fogzo.SPSA(m, n=2, on_nonfinite=s), "loss"),
+])
+def test_nonfinite_unperturbed_loss_is_reported_as_such_and_a_skip_leaves_no_gradient(make, reason):
+    x, y = _batch()
+    model = nn.Sequential(_net(), _NaNAbove(0.0))  # every pass is NaN, the STE pass first
+    _with_old_gradients(model, "0.fc1.weight", "0.norm.weight")
+    estimator = make(model, "raise")
+    snapshot = _snapshot(model, estimator)
+    with pytest.raises(FloatingPointError, match=r"unperturbed .*forward pass.*L\(W\) = nan"):
         estimator.estimate(lambda: F.cross_entropy(model(x), y))
-    assert all(torch.equal(before[k], v) for k, v in _state(model).items())
-    assert model[1]._parameters["gain"] is model[1].gain_reference
-    model.zero_grad(set_to_none=True)
-    F.cross_entropy(model(x), y).backward()
-    ste = _grads(model)
-    model.zero_grad(set_to_none=True)
-    skipping = fogzo.FOGZO(model, total_steps=10, perturb="all", on_nonfinite="skip")
-    info = skipping.estimate(lambda: F.cross_entropy(model(x), y))
-    assert info.skipped
-    assert all(torch.equal(ste[k], v) for k, v in _grads(model).items())
+    _assert_unchanged(model, estimator, snapshot)
+    estimator = make(model, "skip")
+    snapshot = _snapshot(model, estimator)
+    info = estimator.estimate(lambda: F.cross_entropy(model(x), y))
+    assert info.skipped and info.skip_reason == reason
+    estimator.load_state_dict(snapshot[2])
+    _assert_unchanged(model, estimator, snapshot)
+    # An optimizer step after the skipped step applies only the old gradients: no NaN.
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+class _Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("error", [_Interrupt, KeyboardInterrupt])
+@pytest.mark.parametrize("make, fail_at", [
+    (lambda m: fogzo.STE(m), 1),
+    (lambda m: fogzo.FOGZO(m, total_steps=5, n=2, beta=0.5), 1),
+    (lambda m: fogzo.FOGZO(m, total_steps=5, n=2, beta=0.5), 3),
+    (lambda m: fogzo.FOGZO(m, total_steps=5, beta=0.5, perturb="all"), 3),
+    (lambda m: fogzo.SPSA(m, n=2, perturb="all"), 2),
+])
+def test_an_exception_inside_estimate_changes_nothing(make, fail_at, error):
+    """Failing in the STE pass or a perturbed pass (after the STE gradient, the shift and
+    BatchNorm statistics were computed): parameters, buffers, .grad, the step counter and
+    the global RNG are as before, and the next call gives what the failed one would have."""
+    x, y = _batch()
+    model = _net()
+    _with_old_gradients(model, "fc1.weight", "norm.bias")
+    estimator = make(model)
+    estimator.load_state_dict({"seed": 0, "step": 1})
+    calls = []
+
+    def failing():
+        calls.append(1)
+        loss = F.cross_entropy(model(x), y)
+        if len(calls) == fail_at:
+            raise error("stop")
+        return loss
+
+    torch.manual_seed(5)
+    snapshot = _snapshot(model, estimator)
+    with pytest.raises(error):
+        estimator.estimate(failing)
+    _assert_unchanged(model, estimator, snapshot)
+    estimator.estimate(lambda: F.cross_entropy(model(x), y))
+    result = _grads(model), _state(model)
+    reference = _net()
+    _with_old_gradients(reference, "fc1.weight", "norm.bias")
+    reference_estimator = make(reference)
+    reference_estimator.load_state_dict({"seed": 0, "step": 1})
+    torch.manual_seed(5)
+    reference_estimator.estimate(lambda: F.cross_entropy(reference(x), y))
+    for name, value in _grads(reference).items():
+        assert torch.equal(result[0][name], value), name
+    for key, value in _state(reference).items():
+        assert torch.equal(result[1][key], value), key
 
 
 # ------------------------------------------------------------------- training
@@ -530,3 +642,213 @@ def test_block_noise_of_any_range_is_the_slice_of_the_whole(law, monkeypatch):
     assert not torch.equal(whole, other)
     with pytest.raises(ValueError, match="outside"):
         perturbation.block_noise(smoothing, key, (10,), torch.device("cpu"), torch.float32, 475, 481)
+
+
+# ------------------------------------------- weights read outside their owner's forward
+
+
+def _explicit_difference(estimator, closure, sample=0):
+    """(L(W + c·ε̄·u) − L(W − c·ε̄·u)) / 2ε̄ with the weights written in place (SPSA, n = 1)."""
+    perturbed = estimator.perturbed
+    eps_bar = perturbed.smoothing.eps_bar
+    step_seed = estimator.counter.step_seed()
+    originals = [entry.param.detach().clone() for entry in perturbed.tensors]
+    shifts = [entry.coordinate_scale(eps_bar) * eps_bar * perturbed.noise(entry, step_seed, sample)
+              for entry in perturbed.tensors]
+
+    def loss_at(sign):
+        with torch.no_grad():
+            for entry, original, shift in zip(perturbed.tensors, originals, shifts):
+                entry.param.copy_(original + sign * shift)
+            value = closure().item()
+            for entry, original in zip(perturbed.tensors, originals):
+                entry.param.copy_(original)
+        return value
+
+    return (loss_at(1.0) - loss_at(-1.0)) / (2 * eps_bar)
+
+
+def _check_spsa_against_explicit(model, closure, steps=2, **kwargs):
+    """Every step's finite difference equals the explicit one (first step: checked pass)."""
+    estimator = fogzo.SPSA(model, n=1, seed=3, **kwargs)
+    for _ in range(steps):
+        expected = _explicit_difference(estimator, closure)
+        model.zero_grad(set_to_none=True)
+        info = estimator.estimate(closure)
+        assert expected != 0.0
+        assert info.differences[0] == pytest.approx(expected, rel=1e-3, abs=1e-6)
+    return estimator
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_attention_output_projection_is_perturbed(mode):
+    """nn.MultiheadAttention reads out_proj.weight in its own forward (and in eval mode
+    torch's fused kernels read every weight of the layer directly)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True))
+    getattr(model, mode)()
+    x = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(1))
+    target = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(2))
+
+    def closure():
+        return F.mse_loss(model(x), target)
+
+    weight = model[0].self_attn.out_proj.weight
+    estimator = _check_spsa_against_explicit(model, closure, perturb=[weight], eps=1e-2)
+    assert weight.grad is not None and weight.grad.abs().max() > 0
+    assert not estimator.perturbed._plan.needs_check()  # checked once, then off
+
+
+def test_quantized_attention_weights_are_perturbed_with_their_own_step_size():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True))
+    fogzo.quantize(model, fogzo.QuantConfig(bits=2))
+    attention = model[0].self_attn
+    x = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(1))
+    target = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(2))
+
+    def closure():
+        return F.mse_loss(model(x), target)
+
+    estimator = _check_spsa_against_explicit(model, closure)
+    entries = {entry.name: entry for entry in estimator.perturbed.tensors}
+    assert sorted(entries) == ["0.linear1.weight", "0.linear2.weight", "0.self_attn.in_proj_weight",
+                               "0.self_attn.out_proj.weight"]
+    eps_bar = estimator.perturbed.smoothing.eps_bar
+    scale = entries["0.self_attn.in_proj_weight"].coordinate_scale(eps_bar)
+    assert torch.equal(scale, attention.weight_quantizers["in_proj_weight"].alpha)
+    assert torch.equal(entries["0.self_attn.out_proj.weight"].coordinate_scale(eps_bar),
+                       attention.out_proj.weight_quantizer.alpha)
+    model.zero_grad(set_to_none=True)
+    info = fogzo.FOGZO(model, total_steps=10, beta=0.5, seed=1).estimate(closure)
+    assert info.zero_differences == 0
+    assert attention.in_proj_weight.grad.abs().max() > 0 and attention.out_proj.weight.grad.abs().max() > 0
+
+
+class _ParentReadsChild(nn.Module):
+    """A parent computing with its child's weight (``F.linear(x, child.weight)``), a weight
+    tied between an embedding and an output layer, and a tied head read by the parent."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 8)
+        self.child = nn.Linear(8, 8)
+        self.out = nn.Linear(8, 10, bias=False)
+        self.out.weight = self.embed.weight  # tied: two owners of one Parameter
+
+    def forward(self, tokens):
+        h = torch.tanh(F.linear(self.embed(tokens), self.child.weight, self.child.bias))
+        return self.out(h) + F.linear(h, self.embed.weight)  # the tied weight, read by the parent too
+
+
+@pytest.mark.parametrize("vectorize", [None, 2])
+def test_weights_read_by_a_parent_and_tied_weights_are_perturbed(vectorize):
+    torch.manual_seed(0)
+    model = _ParentReadsChild()
+    tokens = torch.randint(0, 10, (4, 6), generator=torch.Generator().manual_seed(1))
+
+    def closure():
+        return F.cross_entropy(model(tokens).flatten(0, 1), tokens.flatten())
+
+    estimator = _check_spsa_against_explicit(model, closure, perturb="all", eps=1e-2, vectorize=vectorize)
+    plan = estimator.perturbed._plan
+    scopes = {entry.name: plan.scopes[entry.index] for entry in estimator.perturbed.tensors}
+    assert scopes["child.weight"] == [model.child, model]  # widened to the parent, not eager
+    assert scopes["embed.weight"] == [model.embed, model.out, model]
+
+
+def test_weight_read_in_the_closure_is_perturbed_for_the_whole_pass():
+    model = _mlp()
+    x, y = _batch()
+
+    def closure():  # a weight penalty outside every module's forward
+        return F.cross_entropy(model(x), y) + 0.1 * model[0].weight.square().sum()
+
+    estimator = _check_spsa_against_explicit(model, closure)
+    assert estimator.perturbed._plan.scopes[0] is None  # eager
+    assert estimator.perturbed._plan.scopes[1] == [model[2]]
+
+
+def test_unread_perturbed_tensor_raises_naming_it():
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"used": nn.Linear(4, 2), "unused": nn.Linear(4, 2)})
+    x = torch.randn(5, 4)
+    estimator = fogzo.SPSA(model, perturb="all")
+    with pytest.raises(ValueError, match=r"\['unused.weight', 'unused.bias'\] were not read"):
+        estimator.estimate(lambda: model["used"](x).square().mean())
+
+
+def test_weight_used_through_a_captured_reference_raises():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 2))
+    weight = model[0].weight
+    x = torch.randn(5, 4)
+    estimator = fogzo.SPSA(model, perturb=[weight])
+    with pytest.raises(ValueError, match="'0.weight'.*reference held outside"):
+        estimator.estimate(lambda: F.linear(x, weight).square().mean())
+
+
+def test_steady_state_passes_run_without_the_read_check(monkeypatch):
+    from fogzo.estimators import perturbation
+
+    model = _mlp()
+    x, y = _batch()
+    estimator = fogzo.FOGZO(model, total_steps=10, n=2, beta=0.5)
+    calls = []
+    original = perturbation._ReadCheck.__torch_function__
+    monkeypatch.setattr(perturbation._ReadCheck, "__torch_function__",
+                        lambda self, *args, **kwargs: calls.append(1) or original(self, *args, **kwargs))
+    estimator.estimate(lambda: F.cross_entropy(model(x), y))
+    assert calls  # the first perturbed pass was checked
+    calls.clear()
+    for _ in range(2):
+        estimator.estimate(lambda: F.cross_entropy(model(x), y))
+    assert not calls
+    model.eval()  # another mode may take other code paths: checked again
+    estimator.estimate(lambda: F.cross_entropy(model(x), y))
+    assert calls
+
+
+# ------------------------------------------------------------------ frozen weights
+
+
+@pytest.mark.parametrize("make", [
+    lambda m: fogzo.FOGZO(m, total_steps=10, beta=0.5),
+    lambda m: fogzo.FOGZO(m, total_steps=10, beta=0.5, perturb="all"),
+    lambda m: fogzo.SPSA(m, n=2),
+])
+def test_frozen_quantized_weight_is_neither_perturbed_nor_trained(make):
+    model = _mlp()
+    x, y = _batch()
+    model[0].weight.requires_grad_(False)
+    frozen = model[0].weight.detach().clone()
+    estimator = make(model)
+    assert "0.weight" not in [entry.name for entry in estimator.perturbed.tensors]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(2):
+        optimizer.zero_grad(set_to_none=True)
+        estimator.estimate(lambda: F.cross_entropy(model(x), y))
+        assert model[0].weight.grad is None
+        optimizer.step()
+    assert torch.equal(model[0].weight, frozen)
+    assert not torch.equal(model[2].weight, _mlp()[2].weight)  # the rest trains
+
+
+def test_explicitly_perturbed_frozen_weight_raises():
+    model = _mlp()
+    model[0].weight.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"frozen.*\['0.weight'\]"):
+        fogzo.SPSA(model, perturb=[model[0].weight, model[2].weight])
+    model[2].weight.requires_grad_(False)
+    with pytest.raises(ValueError, match="nothing to perturb.*frozen"):
+        fogzo.FOGZO(model, total_steps=10)
+
+
+def test_weight_frozen_after_the_estimator_was_built_raises():
+    model = _mlp()
+    x, y = _batch()
+    estimator = fogzo.FOGZO(model, total_steps=10)
+    model[0].weight.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"\['0.weight'\] were frozen"):
+        estimator.estimate(lambda: F.cross_entropy(model(x), y))
+    assert model[0].weight.grad is None

@@ -1,6 +1,7 @@
 """Quantizers: levels, STE gradients equal the surrogate rule, LSQ step-size gradient."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -126,16 +127,17 @@ def test_activation_quantizer_initialises_from_first_batch_and_learns():
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_all_zero_weights_warn_and_get_a_usable_step_size(per_channel):
     weight = torch.zeros(6, 5)
-    if per_channel:
-        weight[0] = torch.linspace(-1.0, 1.0, 5)  # one live row: only the others fall back
-    with pytest.warns(UserWarning, match="layer7.*zero"):
+    with pytest.warns(UserWarning, match="layer7: all weights are zero"):
         alpha = initial_step_size(weight, level_set(2), "lsq", per_channel, name="layer7")
     fallback = 1 / (math.sqrt(5) * 1)  # 1/(√fan_in·Q_p), Q_p = 1 for 2 bits
-    if per_channel:
-        assert alpha[0, 0].item() == pytest.approx(2 * weight[0].abs().mean().item())
-        torch.testing.assert_close(alpha[1:], torch.full((5, 1), fallback))
-    else:
-        assert alpha.item() == pytest.approx(fallback)
+    torch.testing.assert_close(alpha, torch.full((6, 1) if per_channel else (), fallback))
+    if per_channel:  # one zero row (an embedding's padding row): that row falls back, silently
+        weight[1:] = torch.linspace(-1.0, 1.0, 25).reshape(5, 5)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            alpha = initial_step_size(weight, level_set(2), "lsq", per_channel, name="layer7")
+        assert alpha[0, 0].item() == pytest.approx(fallback)
+        torch.testing.assert_close(alpha[1:, 0], 2 * weight[1:].abs().mean(1))
 
 
 def test_zero_initialised_layer_moves_under_ste_training():

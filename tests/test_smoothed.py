@@ -295,3 +295,43 @@ def test_failure_leaves_gradients_and_step_as_they_were():
     for name, p in model.named_parameters():
         if name in ("0.weight", "4.weight"):
             assert torch.equal(p.grad, torch.ones_like(p)), name
+
+
+class _ParentReadsChild(nn.Module):
+    """A parent that runs its child's weight itself: the child's forward never runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(5, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(F.linear(x, self.inner.quantized_weight(), self.inner.bias)))
+
+
+@pytest.mark.parametrize("make", ["attention", "parent"])
+def test_weights_read_outside_their_layer_fall_back_to_full_forwards(make):
+    torch.manual_seed(0)
+    if make == "attention":
+        model = nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16, dropout=0.0, batch_first=True)
+        x, target = torch.randn(3, 4, 8), torch.randn(3, 4, 8)
+        loss_of = lambda: (model(x) - target).square().mean()  # (a plain mean square is ~1 after LayerNorm)
+    else:
+        model = _ParentReadsChild()
+        x = torch.randn(6, 5)
+        loss_of = lambda: model(x).square().mean()
+    fogzo.quantize(model, fogzo.QuantConfig(bits=2))
+    fast = fogzo.SmoothedGradient(model, seed=3)
+    generic = fogzo.SmoothedGradient(model, seed=3, fast=False)
+    info = fast.estimate(loss_of)
+    fast_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    generic.estimate(loss_of)
+    # The same moves evaluated by differently batched float32 forwards: each loss carries a
+    # few ulps of |L|, and G_W = (difference of two losses)/α.
+    smallest_alpha = min(float(w.quantizer.coordinate_scale().min()) for w in fast.perturbed.tensors)
+    atol = 8 * 2.0**-24 * abs(info.loss) / smallest_alpha
+    for p, g in zip(model.parameters(), fast_grads):
+        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=atol)
+    assert fast._engine is not None and fast._engine.slow  # the check caught the outside read
+    assert any(p.grad.abs().sum() > 0 for name, p in model.named_parameters() if "out_proj.weight" in name or "inner.weight" in name)

@@ -12,11 +12,11 @@ Quick start::
         optimizer.step()
 """
 
-from .convert import QuantConfig, full_precision, quantize, quantized_layers
-from .estimators import FOGZO, SPSA, STE, EstimateInfo, Estimator, PerturbedSet, SmoothedGradient, constant_beta, linear_beta
+from .convert import QuantConfig, QuantizationReport, full_precision, quantization_report, quantize, quantized_layers
 from .diagnostics import Diagnosis, LayerDiagnosis, diagnose
+from .estimators import FOGZO, SPSA, STE, EstimateInfo, Estimator, PerturbedSet, SmoothedGradient, constant_beta, linear_beta
 from .export import ExportedModel, QuantizedWeight, export, pack_codes, rebuild_float_model, unpack_codes
-from .layers import QuantConv1d, QuantConv2d, QuantEmbedding, QuantizedLayer, QuantLinear
+from .layers import QuantConv1d, QuantConv2d, QuantEmbedding, QuantizedLayer, QuantLinear, QuantMultiheadAttention
 from .quantizers import ActivationQuantizer, LevelSet, WeightQuantizer, fake_quantize, level_set
 from .smoothing import NOISE_LAWS, STE_KINDS, NoiseLaw, Smoothing, smoothing_for
 
@@ -42,6 +42,8 @@ __all__ = [
     "QuantConv2d",
     "QuantEmbedding",
     "QuantLinear",
+    "QuantMultiheadAttention",
+    "QuantizationReport",
     "QuantizedLayer",
     "QuantizedWeight",
     "Smoothing",
@@ -55,6 +57,7 @@ __all__ = [
     "level_set",
     "linear_beta",
     "pack_codes",
+    "quantization_report",
     "quantize",
     "quantized_layers",
     "rebuild_float_model",

@@ -1,19 +1,29 @@
-"""Model conversion: ``quantize(model, config)`` swaps layers in place; ``full_precision``."""
+"""Model conversion: ``quantize(model, config)`` swaps layers in place; ``full_precision``;
+``quantization_report``."""
 
 from __future__ import annotations
 
 import contextlib
 import fnmatch
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from torch import nn
 
-from .layers import QuantConv1d, QuantConv2d, QuantEmbedding, QuantizedLayer, QuantLinear
+from .layers import QuantConv1d, QuantConv2d, QuantEmbedding, QuantizedLayer, QuantLinear, QuantMultiheadAttention
 from .quantizers import ALPHA_INITS, ActivationQuantizer, WeightQuantizer, level_set
 from .smoothing import NOISE_LAWS, STE_KINDS, Smoothing, smoothing_for
 
-__all__ = ["QuantConfig", "full_precision", "quantize", "quantized_layers"]
+__all__ = [
+    "QuantConfig",
+    "QuantizationReport",
+    "ReportEntry",
+    "full_precision",
+    "quantization_report",
+    "quantize",
+    "quantized_layers",
+]
 
 _SWAPS: dict[type[nn.Module], type[QuantizedLayer]] = {
     nn.Linear: QuantLinear,
@@ -79,52 +89,280 @@ def quantize(
     skip: Sequence[str] = (),
     skip_first_last: bool = False,
 ) -> nn.Module:
-    """Swap every ``nn.Linear``/``Conv1d``/``Conv2d``/``Embedding`` for its quantized twin.
+    """Swap every ``nn.Linear``/``Conv1d``/``Conv2d``/``Embedding``/``MultiheadAttention``
+    for its quantized twin.
 
     Works in place and returns ``model``. The original weights become the latent weights
     (same ``Parameter`` objects, so an optimizer built before or after sees the same
-    tensors). ``skip`` holds ``fnmatch`` patterns on module names (``"head"``,
-    ``"blocks.*.attn.*"``); ``skip_first_last`` leaves the first and the last quantizable
-    layer (in registration order) in full precision.
+    tensors). ``skip`` is a list of ``fnmatch`` patterns on module names (``["head"]``,
+    ``["blocks.*.attn"]``); a pattern that matches no quantizable layer warns.
+    ``skip_first_last`` leaves the first and the last quantizable layer (in registration
+    order) in full precision. An ``nn.MultiheadAttention`` is one layer: its input
+    projection and its ``out_proj`` are quantized (or skipped) together.
+
+    Exact types only: a subclass of ``nn.Linear`` etc. stays float (with a warning, as does
+    any other ``torch.nn`` layer with a weight matrix, e.g. ``nn.Conv3d``); normalization
+    layers and biases stay float by design. :func:`quantization_report` lists what was
+    converted and what was not.
+
+    torch's fused inference path of ``nn.TransformerEncoderLayer``
+    (``torch._transformer_encoder_layer_fwd``, taken in eval mode without autograd) reads
+    the latent weights directly; it is switched off for every encoder layer that contains a
+    quantized layer (and the nested-tensor path of its ``nn.TransformerEncoder``), so such a
+    model computes with quantized weights in eval mode too.
+
+    Quantizing is done once: a model that already holds quantized layers outside ``skip``
+    raises ``ValueError`` (the first configuration would silently stay). To quantize parts
+    of a model differently, call ``quantize`` on each part, or skip the quantized parts.
 
     Example::
 
         model = fogzo.quantize(model, fogzo.QuantConfig(bits=2), skip=["head"])
+        print(fogzo.quantization_report(model))
     """
+    if isinstance(skip, str):
+        raise TypeError(f"skip must be a list of fnmatch patterns, not the string {skip!r}: write skip=[{skip!r}]")
+    skip = list(skip)
+    bad = [pattern for pattern in skip if not isinstance(pattern, str)]
+    if bad:
+        raise TypeError(f"skip patterns must be strings, got {bad!r}")
     config = config or QuantConfig()
+    if not isinstance(config, QuantConfig):
+        raise TypeError(f"config must be a fogzo.QuantConfig, got {type(config).__name__}")
+
+    def skipped_by_pattern(name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in skip)
+
+    quantized_before = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, QuantizedLayer) and not _inside_quantized_attention(name, model)
+    ]
     candidates = [
         (name, module)
         for name, module in model.named_modules()
-        if type(module) in _SWAPS and name  # the root itself cannot be swapped in place
+        if _quantizable(module) and name  # the root itself cannot be swapped in place
     ]
-    if not candidates and type(model) in _SWAPS:
+    if not candidates and not quantized_before and _quantizable(model):
         raise ValueError("quantize() swaps submodules in place; wrap a bare layer in nn.Sequential")
-    skipped = {name for name, _ in candidates if any(fnmatch.fnmatchcase(name, p) for p in skip)}
+    kept = [name for name, _ in quantized_before if not skipped_by_pattern(name)]
+    if kept:
+        described = ", ".join(f"{name!r} ({_describe(layer)})" for name, layer in quantized_before[:3] if name in kept)
+        raise ValueError(
+            f"{len(kept)} layer(s) already quantized, e.g. {described}; quantize() does not re-configure "
+            "a quantized layer. Start from the float model, or pass skip= patterns that cover the quantized "
+            "layers to quantize only the others"
+        )
+    quantizable_names = [name for name, _ in candidates] + [name for name, _ in quantized_before]
+    for pattern in skip:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in quantizable_names):
+            examples = ", ".join(repr(name) for name in quantizable_names[:5]) or "none"
+            warnings.warn(
+                f"skip pattern {pattern!r} matches no quantizable layer of this model (names: {examples}"
+                f"{', ...' if len(quantizable_names) > 5 else ''}); it has no effect",
+                stacklevel=2,
+            )
+    skipped = {name for name, _ in candidates if skipped_by_pattern(name)}
     if skip_first_last and candidates:
         skipped |= {candidates[0][0], candidates[-1][0]}
     levels = level_set(config.bits)
     smoothing = config.smoothing
-    for name, module in candidates:
-        if name in skipped:
-            continue
-        if isinstance(module, nn.Embedding) and (module.max_norm is not None or module.sparse):
-            raise ValueError(f"{name}: Embedding with max_norm or sparse=True is not supported")
-        quantized = _swap_class(module)
-        weight_quantizer = WeightQuantizer(
-            module.weight,
+    attention_inputs = []
+
+    def weight_quantizer(weight: nn.Parameter, name: str) -> WeightQuantizer:
+        return WeightQuantizer(
+            weight,
             levels,
             smoothing,
             learned=config.step_size == "lsq",
             per_channel=config.per_channel,
             alpha_init=config.alpha_init,
             name=name,
-        ).to(module.weight.device)
+        ).to(weight.device)
+
+    for name, module in candidates:
+        if name in skipped:
+            continue
+        if isinstance(module, nn.MultiheadAttention):
+            projections = ["in_proj_weight"] if module._qkv_same_embed_dim else ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
+            quantizers = {p: weight_quantizer(module._parameters[p], f"{name}.{p}") for p in projections}  # type: ignore[arg-type]
+            out_proj = module.out_proj
+            out_proj.__class__ = QuantLinear
+            out_proj._attach(weight_quantizer(out_proj.weight, f"{name}.out_proj"), None)  # type: ignore[attr-defined]
+            module.__class__ = QuantMultiheadAttention
+            module._attach_projections(quantizers)  # type: ignore[attr-defined]
+            if config.activation_bits is not None:
+                attention_inputs.append(name)
+            continue
+        if isinstance(module, nn.Embedding) and (module.max_norm is not None or module.sparse):
+            raise ValueError(f"{name}: Embedding with max_norm or sparse=True is not supported")
+        quantized = _swap_class(module)
         input_quantizer = None
         if config.activation_bits is not None and not isinstance(module, nn.Embedding):
             input_quantizer = ActivationQuantizer(level_set(config.activation_bits), smoothing)
             input_quantizer.to(module.weight.device)
-        quantized._attach(weight_quantizer, input_quantizer)
+        quantized._attach(weight_quantizer(module.weight, name), input_quantizer)
+    if attention_inputs:
+        warnings.warn(
+            f"activation_bits: the inputs of nn.MultiheadAttention layers {attention_inputs[:3]} stay float "
+            "(their weights are quantized)",
+            stacklevel=2,
+        )
+    _disable_fused_transformer_paths(model)
+    skipped_prefixes = tuple(f"{name}." for name in skipped)
+    left = [
+        (name, module, reason)
+        for name, module, reason in _float_weight_layers(model)
+        if not name.startswith(skipped_prefixes) and not skipped_by_pattern(name)
+    ]
+    if left:
+        listed = ", ".join(f"{name or '(root)'!r} ({type(module).__name__}: {reason})" for name, module, reason in left[:4])
+        warnings.warn(
+            f"quantize() left {len(left)} layer(s) with weight matrices in float: {listed}"
+            f"{', ...' if len(left) > 4 else ''}. See fogzo.quantization_report(model)",
+            stacklevel=2,
+        )
     return model
+
+
+def _quantizable(module: nn.Module) -> bool:
+    return type(module) in _SWAPS or type(module) is nn.MultiheadAttention
+
+
+def _inside_quantized_attention(name: str, model: nn.Module) -> bool:
+    """True for the ``out_proj`` of a :class:`QuantMultiheadAttention` (part of that layer)."""
+    parent, _, leaf = name.rpartition(".")
+    if leaf != "out_proj":
+        return False
+    try:
+        return isinstance(model.get_submodule(parent), QuantMultiheadAttention)
+    except AttributeError:
+        return False
+
+
+def _describe(layer: QuantizedLayer) -> str:
+    """``int2, fixed per-tensor α`` for a quantized layer's first quantizer."""
+    quantizer = layer.quantized_weights()[0][1]
+    kind = "learned" if quantizer.learned else "fixed"
+    grain = "per-channel" if quantizer.per_channel else "per-tensor"
+    return f"{quantizer.levels.name}, {kind} {grain} α, {quantizer.smoothing.noise} ε̄={quantizer.smoothing.eps_bar:.4g}"
+
+
+def _disable_fused_transformer_paths(model: nn.Module) -> None:
+    """Keep torch's fused Transformer kernels from reading latent (float) weights.
+
+    ``nn.TransformerEncoderLayer.forward`` hands ``linear1.weight``, ``self_attn.in_proj_weight``
+    … straight to ``torch._transformer_encoder_layer_fwd`` in eval mode without autograd; it
+    takes that path only while ``activation_relu_or_gelu`` is set (torch sets it to 0 itself
+    for other activations, and the regular path does not read it). ``nn.TransformerEncoder``
+    turns a padded batch into a nested tensor only for that fused path (``use_nested_tensor``).
+    """
+    for module in model.modules():
+        if not any(isinstance(m, QuantizedLayer) for m in module.modules()):
+            continue
+        if isinstance(module, nn.TransformerEncoderLayer):
+            module.activation_relu_or_gelu = 0
+        elif isinstance(module, nn.TransformerEncoder):
+            module.use_nested_tensor = False
+
+
+_NORMS: tuple[type[nn.Module], ...] = (
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.LocalResponseNorm,
+    nn.modules.batchnorm._NormBase,
+    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
+)
+
+
+def _float_reason(name: str, module: nn.Module) -> str:
+    """Why a module that holds parameters is not quantized."""
+    if isinstance(module, _NORMS):
+        return "normalization layer: float by design"
+    if _quantizable(module):
+        return "quantizable type left in float (skip=, skip_first_last, or not quantized)"
+    if type(module).__name__ == "NonDynamicallyQuantizableLinear" and name.rpartition(".")[2] == "out_proj":
+        return "output projection of a float nn.MultiheadAttention (quantized together with it)"
+    for base in (*_SWAPS, nn.MultiheadAttention):
+        if isinstance(module, base):
+            return f"subclass of nn.{base.__name__}: quantize() converts exact torch types only"
+    return "type not supported by quantize()"
+
+
+def _float_weight_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:
+    """``(name, module, reason)`` for the torch layers with a weight matrix that quantize()
+    cannot convert (other ``torch.nn`` types, subclasses of the supported types).
+
+    User modules with bare parameters (a position embedding, a class token) are not listed,
+    nor the ``out_proj`` of an attention layer (it goes with its ``nn.MultiheadAttention``).
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, (QuantizedLayer, WeightQuantizer, ActivationQuantizer, *_NORMS)) or _quantizable(module):
+            continue
+        if not any(p is not None and p.dim() >= 2 for p in module._parameters.values()):
+            continue
+        parent, _, leaf = name.rpartition(".")
+        if leaf == "out_proj" and name and isinstance(model.get_submodule(parent), nn.MultiheadAttention):
+            continue
+        subclass = isinstance(module, (*_SWAPS, nn.MultiheadAttention))
+        if subclass or type(module).__module__.startswith("torch.nn"):
+            yield name, module, _float_reason(name, module)
+
+
+@dataclass(frozen=True)
+class ReportEntry:
+    """One module in a :class:`QuantizationReport`."""
+
+    module: str
+    type: str
+    parameters: tuple[str, ...]
+    detail: str
+
+
+@dataclass(frozen=True)
+class QuantizationReport:
+    """What :func:`quantize` converted (``quantized``) and which modules holding parameters
+    stayed float (``float_modules``, with the reason). ``print(report)`` shows a table."""
+
+    quantized: tuple[ReportEntry, ...]
+    float_modules: tuple[ReportEntry, ...]
+
+    def __str__(self) -> str:
+        rows = [f"quantized: {len(self.quantized)} layers"]
+        rows += [f"  {e.module or '(root)'}  [{e.type}]  {e.detail}" for e in self.quantized]
+        rows.append(f"float: {len(self.float_modules)} modules with parameters")
+        rows += [f"  {e.module or '(root)'}  [{e.type}]  {', '.join(e.parameters)}: {e.detail}" for e in self.float_modules]
+        rows.append("biases of quantized layers stay float")
+        return "\n".join(rows)
+
+
+def quantization_report(model: nn.Module) -> QuantizationReport:
+    """What :func:`quantize` did to ``model``: converted layers and float modules, with reasons.
+
+    Example::
+
+        fogzo.quantize(model, fogzo.QuantConfig(bits=2))
+        print(fogzo.quantization_report(model))
+    """
+    quantized, float_modules = [], []
+    for name, module in model.named_modules():
+        if isinstance(module, (WeightQuantizer, ActivationQuantizer)):
+            continue
+        if isinstance(module, QuantizedLayer):
+            if _inside_quantized_attention(name, model):
+                continue  # listed with its attention layer
+            parts = [f"{p} {tuple(module._parameters[p].shape)}" for p, _ in module.quantized_weights()]  # type: ignore[union-attr]
+            if isinstance(module, QuantMultiheadAttention) and isinstance(module.out_proj, QuantizedLayer):
+                parts.append(f"out_proj.weight {tuple(module.out_proj.weight.shape)}")
+            detail = f"{', '.join(parts)} -> {_describe(module)}"
+            if module.input_quantizer is not None:
+                detail += f"; input -> {module.input_quantizer.levels.name}"
+            quantized.append(ReportEntry(name, type(module).__name__, tuple(p for p, _ in module.quantized_weights()), detail))
+            continue
+        parameters = tuple(p for p, value in module._parameters.items() if value is not None)
+        if parameters:
+            float_modules.append(ReportEntry(name, type(module).__name__, parameters, _float_reason(name, module)))
+    return QuantizationReport(tuple(quantized), tuple(float_modules))
 
 
 def _swap_class(module: nn.Module) -> QuantizedLayer:

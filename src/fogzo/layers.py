@@ -1,13 +1,15 @@
-"""Quantized drop-in replacements for ``nn.Linear``, ``nn.Conv1d/2d`` and ``nn.Embedding``.
+"""Quantized drop-in replacements for ``nn.Linear``, ``nn.Conv1d/2d``, ``nn.Embedding`` and
+``nn.MultiheadAttention``.
 
 Each layer keeps its original full-precision weight as the *latent* weight ``W`` (the same
-``weight`` parameter name, so state dicts and optimizers see the usual names) and runs its
-forward pass with ``Q(W) = α·h(W/α)`` from a :class:`~fogzo.quantizers.WeightQuantizer`.
+parameter name, so state dicts and optimizers see the usual names) and runs its forward
+pass with ``Q(W) = α·h(W/α)`` from a :class:`~fogzo.quantizers.WeightQuantizer`.
 
-Estimators talk to these layers only through :class:`QuantizedLayer`: ``weight`` (the latent
-parameter), ``weight_quantizer.coordinate_scale()`` (``α``) and
-``weight_quantizer.smoothing``. Perturbations for zeroth-order passes are swapped in by the
-estimator around the layer's forward call; the layers themselves know nothing about them.
+Estimators talk to these layers only through :class:`QuantizedLayer`:
+``quantized_weights()`` (the names of the latent parameters and their quantizers), and per
+quantizer ``coordinate_scale()`` (``α``) and ``smoothing``. Perturbations for zeroth-order
+passes are put in place of the latent parameters by the estimator; the layers themselves
+know nothing about them.
 """
 
 from __future__ import annotations
@@ -18,11 +20,16 @@ from torch import nn
 
 from .quantizers import ActivationQuantizer, WeightQuantizer
 
-__all__ = ["QuantConv1d", "QuantConv2d", "QuantEmbedding", "QuantLinear", "QuantizedLayer"]
+__all__ = ["QuantConv1d", "QuantConv2d", "QuantEmbedding", "QuantLinear", "QuantMultiheadAttention", "QuantizedLayer"]
 
 
 class QuantizedLayer(nn.Module):
-    """Mixin: a layer whose ``weight`` is fake-quantized in the forward pass."""
+    """Mixin: a layer whose weights are fake-quantized in the forward pass.
+
+    Single-weight layers (Linear, Conv, Embedding) quantize ``weight`` with
+    ``weight_quantizer``; :meth:`quantized_weights` lists every quantized parameter of any
+    quantized layer (``nn.MultiheadAttention`` has up to three).
+    """
 
     weight: nn.Parameter
     weight_quantizer: WeightQuantizer
@@ -33,6 +40,10 @@ class QuantizedLayer(nn.Module):
         self.weight_quantizer = weight_quantizer
         self.input_quantizer = input_quantizer
         self.quantization_enabled = True
+
+    def quantized_weights(self) -> list[tuple[str, WeightQuantizer]]:
+        """``(parameter name, quantizer)`` for each weight this layer fake-quantizes itself."""
+        return [("weight", self.weight_quantizer)]
 
     def quantized_weight(self) -> torch.Tensor:
         """``Q(W)``, or the latent ``W`` inside :func:`fogzo.full_precision`."""
@@ -82,3 +93,53 @@ class QuantEmbedding(nn.Embedding, QuantizedLayer):
         if alpha.dim() > 0:  # per-row step sizes: gather the ones used
             alpha = F.embedding(indices, alpha.reshape(-1, 1))
         return self.weight_quantizer(rows, alpha)
+
+
+class QuantMultiheadAttention(nn.MultiheadAttention, QuantizedLayer):
+    """``nn.MultiheadAttention`` with fake-quantized projection weights.
+
+    The input projection — ``in_proj_weight``, or ``q_proj_weight``, ``k_proj_weight`` and
+    ``v_proj_weight`` when ``kdim``/``vdim`` differ from ``embed_dim`` — is quantized by
+    ``weight_quantizers[name]`` (one ``α`` per tensor, or per output row with
+    ``per_channel``: the packed ``in_proj_weight`` is one ``(3E, E)`` tensor, like one
+    Linear layer computing q, k and v); ``out_proj`` is a :class:`QuantLinear`. Biases
+    (``in_proj_bias``, ``bias_k``, ``bias_v``, ``out_proj.bias``) stay float.
+
+    ``nn.MultiheadAttention.forward`` reads its weights as attributes (``out_proj.weight``
+    too, without calling ``out_proj``), on its slow path and on its inference fast path
+    (``torch._native_multi_head_attention``). So the forward here puts ``Q(W)`` in place of
+    each latent weight (in ``_parameters``) for the duration of torch's own forward and the
+    latent weights back afterwards: every path computes with the quantized weights.
+    """
+
+    weight_quantizers: nn.ModuleDict
+
+    def _attach_projections(self, quantizers: dict[str, WeightQuantizer]) -> None:
+        self.weight_quantizers = nn.ModuleDict(quantizers)
+        self.input_quantizer = None
+        self.quantization_enabled = True
+
+    def quantized_weights(self) -> list[tuple[str, WeightQuantizer]]:
+        return [(name, quantizer) for name, quantizer in self.weight_quantizers.items()]  # type: ignore[misc]
+
+    def quantized_weight(self) -> torch.Tensor:
+        raise AttributeError("QuantMultiheadAttention has several quantized weights: use quantized_weights()")
+
+    def forward(self, *args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not self.quantization_enabled:
+            return super().forward(*args, **kwargs)  # type: ignore[arg-type]
+        substitutions: list[tuple[nn.Module, str, torch.Tensor]] = [
+            (self, name, quantizer(self._parameters[name])) for name, quantizer in self.quantized_weights()
+        ]
+        out_proj = self.out_proj
+        if isinstance(out_proj, QuantizedLayer) and out_proj.quantization_enabled:
+            substitutions.append((out_proj, "weight", out_proj.quantized_weight()))
+        saved: list[tuple[nn.Module, str, object]] = []
+        try:
+            for module, name, tensor in substitutions:
+                saved.append((module, name, module._parameters[name]))
+                module._parameters[name] = tensor  # type: ignore[assignment]
+            return super().forward(*args, **kwargs)  # type: ignore[arg-type]
+        finally:
+            for module, name, latent in reversed(saved):
+                module._parameters[name] = latent  # type: ignore[assignment]

@@ -177,7 +177,8 @@ def initial_step_size(
     A tensor (or, per channel, a slice) whose weights are all zero, e.g. a zero-initialised
     residual branch, has no scale to measure: it gets ``α = 1/(√fan_in·Q_p)`` instead, the
     ``"max"`` rule applied to the range ``±1/√fan_in`` of PyTorch's default initialisation
-    of Linear and Conv layers (``fan_in = numel / shape[0]``), with a warning naming ``name``.
+    of Linear and Conv layers (``fan_in = numel / shape[0]``). A wholly zero tensor also
+    warns, naming ``name``; single zero channels (an embedding's padding row) do not.
     Returns a tensor of shape ``()`` or ``(C, 1, …, 1)``.
     """
     if rule not in ALPHA_INITS:
@@ -204,11 +205,10 @@ def initial_step_size(
     fan_in = max(w[0].numel(), 1) if w.dim() > 1 else 1
     fallback = 1.0 / (math.sqrt(fan_in) * levels.top_level)
     empty = magnitude.amax(dim=1) == 0
-    if not w.is_meta and bool(empty.any()):
-        where = f"{int(empty.sum())} of {empty.numel()} channels" if per_channel else "all weights"
+    if not w.is_meta and bool(empty.all()):
         warnings.warn(
-            f"{name or 'weight'}: {where} are zero, so alpha_init={rule!r} has no scale to measure; "
-            f"using alpha = 1/(sqrt(fan_in)*Q_p) = {fallback:.4g} there (fan_in {fan_in}, Q_p {levels.top_level}). "
+            f"{name or 'weight'}: all weights are zero, so alpha_init={rule!r} has no scale to measure; "
+            f"using alpha = 1/(sqrt(fan_in)*Q_p) = {fallback:.4g} (fan_in {fan_in}, Q_p {levels.top_level}). "
             "Initialise the weights first, or set the weight quantizer's alpha yourself",
             stacklevel=3,
         )

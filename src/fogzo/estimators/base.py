@@ -11,6 +11,14 @@ it needs a first-order gradient, and fills ``.grad`` so that any ``torch.optim``
 scheduler, gradient clipping or AMP scaler works unchanged. Gradients accumulate into an
 existing ``.grad`` as ``backward`` would.
 
+State contract (:class:`CallState`). A call that fails — an exception from the closure, a
+non-finite loss with ``on_nonfinite="raise"`` (``FloatingPointError`` saying which pass),
+a ``KeyboardInterrupt`` — leaves the model's parameters, buffers and ``.grad``, the
+estimator's step counter and the global RNG exactly as they were before the call. A
+*skipped* step (``on_nonfinite="skip"``) leaves them as they were too, except that the step
+counter advances (the next step draws new noise): ``.grad`` holds nothing an optimizer
+would apply, and ``info.skipped``/``info.skip_reason`` say which pass was non-finite.
+
 Cost accounting (SPEC §3): a forward pass is 1 unit, a backward pass 2 units.
 """
 
@@ -24,9 +32,33 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .perturbation import PerturbedSet, PerturbedTensor, StateGuard, _is_dtensor, _shift_by, derive_seed
+from ..quantizers import ActivationQuantizer
+from .perturbation import (
+    PerturbedSet,
+    PerturbedTensor,
+    StateGuard,
+    _is_dtensor,
+    _rng_state,
+    _set_rng_state,
+    _shift_by,
+    derive_seed,
+)
 
-__all__ = ["Closure", "Direction", "EstimateInfo", "Estimator", "Guide", "Measured", "ZerothOrderMeasurement"]
+__all__ = [
+    "CallState",
+    "Closure",
+    "Direction",
+    "EstimateInfo",
+    "Estimator",
+    "Guide",
+    "Measured",
+    "SKIP_REASONS",
+    "ZerothOrderMeasurement",
+]
+
+SKIP_REASONS = ("loss", "ste_gradient", "perturbed_loss")
+"""Values of ``EstimateInfo.skip_reason``: the unperturbed loss ``L(W)`` (the STE pass, or
+n-SPSA's loss pass) was non-finite; the STE gradient was; a perturbed loss was."""
 
 Closure = Callable[[], torch.Tensor]
 
@@ -46,7 +78,9 @@ class EstimateInfo:
         zero_differences: how many ``d_i`` are exactly 0 (typically: no quantized weight
             changed level in the perturbed passes).
         ste_grad_norm: ``‖g_x‖``, the STE gradient's norm in normalised coordinates.
-        skipped: a non-finite perturbed loss made this call keep the STE gradient.
+        skipped: ``on_nonfinite="skip"`` skipped this step: ``.grad``, parameters and
+            buffers are as before the call (only the step counter advanced).
+        skip_reason: why (one of :data:`SKIP_REASONS`), ``None`` for a step not skipped.
     """
 
     loss: float
@@ -59,6 +93,7 @@ class EstimateInfo:
     zero_differences: int = 0
     ste_grad_norm: float | None = None
     skipped: bool = False
+    skip_reason: str | None = None
 
     @property
     def compute_units(self) -> int:
@@ -115,10 +150,11 @@ def stash_gradients(params: Sequence[nn.Parameter]) -> list[torch.Tensor | None]
 
 
 def set_gradient(param: nn.Parameter, gradient: torch.Tensor, previous: torch.Tensor | None) -> None:
-    """``param.grad = previous + gradient`` (accumulation semantics of ``backward``).
+    """``param.grad = gradient + previous`` (accumulation semantics of ``backward``).
 
-    For an FSDP parameter ``gradient`` may be the rank's local part; it becomes a ``DTensor``
-    with the parameter's layout (no copy).
+    The sum is formed in ``gradient`` (this call's tensor), so ``previous`` stays intact
+    until the assignment. For an FSDP parameter ``gradient`` may be the rank's local part;
+    it becomes a ``DTensor`` with the parameter's layout (no copy).
     """
     if _is_dtensor(param) and not _is_dtensor(gradient):
         from torch.distributed.tensor import DTensor
@@ -126,7 +162,70 @@ def set_gradient(param: nn.Parameter, gradient: torch.Tensor, previous: torch.Te
         gradient = DTensor.from_local(
             gradient, param.device_mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()
         )
-    param.grad = gradient if previous is None else previous.add_(gradient)
+    param.grad = gradient if previous is None else gradient.add_(previous)
+
+
+class CallState:
+    """What one ``estimate`` call may change, captured when it starts (see the module docstring).
+
+    ``params`` (those that may receive a gradient) have their ``.grad`` taken off, so the
+    call's passes write fresh tensors; :meth:`commit` adds the previous ones back (as
+    ``backward`` accumulates) and advances the step counter; :meth:`restore` puts back the
+    gradients, buffers (and the step sizes of activation quantizers, which initialise
+    themselves in their first forward), the global RNG and the step counter, and with
+    ``advance=True`` (a skipped step) advances the counter. Cost: one copy of the model's
+    buffers (running statistics, not its weights) per call; ``model=None`` captures no
+    buffers.
+    """
+
+    def __init__(self, model: nn.Module | None, params: Sequence[nn.Parameter], counter: StepCounter) -> None:
+        self.counter = counter
+        self.step = counter.step
+        self.rng = _rng_state()
+        self.saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if model is not None:
+            self.saved = [(b, b.detach().clone()) for b in model.buffers()]
+            self.saved += [
+                (p, p.detach().clone())
+                for m in model.modules()
+                if isinstance(m, ActivationQuantizer)
+                for p in m.parameters(recurse=False)
+            ]
+        self.params = list(params)
+        self.previous = stash_gradients(self.params)
+
+    def commit(self) -> None:
+        """Success: ``.grad = this call's gradient + the previous one``; the counter advances."""
+        totals = []
+        for param, previous in zip(self.params, self.previous):
+            gradient = param.grad
+            totals.append(previous if gradient is None else gradient if previous is None else gradient.add_(previous))
+        for param, total in zip(self.params, totals):
+            param.grad = total
+        self.counter.step = self.step + 1
+
+    def restore(self, advance: bool = False) -> None:
+        """Failure (or, with ``advance``, a skipped step): everything back as it was."""
+        for param, previous in zip(self.params, self.previous):
+            param.grad = previous
+        with torch.no_grad():
+            for tensor, saved in self.saved:
+                tensor.copy_(saved)
+        _set_rng_state(self.rng)
+        self.counter.step = self.step + 1 if advance else self.step
+
+
+def run_guarded(state: CallState, step: Callable[[], EstimateInfo]) -> EstimateInfo:
+    """``step()``; on any exception (``KeyboardInterrupt`` too) ``state.restore()`` and re-raise."""
+    try:
+        return step()
+    except BaseException:
+        state.restore()
+        raise
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 @dataclass(frozen=True)
@@ -154,7 +253,8 @@ class Guide:
 class Measured:
     """What :meth:`ZerothOrderMeasurement.measure` returns.
 
-    ``differences``: the ``d_i`` (``None`` when a loss was non-finite and the call skips);
+    ``differences``: the ``d_i`` (``None`` when a loss was non-finite and the call skips,
+    then ``reason`` is one of :data:`SKIP_REASONS` and ``message`` says which pass);
     ``losses``: the perturbed losses in pass order; ``deltas``: the shifts ``δ = c·ε̄·v``
     per tensor on the one-direction path (``None`` on the regenerated path).
     """
@@ -162,6 +262,14 @@ class Measured:
     differences: list[float] | None
     losses: torch.Tensor
     deltas: list[torch.Tensor] | None
+    reason: str | None = None
+    message: str | None = None
+
+
+NONFINITE_ADVICE = (
+    "no parameter, buffer or gradient was changed. Lower the learning rate (or eps_bar/eps), "
+    "or pass on_nonfinite='skip' to skip such steps"
+)
 
 
 class ZerothOrderMeasurement:
@@ -180,9 +288,9 @@ class ZerothOrderMeasurement:
     * **one direction** (n = 1, not vectorized; the common case): the shift
       ``δ = c·ε̄·v`` is built *once* per tensor before the passes, in the STE gradient's own
       buffer when there is one (``g_W`` is not needed afterwards: ``G_W = d·δ/(ε̄·c²)``
-      contains the guided part). One noise draw per step and no extra memory (with
-      ``on_nonfinite="skip"`` δ gets a buffer of its own so that ``g_W`` survives a skipped
-      step); each pass only adds ``W ± δ`` in the owner's pre-hook.
+      contains the guided part, and a skipped step discards this call's gradients). One
+      noise draw per step and no extra memory; each pass only adds ``W ± δ`` where the
+      parameter is read (:meth:`PerturbedSet.swapped`).
 
     Under FSDP every tensor here is the rank's shard (see :meth:`PerturbedSet.shifted`).
     * **regenerated** (n > 1 or vectorized): ``u_i`` is drawn again in every pass and once
@@ -222,11 +330,8 @@ class ZerothOrderMeasurement:
         passes = [(direction, sign) for direction in directions for sign in (1.0, -1.0)[: self.passes_per_sample]]
         deltas: list[torch.Tensor] | None = None
         if self.vectorize is None and len(directions) == 1:
-            # Reusing the STE gradient's buffer destroys g_W, which on_nonfinite="skip"
-            # must give back: then δ gets a buffer of its own.
-            reuse = self.on_nonfinite == "raise"
             deltas = [
-                self._delta(entry, scales[entry.index], guides[entry.index], step_seed, directions[0], reuse)
+                self._delta(entry, scales[entry.index], guides[entry.index], step_seed, directions[0], True)
                 for entry in self.perturbed.tensors
             ]
 
@@ -263,19 +368,29 @@ class ZerothOrderMeasurement:
             differences = (values - loss0.detach().float()) / eps_bar
         else:
             differences = (values[0::2] - values[1::2]) / (2 * eps_bar)
+        bad_loss = loss0 is not None and not bool(torch.isfinite(loss0.detach()))
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            if bad_loss:  # every rank must skip or raise together: NaN spreads in the sum
+                differences = torch.full_like(differences, float("nan"))
             # The only communication of the ZO part: one all-reduce of n scalars. Averaging
             # the differences equals differencing the rank-averaged losses.
             dist.all_reduce(differences, op=dist.ReduceOp.SUM)
             differences /= dist.get_world_size()
-        if not bool(torch.isfinite(differences).all()):
-            if self.on_nonfinite == "raise":
-                raise FloatingPointError(
-                    f"non-finite loss in a perturbed forward pass (losses {values.tolist()}); "
-                    "no weight was changed. Lower eps_bar/eps or the learning rate, or pass "
-                    "on_nonfinite='skip' to keep the STE gradient for such steps"
+        if bad_loss or not bool(torch.isfinite(differences).all()):
+            loss_text = "" if loss0 is None else f"L(W) = {float(loss0.detach())}"
+            if bad_loss:
+                reason = "loss"
+                message = f"non-finite loss in the unperturbed (STE) forward pass: {loss_text}"
+            else:
+                reason = "perturbed_loss"
+                where = "" if not bool(torch.isfinite(values).all()) else " of another rank (here finite)"
+                message = (
+                    f"non-finite loss in a perturbed forward pass{where} (losses {values.tolist()}"
+                    f"{'; the unperturbed ' + loss_text + ' is finite' if loss_text else ''})"
                 )
-            return Measured(None, values, deltas)
+            if self.on_nonfinite == "raise":
+                raise FloatingPointError(f"{message}; {NONFINITE_ADVICE}")
+            return Measured(None, values, deltas, reason, message)
         return Measured(differences.tolist(), values, deltas)
 
     def _vectorized_losses(self, closure: Closure, stacks: list[torch.Tensor]) -> torch.Tensor:

@@ -16,7 +16,9 @@ built once, in the STE gradient's buffer, and ``G_W = d·(c·ε̄·v)/(ε̄·c²
 noise draw per step). For n > 1 nothing is stored per sample: the guided part of ``G_W`` is
 ``[(1/n) Σ_i d_i·√β·s_i·r/‖g_x‖]·g_W`` (the ``c`` cancels) and the noise part
 ``(1/n) Σ_i d_i·√(1−β)·u_i / c`` regenerates ``u_i`` from its seed (see
-:class:`~fogzo.estimators.base.ZerothOrderMeasurement`).
+:class:`~fogzo.estimators.base.ZerothOrderMeasurement`). The shifted weights exist one at a
+time, around the forward that reads each; a weight read outside every module's forward
+(e.g. in the closure) is shifted for the whole pass (:meth:`PerturbedSet.swapped`).
 
 β = 0 is n-SPSA with the STE's noise law; β = 1 gives ``G = (directional derivative along
 ĝ)·ĝ``. Cost: 1 forward + 1 backward + 2n forwards (n forwards one-sided).
@@ -33,6 +35,8 @@ from torch import nn
 
 from ..smoothing import Smoothing
 from .base import (
+    NONFINITE_ADVICE,
+    CallState,
     Closure,
     Direction,
     EstimateInfo,
@@ -40,8 +44,9 @@ from .base import (
     StepCounter,
     ZerothOrderMeasurement,
     checked_loss,
+    is_distributed,
+    run_guarded,
     set_gradient,
-    stash_gradients,
 )
 from .perturbation import SIGN_STREAM, PerturbedSet, StateGuard, derive_seed, local_part
 from .schedules import BetaSchedule, check_beta, constant_beta, linear_beta
@@ -71,8 +76,11 @@ class FOGZO:
         normalize: ``"global"`` (``ĝ = r·g_x/‖g_x‖``) or ``"tensor"`` (each tensor's
             part normalised on its own, then scaled by ``1/√K`` for K tensors so ``‖ĝ‖ = r``).
         guide_norm: ``r = ‖ĝ‖`` (1 in the paper's reading).
-        on_nonfinite: ``"raise"`` a ``FloatingPointError`` on a non-finite perturbed loss,
-            or ``"skip"``: keep the STE gradient for that step and flag ``info.skipped``.
+        on_nonfinite: on a non-finite loss (the STE pass's or a perturbed one) or STE
+            gradient: ``"raise"`` a ``FloatingPointError`` that says which pass, with
+            everything as before the call; or ``"skip"`` the step: ``.grad``, parameters
+            and buffers as before the call (nothing for the optimizer to apply), the step
+            counter advanced, ``info.skipped`` set and ``info.skip_reason`` saying which.
         vectorize: evaluate this many perturbed passes per ``torch.func.vmap`` forward
             (see :class:`~fogzo.SPSA`); ``None`` runs them one by one.
 
@@ -130,21 +138,35 @@ class FOGZO:
         self.counter = StepCounter(seed)
 
     def estimate(self, closure: Closure) -> EstimateInfo:
+        """One step: fills ``.grad`` (see the module docstring); state contract in
+        :mod:`fogzo.estimators.base`: on failure nothing changes, a skipped step changes
+        nothing but the step counter."""
+        self.perturbed.check_trainable()
+        params = [p for p in self.model.parameters() if p.requires_grad]  # the STE backward writes these
+        state = CallState(self.model, params, self.counter)
+        return run_guarded(state, lambda: self._step(closure, state))
+
+    def _step(self, closure: Closure, state: CallState) -> EstimateInfo:
         step, step_seed = self.counter.step, self.counter.step_seed()
-        self.counter.step += 1
-        params = [entry.param for entry in self.perturbed.tensors]
-        previous = stash_gradients(params)
         guard = StateGuard(self.model)
 
         # 1. STE pass: L0 and g_W; ĝ = r·c·g_W/‖c·g_W‖.
         loss0 = checked_loss(closure())
+        if not is_distributed() and not bool(torch.isfinite(loss0.detach())):
+            # (Distributed: every rank runs on, and the flags of measure() decide together.)
+            return self._nonfinite(state, step_seed, step, loss0, "loss", "non-finite loss in the unperturbed (STE) "
+                                   f"forward pass: L(W) = {float(loss0.detach())}")
         loss0.backward()
-        ste_gradients = [p.grad for p in params]
         if step < self.ste_steps:
-            for param, gradient, prior in zip(params, ste_gradients, previous):
-                _restore(param, gradient, prior)
+            state.commit()
             return EstimateInfo(float(loss0.detach()), 1, 1, None, step_seed, step)
-        guides, norm = self._guides(ste_gradients)
+        guides, norm = self._guides([entry.param.grad for entry in self.perturbed.tensors])
+        if not math.isfinite(norm):
+            finite_loss = bool(torch.isfinite(loss0.detach()))
+            return self._nonfinite(
+                state, step_seed, step, loss0, "ste_gradient" if finite_loss else "loss",
+                f"non-finite STE gradient (‖g_x‖ = {norm}) with L(W) = {float(loss0.detach())}",
+            )
 
         # 2. β_t.
         beta = check_beta(self.schedule(step), f"beta at step {step}")
@@ -158,16 +180,18 @@ class FOGZO:
         measured = self.measurement.measure(closure, guard, step_seed, directions, guides, loss0)
         differences = measured.differences
         forward_passes = 1 + self.n * self.measurement.passes_per_sample
-        if differences is None:  # on_nonfinite="skip": keep the STE gradient
-            for param, gradient, prior in zip(params, ste_gradients, previous):
-                _restore(param, gradient, prior)
-            return EstimateInfo(float(loss0.detach()), forward_passes, 1, beta, step_seed, step, skipped=True)
+        if differences is None:  # on_nonfinite="skip"
+            assert measured.reason is not None
+            state.restore(advance=True)
+            return EstimateInfo(float(loss0.detach()), forward_passes, 1, beta, step_seed, step, skipped=True,
+                                skip_reason=measured.reason)
 
         # 4. G_W = (1/n) Σ_i d_i·v_i / c  =  guided·g_W  +  (1/n) Σ_i d_i·√(1−β)·u_i / c.
         gradients = self.measurement.gradients(step_seed, directions, measured, guides)
-        for entry, gradient, prior in zip(self.perturbed.tensors, gradients, previous):
+        for entry, gradient in zip(self.perturbed.tensors, gradients):
             entry.param.grad = None
-            set_gradient(entry.param, gradient, prior)
+            set_gradient(entry.param, gradient, None)  # replaces this call's STE gradient
+        state.commit()  # adds the gradients from before the call, as backward would
         return EstimateInfo(
             loss=float(loss0.detach()),
             forward_passes=forward_passes,
@@ -179,6 +203,16 @@ class FOGZO:
             zero_differences=sum(d == 0.0 for d in differences),
             ste_grad_norm=norm,
         )
+
+    def _nonfinite(
+        self, state: CallState, step_seed: int, step: int, loss0: torch.Tensor, reason: str, message: str
+    ) -> EstimateInfo:
+        """Raise ``FloatingPointError`` (state restored by the caller), or skip the step."""
+        if self.measurement.on_nonfinite == "raise":
+            raise FloatingPointError(f"{message}; {NONFINITE_ADVICE}")
+        state.restore(advance=True)
+        backward = int(reason != "loss")
+        return EstimateInfo(float(loss0.detach()), 1, backward, None, step_seed, step, skipped=True, skip_reason=reason)
 
     def _guides(self, gradients: list[torch.Tensor | None]) -> tuple[list[Guide | None], float]:
         """Per tensor, the factor k with ``ĝ = k·c·g_W``; and the global ``‖g_x‖``."""
@@ -223,13 +257,3 @@ class FOGZO:
 
     def load_state_dict(self, state: dict) -> None:
         self.counter.load_state_dict(state)
-
-
-def _restore(param: nn.Parameter, gradient: torch.Tensor | None, prior: torch.Tensor | None) -> None:
-    """Put the STE gradient back on ``param``, accumulated onto ``prior``."""
-    param.grad = None
-    if gradient is not None:
-        set_gradient(param, gradient, prior)
-    else:
-        param.grad = prior
-

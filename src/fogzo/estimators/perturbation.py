@@ -12,21 +12,29 @@ Noise. ``u`` for tensor ``k`` and sample ``i`` at step seed ``s`` is drawn, bloc
 for every tensor, defined by global coordinates (a shard draws only its own blocks), and
 regenerated rather than stored where an estimator needs it again.
 
-Perturbed passes never write to a parameter: a forward pre-hook on the module that owns
-the parameter puts ``W + δ`` in its place for the duration of that module's forward, and a
-forward hook puts the original ``Parameter`` object back. Buffers that a forward writes
-(BatchNorm running statistics) are restored from a snapshot, and the global RNG is rewound
-so that every pass sees the same dropout masks as the STE pass.
+Perturbed passes never write to a parameter: ``W + δ`` is put in the parameter's place at
+the module-attribute level (``module._parameters[name]``, in every module that holds it, as
+``torch.func.functional_call`` does), so the shifted tensor is what any code reading the
+attribute sees — the owner's forward, a parent's ``F.linear(x, child.weight)``, torch's
+``nn.MultiheadAttention`` reading ``out_proj.weight``, a tied weight — and the original
+``Parameter`` object is put back afterwards. When and for how long is the plan of
+:meth:`PerturbedSet.swapped` (memory: one perturbed tensor at a time for weights read only
+inside their owner's forward). Buffers that a forward writes (BatchNorm running statistics)
+are restored from a snapshot, and the global RNG is rewound so that every pass sees the
+same dropout masks as the STE pass.
 """
 
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..layers import QuantizedLayer
 from ..quantizers import ActivationQuantizer, WeightQuantizer
@@ -177,7 +185,8 @@ class PerturbedSet:
         perturb: ``"quantized"`` (latent weights of quantized layers, the default),
             ``"all"`` (every trainable parameter except quantizer step sizes, which keep
             their back-propagated gradient; tensors without a quantizer use step ``eps``),
-            or an iterable of parameters.
+            or an iterable of parameters. Only parameters that require grad are perturbed
+            (a frozen quantized weight is left alone); an explicit frozen one raises.
         eps: step ``ε`` (in weight units) for perturbed tensors without a quantizer.
         smoothing: the noise law and ``ε̄``; by default the one of the quantized layers
             (they must agree). A model without quantized layers defaults to Gaussian noise
@@ -188,6 +197,12 @@ class PerturbedSet:
     smoothing: Smoothing
     _owners: dict[nn.Module, list[tuple[str, PerturbedTensor]]] = field(repr=False)
     _fsdp_modules: list[nn.Module] = field(default_factory=list, repr=False)
+    _model: nn.Module | None = field(default=None, repr=False)
+    _plan: _ReadPlan | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self._plan is None:
+            self._plan = _ReadPlan(self.tensors, self._model)
 
     @property
     def sharded(self) -> bool:
@@ -208,17 +223,28 @@ class PerturbedSet:
         quantizer_params: set[int] = set()
         for module in model.modules():
             if isinstance(module, QuantizedLayer):
-                quantizer_of[id(module.weight)] = module.weight_quantizer
+                for name, quantizer in module.quantized_weights():
+                    quantizer_of[id(module._parameters[name])] = quantizer
             if isinstance(module, (WeightQuantizer, ActivationQuantizer)):
                 quantizer_params.update(id(p) for p in module.parameters(recurse=False))
+        trainable = {id(p) for p in model.parameters() if p.requires_grad}
+        frozen: list[str] = []
         if perturb == "quantized":
-            chosen = {pid for pid in quantizer_of}
+            chosen = {pid for pid in quantizer_of if pid in trainable}
+            frozen = [name for name, p in model.named_parameters() if id(p) in quantizer_of and id(p) not in trainable]
         elif perturb == "all":
-            chosen = {id(p) for p in model.parameters() if p.requires_grad and id(p) not in quantizer_params}
+            chosen = {pid for pid in trainable if pid not in quantizer_params}
         elif isinstance(perturb, str):
             raise ValueError(f"perturb must be 'quantized', 'all' or an iterable of parameters, got {perturb!r}")
         else:
+            perturb = list(perturb)
             chosen = {id(p) for p in perturb}
+            explicit_frozen = [name for name, p in model.named_parameters() if id(p) in chosen and id(p) not in trainable]
+            if explicit_frozen:
+                raise ValueError(
+                    f"perturb contains frozen parameters (requires_grad=False): {explicit_frozen[:5]}; a frozen "
+                    "parameter gets no gradient, so leave it out of perturb (or set requires_grad=True)"
+                )
         tensors: list[PerturbedTensor] = []
         by_id: dict[int, PerturbedTensor] = {}
         for name, param in model.named_parameters(remove_duplicate=True):
@@ -234,8 +260,9 @@ class PerturbedSet:
                 by_id[id(param)] = entry
                 tensors.append(entry)
         if not tensors:
+            why = f" (its quantized weights are frozen: {frozen[:3]})" if frozen else ""
             raise ValueError(
-                f"nothing to perturb in {type(model).__name__} with perturb={perturb!r}: "
+                f"nothing to perturb in {type(model).__name__} with perturb={perturb!r}{why}: "
                 "quantize the model first (fogzo.quantize) or pass perturb='all'"
             )
         if len(by_id) != len(chosen):
@@ -261,7 +288,16 @@ class PerturbedSet:
                 "apply fully_shard so that it covers every perturbed parameter"
             )
         fsdp_modules = [m for m in model.modules() if callable(getattr(m, "reshard", None)) and _is_fsdp(m)]
-        return cls(tensors, smoothing, owners, fsdp_modules)
+        return cls(tensors, smoothing, owners, fsdp_modules, model)
+
+    def check_trainable(self) -> None:
+        """Raise if a perturbed parameter was frozen (``requires_grad=False``) since."""
+        frozen = [entry.name for entry in self.tensors if not entry.param.requires_grad]
+        if frozen:
+            raise ValueError(
+                f"perturbed parameters {frozen[:5]} were frozen (requires_grad=False) after the estimator was "
+                "built; a frozen parameter must get no gradient: build a new estimator"
+            )
 
     @property
     def num_coordinates(self) -> int:
@@ -322,32 +358,270 @@ class PerturbedSet:
 
     @contextlib.contextmanager
     def swapped(self, replacement: Callable[[PerturbedTensor], torch.Tensor]) -> Iterator[None]:
-        """Inside the block, each owner module sees ``replacement(entry)`` during its forward.
+        """Inside the block, the model computes with ``replacement(entry)`` for every entry,
+        wherever the parameter is read; the original ``Parameter`` objects are never written.
 
-        The replacement is built in the owner's forward pre-hook, just before use, and
-        dropped after its forward; the original ``Parameter`` objects are never written.
+        The replacement is put in the parameter's place at the module-attribute level
+        (``module._parameters[name]`` of every module holding it), for the forward of a
+        *scope* module, and the original put back after it (forward pre-/post-hooks):
+
+        * by default the scope is the module(s) holding the parameter (its owner, all owners
+          of a tied weight; for ``out_proj`` of an ``nn.MultiheadAttention``, the attention
+          layer, whose forward reads it): the replacement is built just before use and
+          dropped after, so the extra memory is one perturbed tensor at a time (plus what
+          the model keeps alive itself), as for the STE step;
+        * a parameter found read outside its scope gets the innermost module that was
+          running when it was read and that contains an owner (e.g. the parent whose
+          forward calls ``F.linear(x, child.weight)``);
+        * one read outside every module's forward (in the closure itself, e.g. a weight
+          penalty) makes it *eager*: its replacement is built when the block starts and
+          kept for the whole pass (memory: the sum of the eager tensors).
+
+        Reads are checked on the first perturbed passes (and again after
+        ``model.train()``/``eval()`` changes the mode) with a ``torch`` function mode that
+        sees every tensor handed to a ``torch`` function: a use of an original
+        ``Parameter`` object is replaced by the perturbed tensor on the spot (so that pass
+        is right too) and widens the plan as above; the check repeats until a pass shows no
+        such use, then it is off (the steady-state step pays nothing). A perturbed tensor
+        that no pass reads raises ``ValueError`` naming it (its finite differences would be
+        zero and its gradient pure noise), as does a parameter used through a reference
+        that even the eager plan cannot replace (a tensor captured outside the model).
         """
+        plan = self._plan
+        assert plan is not None
+        check = _ReadCheck(plan, replacement) if plan.needs_check() else None
+        depth = [0] * len(self.tensors)
         handles = []
 
-        def put_replacement(module: nn.Module, args: object) -> None:
-            for name, entry in self._owners[module]:
-                module._parameters[name] = replacement(entry)  # type: ignore[assignment]
+        def put(entry: PerturbedTensor, tensor: torch.Tensor) -> None:
+            for module, name in entry.owners:
+                module._parameters[name] = tensor  # type: ignore[assignment]
 
-        def put_original(module: nn.Module, args: object, output: object) -> None:
-            for name, entry in self._owners[module]:
-                module._parameters[name] = entry.param
+        def build(entry: PerturbedTensor) -> torch.Tensor:
+            if check is None:
+                return replacement(entry)
+            check.suspended += 1  # building W + δ reads W: not a use by the model
+            try:
+                tensor = replacement(entry)
+            finally:
+                check.suspended -= 1
+            check.handed_out(tensor, entry)
+            return tensor
+
+        def enter(module: nn.Module, args: object) -> None:
+            for entry in plan.hooked[module]:
+                if depth[entry.index] == 0:
+                    put(entry, build(entry))
+                depth[entry.index] += 1
+
+        def leave(module: nn.Module, args: object, output: object) -> None:
+            for entry in plan.hooked[module]:
+                depth[entry.index] -= 1
+                if depth[entry.index] == 0:
+                    put(entry, entry.param)
 
         try:
-            for module in self._owners:
-                handles.append(module.register_forward_pre_hook(put_replacement))
-                handles.append(module.register_forward_hook(put_original, always_call=True))
-            yield
+            for module in plan.hooked:
+                handles.append(module.register_forward_pre_hook(enter, prepend=True))
+                handles.append(module.register_forward_hook(leave, always_call=True))
+            if check is not None:
+                handles.extend(check.track_modules())
+            for entry in plan.eager:
+                put(entry, build(entry))
+            if check is None:
+                yield
+            else:
+                with check:
+                    yield
+                check.conclude()
         finally:
             for handle in handles:
                 handle.remove()
-            for module, entries in self._owners.items():
-                for name, entry in entries:
-                    module._parameters[name] = entry.param
+            for entry in self.tensors:
+                put(entry, entry.param)
+
+
+class _ReadPlan:
+    """Where each perturbed tensor is put in place during a perturbed pass (see
+    :meth:`PerturbedSet.swapped`): ``scopes[i]`` lists the modules around whose forward
+    entry ``i`` is in place, ``None`` means the whole pass (eager)."""
+
+    def __init__(self, tensors: list[PerturbedTensor], model: nn.Module | None) -> None:
+        self.tensors = tensors
+        self.model = model
+        attention_of = {}
+        if model is not None:
+            for module in model.modules():
+                if isinstance(module, nn.MultiheadAttention):
+                    attention_of[module.out_proj] = module  # its forward reads out_proj.weight
+        self.scopes: list[list[nn.Module] | None] = []
+        for entry in tensors:
+            scope = []
+            for module, _ in entry.owners:
+                for candidate in (module, attention_of.get(module)):
+                    if candidate is not None and candidate not in scope:
+                        scope.append(candidate)
+            self.scopes.append(scope)
+        self.widened = [False] * len(tensors)
+        self.checked_mode: bool | None = None
+        self._containing: dict[nn.Module, set[int]] | None = None
+        self.hooked: dict[nn.Module, list[PerturbedTensor]] = {}
+        self.eager: list[PerturbedTensor] = []
+        self._index()
+
+    def _index(self) -> None:
+        self.hooked, self.eager = {}, []
+        for entry, scope in zip(self.tensors, self.scopes):
+            if scope is None:
+                self.eager.append(entry)
+            else:
+                for module in scope:
+                    self.hooked.setdefault(module, []).append(entry)
+
+    def _mode(self) -> bool:
+        return bool(self.model.training) if self.model is not None else True
+
+    def needs_check(self) -> bool:
+        return self.checked_mode is None or self.checked_mode != self._mode()
+
+    def containing(self) -> dict[nn.Module, set[int]]:
+        """For every module that contains an owner (itself or a descendant), which entries."""
+        if self._containing is None:
+            parents: dict[nn.Module, list[nn.Module]] = {}
+            if self.model is not None:
+                for module in self.model.modules():
+                    for child in module.children():
+                        parents.setdefault(child, []).append(module)
+            containing: dict[nn.Module, set[int]] = {}
+            for entry in self.tensors:
+                pending = [module for module, _ in entry.owners]
+                while pending:
+                    module = pending.pop()
+                    indices = containing.setdefault(module, set())
+                    if entry.index not in indices:
+                        indices.add(entry.index)
+                        pending.extend(parents.get(module, []))
+            self._containing = containing
+        return self._containing
+
+    def update(self, outside: dict[int, list[nn.Module | None]]) -> None:
+        """Widen the plan for the entries read outside their scope in a checked pass."""
+        for index, readers in outside.items():
+            scope = self.scopes[index]
+            if scope is None:
+                raise ValueError(
+                    f"perturbed parameter {self.tensors[index].name!r} is used in the forward pass through a "
+                    "reference held outside the model's modules (e.g. a tensor captured by the closure or stored "
+                    "in a list); the perturbation can only replace module attributes: read it as an attribute "
+                    "(module.weight) inside the forward"
+                )
+            if None in readers or self.widened[index] or any(reader in scope for reader in readers):
+                self.scopes[index] = None
+            else:
+                scope.extend(dict.fromkeys(reader for reader in readers if reader is not None))
+                self.widened[index] = True
+        if outside:
+            self._index()
+        else:
+            self.checked_mode = self._mode()
+
+
+_VALUE_PROPERTIES = frozenset({"T", "mT", "H", "mH", "data", "real", "imag"})
+_METADATA_METHODS = frozenset({
+    "size", "dim", "ndimension", "numel", "nelement", "stride", "storage_offset", "element_size",
+    "is_contiguous", "is_floating_point", "is_complex", "is_signed", "get_device", "data_ptr",
+    "__len__", "__hash__", "__repr__", "__format__", "has_names", "is_inference",
+})
+
+
+def _is_metadata(func: Callable) -> bool:
+    """A ``torch`` function that reads a tensor's metadata (shape, dtype, ...), not its values."""
+    name = getattr(func, "__name__", None)
+    if name == "__get__":  # a Tensor property: .shape, .dtype, .requires_grad ... but .T, .data
+        return getattr(getattr(func, "__self__", None), "__name__", None) not in _VALUE_PROPERTIES
+    return name in _METADATA_METHODS
+
+
+class _ReadCheck(TorchFunctionMode):
+    """One checked perturbed pass: which perturbed tensors the ``torch`` functions see.
+
+    A use of an original perturbed ``Parameter`` is replaced by its perturbed tensor (built
+    once for the pass) and recorded with the innermost running module that contains one of
+    its owners (``None``: no such module was running).
+    """
+
+    def __init__(self, plan: _ReadPlan, replacement: Callable[[PerturbedTensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.plan = plan
+        self.replacement = replacement
+        self.originals = {id(entry.param): entry for entry in plan.tensors}
+        self.handed: dict[int, tuple[weakref.ref, PerturbedTensor]] = {}
+        self.read: set[int] = set()
+        self.outside: dict[int, list[nn.Module | None]] = {}
+        self.substitutes: dict[int, torch.Tensor] = {}
+        self.running: list[nn.Module] = []
+        self.suspended = 0
+
+    def handed_out(self, tensor: torch.Tensor, entry: PerturbedTensor) -> None:
+        self.handed[id(tensor)] = (weakref.ref(tensor), entry)
+
+    def track_modules(self) -> list:
+        """Hooks that keep ``running``, the stack of modules whose forward is running."""
+        handles = []
+
+        def push(module: nn.Module, args: object) -> None:
+            self.running.append(module)
+
+        def pop(module: nn.Module, args: object, output: object) -> None:
+            if self.running and self.running[-1] is module:
+                self.running.pop()
+
+        for module in self.plan.containing():
+            handles.append(module.register_forward_pre_hook(push, prepend=True))
+            handles.append(module.register_forward_hook(pop, always_call=True))
+        return handles
+
+    def _reader(self, entry: PerturbedTensor) -> nn.Module | None:
+        containing = self.plan.containing()
+        for module in reversed(self.running):
+            if entry.index in containing.get(module, ()):
+                return module
+        return None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        if not self.suspended and not _is_metadata(func):
+            flat, spec = tree_flatten((args, kwargs))
+            replaced = False
+            for position, value in enumerate(flat):
+                if not isinstance(value, torch.Tensor):
+                    continue
+                entry = self.originals.get(id(value))
+                if entry is not None and value is entry.param:
+                    substitute = self.substitutes.get(entry.index)
+                    if substitute is None:
+                        substitute = self.substitutes[entry.index] = self.replacement(entry)
+                    flat[position] = substitute
+                    self.outside.setdefault(entry.index, []).append(self._reader(entry))
+                    replaced = True
+                    continue
+                handed = self.handed.get(id(value))
+                if handed is not None and handed[0]() is value:
+                    self.read.add(handed[1].index)
+            if replaced:
+                args, kwargs = tree_unflatten(flat, spec)
+        return func(*args, **kwargs)
+
+    def conclude(self) -> None:
+        """After a pass that completed: raise for unread tensors, else update the plan."""
+        unread = [entry.name for entry in self.plan.tensors if entry.index not in self.read | set(self.outside)]
+        if unread:
+            raise ValueError(
+                f"perturbed parameters {unread[:5]} were not read in the perturbed forward pass: their finite "
+                "differences would be exactly zero and their gradient pure noise. Leave them out of perturb= "
+                "(pass the parameters the loss uses), or check that the closure runs the modules that use them"
+            )
+        self.plan.update(self.outside)
 
 
 def _shift_by(weight: torch.Tensor, shift: tuple[torch.Tensor, float]) -> torch.Tensor:

@@ -34,8 +34,9 @@ Two ways to evaluate a move, same numbers up to float rounding:
   changes the layer's output by ``Δ·x[..., j]`` in column ``i``; a forward hook adds that to
   the output computed once with the drawn weights, so under ``vmap`` everything upstream of
   the layer runs once and only the downstream part runs per move. The first call checks a
-  few moves against the generic path and raises if they disagree (a weight read outside its
-  layer's forward).
+  few moves of every such layer against full forwards; a layer whose weight is also read
+  outside its forward (``nn.MultiheadAttention``'s ``out_proj``) fails the check and takes
+  the generic path.
 
 Models whose forward writes buffers (BatchNorm in training mode) cannot run under ``vmap``:
 the moves are then evaluated one at a time (``vectorize=False``, chosen automatically with a
@@ -111,9 +112,9 @@ def _coordinate_scale(entry: PerturbedTensor, eps_bar: float) -> torch.Tensor:
     return scale.to(param.dtype).expand_as(param)
 
 
-def _fast_layer(entry: PerturbedTensor) -> QuantLinear | None:
+def _fast_layer(entry: PerturbedTensor, excluded: frozenset[int] | set[int] = frozenset()) -> QuantLinear | None:
     """The owning :class:`QuantLinear` if the linear fast path applies to ``entry``."""
-    if len(entry.owners) != 1:
+    if entry.index in excluded or len(entry.owners) != 1:
         return None
     module, name = entry.owners[0]
     if type(module) is not QuantLinear or name != "weight":
@@ -249,6 +250,7 @@ class _MoveEngine:
         self.vectorize = vectorize
         self.drawn: list[torch.Tensor] = []
         self._output_numel: dict[int, int] = {}
+        self.slow: set[int] = set()  # tensors whose fast path failed its check: generic path
 
     def set_draw(self, weights: list[torch.Tensor]) -> None:
         self.drawn = weights
@@ -260,7 +262,7 @@ class _MoveEngine:
         """The loss at the drawn weights (records each fast layer's output size)."""
         handles = []
         for entry in self.perturbed.tensors:
-            layer = _fast_layer(entry) if self.fast else None
+            layer = _fast_layer(entry, self.slow) if self.fast else None
             if layer is not None:
 
                 def record(module: nn.Module, args: object, output: torch.Tensor, index: int = entry.index) -> None:
@@ -292,7 +294,7 @@ class _MoveEngine:
         results = []
         start = 0
         while start < len(coords):
-            layer = _fast_layer(entry) if self.fast and self.vectorize else None
+            layer = _fast_layer(entry, self.slow) if self.fast and self.vectorize else None
             size = self._chunk_size(entry, layer is not None) if self.vectorize else len(coords)
             c, d = coords[start : start + size], delta[start : start + size]
             if not self.vectorize:
@@ -461,12 +463,12 @@ class SmoothedGradient:
             loss0.backward()
             guard.after_first_pass()
             coordinates = self.select_coordinates(step_seed)
-            if not self._checked:
-                self._check_fast_path(closure, guard, step_seed)
             if self._engine is None:
                 self._engine = _MoveEngine(
                     self.perturbed, closure, guard, chunk=self.chunk, fast=self.fast, vectorize=self.vectorize
                 )
+            if not self._checked:
+                self._check_fast_path(closure, guard, step_seed)
             results = smoothed_partials(
                 self.perturbed, closure, guard, seed=step_seed, coordinates=coordinates, draws=self.draws,
                 engine=self._engine,
@@ -496,39 +498,39 @@ class SmoothedGradient:
         )
 
     def _check_fast_path(self, closure: Closure, guard: StateGuard, step_seed: int) -> None:
-        """Compare a few fast-path moves with the generic path once (weights read elsewhere)."""
+        """Compare a few fast-path moves with full forwards, once per estimator.
+
+        A weight read outside its :class:`QuantLinear`'s forward (``nn.MultiheadAttention``
+        reads ``out_proj.weight`` itself; a parent may call ``F.linear(x, child.weight)``) is
+        invisible to the output hook: its moves then take the generic path.
+        """
         smoothing = self.perturbed.smoothing
+        engine = self._engine
+        assert engine is not None
+        engine.closure, engine.guard = closure, guard
+        drawn = [
+            _draw_levels(e, smoothing, derive_seed(step_seed, ROUNDING_STREAM, e.index, 0))
+            for e in self.perturbed.tensors
+        ]
+        engine.set_draw([scale * level for scale, level in drawn])
+        base = engine.base_loss()
         for entry in self.perturbed.tensors:
-            if _fast_layer(entry) is None:
+            if _fast_layer(entry) is None or not engine.vectorize:
                 continue
-            if self._engine is None:
-                self._engine = _MoveEngine(
-                    self.perturbed, closure, guard, chunk=self.chunk, fast=True, vectorize=self.vectorize
-                )
-            engine = self._engine
-            engine.closure, engine.guard = closure, guard
-            drawn = [_draw_levels(e, smoothing, derive_seed(step_seed, ROUNDING_STREAM, e.index, 0)) for e in self.perturbed.tensors]
-            engine.set_draw([scale * level for scale, level in drawn])
-            base = engine.base_loss()
             numel = entry.param.numel()
             coords = torch.linspace(0, numel - 1, min(4, numel)).long().to(entry.param.device)
             scale, level = drawn[entry.index]
             levels = entry.quantizer.levels  # type: ignore[union-attr]
             current = level.reshape(-1)[coords]
-            target = torch.where(current < levels.high, current + (2.0 if levels.is_sign else 1.0), current - (2.0 if levels.is_sign else 1.0))
+            step = 2.0 if levels.is_sign else 1.0
+            target = torch.where(current < levels.high, current + step, current - step)
             delta = scale.reshape(-1)[coords] * (target - current)
             fast = engine.move_losses(entry, coords, delta)
-            engine.fast = False
-            try:
-                generic = engine.move_losses(entry, coords, delta)
-            finally:
-                engine.fast = self.fast
-            tolerance = 1e-4 * (1.0 + float(base.abs()))
-            if not torch.allclose(fast, generic, rtol=0.0, atol=tolerance):
-                raise RuntimeError(
-                    f"{entry.name}: the linear fast path disagrees with a full forward (losses {fast.tolist()} vs "
-                    f"{generic.tolist()}): the weight is read outside its layer's forward; pass fast=False"
-                )
+            engine.slow.add(entry.index)
+            generic = engine.move_losses(entry, coords, delta)
+            # Float32 losses of the same moves, summed in another order: a few ulps of |L|.
+            if torch.allclose(fast, generic, rtol=0.0, atol=1e-4 * (1.0 + float(base.abs()))):
+                engine.slow.discard(entry.index)
         self._checked = True
 
     def state_dict(self) -> dict:

@@ -9,14 +9,17 @@ from torch import nn
 
 from ..smoothing import Smoothing
 from .base import (
+    NONFINITE_ADVICE,
+    CallState,
     Closure,
     Direction,
     EstimateInfo,
     StepCounter,
     ZerothOrderMeasurement,
     checked_loss,
+    is_distributed,
+    run_guarded,
     set_gradient,
-    stash_gradients,
 )
 from .perturbation import PerturbedSet, StateGuard
 
@@ -34,6 +37,11 @@ class SPSA:
     (the default) so that ``info.loss`` is ``L(W)``; with ``report_loss=False``,
     ``info.loss`` is the mean perturbed loss. ``one_sided=True`` uses
     ``(L(x + ε̄u_i) − L(x)) / ε̄`` (``n`` + 1 forwards; needs the loss pass).
+
+    ``on_nonfinite``: on a non-finite loss (``L(W)`` or a perturbed one), ``"raise"`` a
+    ``FloatingPointError`` that says which pass (everything as before the call), or
+    ``"skip"`` the step (``.grad``, parameters and buffers as before the call, the step
+    counter advanced, ``info.skipped``/``info.skip_reason`` set).
 
     ``vectorize=K`` evaluates K perturbed passes at a time in one ``torch.func.vmap``
     forward (same noise, same result up to float summation order): much faster for large
@@ -72,25 +80,41 @@ class SPSA:
         self.counter = StepCounter(seed)
 
     def estimate(self, closure: Closure) -> EstimateInfo:
+        """One step: fills the perturbed parameters' ``.grad``; state contract in
+        :mod:`fogzo.estimators.base`: on failure nothing changes, a skipped step changes
+        nothing but the step counter."""
+        self.perturbed.check_trainable()
+        state = CallState(self.model, [entry.param for entry in self.perturbed.tensors], self.counter)
+        return run_guarded(state, lambda: self._step(closure, state))
+
+    def _step(self, closure: Closure, state: CallState) -> EstimateInfo:
         step, step_seed = self.counter.step, self.counter.step_seed()
         guard = StateGuard(self.model)
+        forward_passes = int(self.report_loss) + self.n * self.measurement.passes_per_sample
         loss0 = None
         if self.report_loss:
             with torch.no_grad():
                 loss0 = checked_loss(closure())
+            if not is_distributed() and not bool(torch.isfinite(loss0)):
+                message = f"non-finite loss in the unperturbed forward pass: L(W) = {float(loss0)}"
+                if self.measurement.on_nonfinite == "raise":
+                    raise FloatingPointError(f"{message}; {NONFINITE_ADVICE}")
+                state.restore(advance=True)
+                return EstimateInfo(float(loss0), 1, 0, 0.0, step_seed, step, skipped=True, skip_reason="loss")
         guard.after_first_pass()
         directions = [Direction(sample, guided=0.0, noise=1.0) for sample in range(self.n)]
         guides = [None] * len(self.perturbed.tensors)
         measured = self.measurement.measure(closure, guard, step_seed, directions, guides, loss0)
         differences = measured.differences
-        self.counter.step += 1
-        forward_passes = int(self.report_loss) + self.n * self.measurement.passes_per_sample
         if differences is None:
-            return EstimateInfo(float("nan"), forward_passes, 0, 0.0, step_seed, step, skipped=True)
+            state.restore(advance=True)
+            loss = float("nan") if loss0 is None else float(loss0)
+            return EstimateInfo(loss, forward_passes, 0, 0.0, step_seed, step, skipped=True,
+                                skip_reason=measured.reason)
         gradients = self.measurement.gradients(step_seed, directions, measured, guides)
         for entry, gradient in zip(self.perturbed.tensors, gradients):
-            previous = stash_gradients([entry.param])[0]
-            set_gradient(entry.param, gradient, previous)
+            set_gradient(entry.param, gradient, None)
+        state.commit()  # adds the gradients from before the call
         loss = float(loss0) if loss0 is not None else float(measured.losses.mean())
         return EstimateInfo(
             loss=loss,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import Closure, EstimateInfo, StepCounter, checked_loss
+from .base import CallState, Closure, EstimateInfo, StepCounter, checked_loss, run_guarded
 
 __all__ = ["STE"]
 
@@ -26,12 +26,21 @@ class STE:
         self.counter = StepCounter(0)
 
     def estimate(self, closure: Closure) -> EstimateInfo:
+        """``closure().backward()``; on failure (an exception in the closure or the backward,
+        ``KeyboardInterrupt`` too) ``.grad``, buffers, the step counter and the global RNG
+        are as before the call (``.grad`` and buffers only when ``model`` was given). A
+        non-finite loss is not checked: it back-propagates as with plain ``backward``."""
+        params = [] if self.model is None else [p for p in self.model.parameters() if p.requires_grad]
+        state = CallState(self.model, params, self.counter)
+        return run_guarded(state, lambda: self._step(closure, state))
+
+    def _step(self, closure: Closure, state: CallState) -> EstimateInfo:
         loss = checked_loss(closure())
         loss.backward()
         info = EstimateInfo(
             loss=float(loss.detach()), forward_passes=1, backward_passes=1, beta=None, seed=None, step=self.counter.step
         )
-        self.counter.step += 1
+        state.commit()
         return info
 
     def state_dict(self) -> dict:
