@@ -16,6 +16,7 @@ Cost accounting (SPEC §3): a forward pass is 1 unit, a backward pass 2 units.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -26,9 +27,27 @@ from torch import nn
 
 from .perturbation import PerturbedSet, PerturbedTensor, StateGuard, _is_dtensor, _shift_by, derive_seed
 
-__all__ = ["Closure", "Direction", "EstimateInfo", "Estimator", "Guide", "Measured", "ZerothOrderMeasurement"]
+__all__ = [
+    "Backward",
+    "Closure",
+    "Direction",
+    "EstimateInfo",
+    "Estimator",
+    "Guide",
+    "Measured",
+    "ZerothOrderMeasurement",
+    "run_backward",
+]
 
 Closure = Callable[[], torch.Tensor]
+Backward = Callable[[torch.Tensor], object]
+"""A ``backward=`` hook: called with the loss, back-propagates it (default ``loss.backward()``).
+
+Training frameworks pass their own: ``accelerator.backward`` (Hugging Face), Lightning's
+``manual_backward``, or ``lambda loss: scaler.scale(loss).backward()`` (AMP). Such a hook may
+scale the loss by a factor ``k`` (loss scaling ``S``, ``1/N`` for gradient accumulation):
+:func:`run_backward` measures ``k`` and the estimators multiply their zeroth-order
+gradients by it, so every ``.grad`` is in the units the optimizer step expects."""
 
 
 @dataclass(frozen=True)
@@ -75,6 +94,46 @@ class Estimator(Protocol):
     def state_dict(self) -> dict: ...
 
     def load_state_dict(self, state: dict) -> None: ...
+
+
+def run_backward(loss: torch.Tensor, backward: Backward | None) -> float:
+    """Back-propagate ``loss`` through ``backward`` (``None``: ``loss.backward()``); return ``k``.
+
+    ``k`` is the factor by which the hook scales the gradients it produces: the hook gets
+    ``loss + p`` for a float32 zero scalar ``p`` that requires grad (same value, same graph
+    plus one addition), and ``k = p.grad``. Without a hook ``k = 1`` and nothing is added.
+    """
+    if backward is None:
+        loss.backward()
+        return 1.0
+    probe = torch.zeros((), device=loss.device, dtype=torch.float32, requires_grad=True)
+    backward(loss + probe)
+    return _probe_factor(probe)
+
+
+def gradient_scale(backward: Backward | None, device: torch.device) -> float:
+    """``k`` of a ``backward`` hook for an estimator without a backward pass (n-SPSA).
+
+    The hook back-propagates a zero scalar that no parameter contributes to, so it only
+    measures ``k`` (for example the loss scale of an AMP ``GradScaler``).
+    """
+    if backward is None:
+        return 1.0
+    probe = torch.zeros((), device=device, dtype=torch.float32, requires_grad=True)
+    backward(probe * 1.0)  # a non-leaf root, as a loss would be
+    return _probe_factor(probe)
+
+
+def _probe_factor(probe: torch.Tensor) -> float:
+    if probe.grad is None:
+        raise RuntimeError(
+            "the backward= hook did not back-propagate the loss it was given; it must call "
+            "backward on that tensor (for example accelerator.backward(loss) or loss.backward())"
+        )
+    factor = float(probe.grad)
+    if not math.isfinite(factor) or factor == 0.0:
+        raise RuntimeError(f"the backward= hook scales gradients by {factor}; expected a finite non-zero factor")
+    return factor
 
 
 def checked_loss(value: object) -> torch.Tensor:

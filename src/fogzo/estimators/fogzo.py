@@ -33,6 +33,7 @@ from torch import nn
 
 from ..smoothing import Smoothing
 from .base import (
+    Backward,
     Closure,
     Direction,
     EstimateInfo,
@@ -40,6 +41,7 @@ from .base import (
     StepCounter,
     ZerothOrderMeasurement,
     checked_loss,
+    run_backward,
     set_gradient,
     stash_gradients,
 )
@@ -75,6 +77,11 @@ class FOGZO:
             or ``"skip"``: keep the STE gradient for that step and flag ``info.skipped``.
         vectorize: evaluate this many perturbed passes per ``torch.func.vmap`` forward
             (see :class:`~fogzo.SPSA`); ``None`` runs them one by one.
+        backward: a hook called with the STE pass's loss instead of ``loss.backward()``
+            (``accelerator.backward``, Lightning's ``manual_backward``). If it scales the
+            loss by ``k`` (loss scaling, gradient accumulation), ``G_W`` is multiplied by
+            the same ``k``; a non-finite STE gradient (a loss-scaling overflow) then follows
+            ``on_nonfinite`` (see :data:`~fogzo.estimators.base.Backward`).
 
     Example::
 
@@ -101,6 +108,7 @@ class FOGZO:
         guide_norm: float = 1.0,
         on_nonfinite: str = "raise",
         vectorize: int | None = None,
+        backward: Backward | None = None,
     ) -> None:
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"n must be an int >= 1, got {n!r}")
@@ -125,6 +133,7 @@ class FOGZO:
         self.ste_steps = round(ste_fraction * total_steps)
         self.normalize = normalize
         self.guide_norm = float(guide_norm)
+        self.backward = backward
         self.perturbed = PerturbedSet.from_model(model, perturb, eps, smoothing)
         self.measurement = ZerothOrderMeasurement(self.perturbed, one_sided, on_nonfinite, vectorize)
         self.counter = StepCounter(seed)
@@ -138,13 +147,25 @@ class FOGZO:
 
         # 1. STE pass: L0 and g_W; ĝ = r·c·g_W/‖c·g_W‖.
         loss0 = checked_loss(closure())
-        loss0.backward()
+        scale = run_backward(loss0, self.backward)  # k: .grad holds k·g_W
         ste_gradients = [p.grad for p in params]
         if step < self.ste_steps:
             for param, gradient, prior in zip(params, ste_gradients, previous):
                 _restore(param, gradient, prior)
             return EstimateInfo(float(loss0.detach()), 1, 1, None, step_seed, step)
         guides, norm = self._guides(ste_gradients)
+        norm /= abs(scale)
+        if not math.isfinite(norm):
+            # A non-finite STE gradient (e.g. an AMP loss-scaling overflow): no direction to follow.
+            if self.measurement.on_nonfinite == "raise":
+                raise FloatingPointError(
+                    f"non-finite STE gradient (norm {norm}); no weight was changed. With fp16 loss "
+                    "scaling, overflows are expected: pass on_nonfinite='skip' to keep the STE "
+                    "gradient for such steps (the scaler then skips the optimizer step)"
+                )
+            for param, gradient, prior in zip(params, ste_gradients, previous):
+                _restore(param, gradient, prior)
+            return EstimateInfo(float(loss0.detach()), 1, 1, None, step_seed, step, ste_grad_norm=norm, skipped=True)
 
         # 2. β_t.
         beta = check_beta(self.schedule(step), f"beta at step {step}")
@@ -166,6 +187,8 @@ class FOGZO:
         # 4. G_W = (1/n) Σ_i d_i·v_i / c  =  guided·g_W  +  (1/n) Σ_i d_i·√(1−β)·u_i / c.
         gradients = self.measurement.gradients(step_seed, directions, measured, guides)
         for entry, gradient, prior in zip(self.perturbed.tensors, gradients, previous):
+            if scale != 1.0:
+                gradient.mul_(scale)
             entry.param.grad = None
             set_gradient(entry.param, gradient, prior)
         return EstimateInfo(
@@ -190,9 +213,11 @@ class FOGZO:
                 squared_norms.append(torch.zeros((), device=entry.local_param().device))
                 continue
             scale = entry.coordinate_scale(eps_bar)
-            if isinstance(scale, torch.Tensor) and scale.numel() > 1:  # per-channel c: Σ_rows c²·‖g_row‖²
-                rows = gradient.reshape(gradient.shape[0], -1).float().square().sum(dim=1)
+            if isinstance(scale, torch.Tensor) and scale.numel() == gradient.shape[0] > 1:  # per-channel c
+                rows = gradient.reshape(gradient.shape[0], -1).float().square().sum(dim=1)  # Σ_rows c²·‖g_row‖²
                 squared_norms.append((rows * scale.reshape(-1).float().square()).sum().reshape(()))
+            elif isinstance(scale, torch.Tensor) and scale.numel() > 1:  # per group (torchao): c of W's shape
+                squared_norms.append(torch.linalg.vector_norm(gradient.float() * scale.float()).square().reshape(()))
             else:  # one pass over the gradient: ‖c·g‖² = c²·‖g‖²
                 squared_norms.append((torch.linalg.vector_norm(gradient.float()).square() * (scale * scale)).reshape(()))
         stacked = torch.stack([s.to(squared_norms[0].device) for s in squared_norms])

@@ -28,8 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..layers import QuantizedLayer
-from ..quantizers import ActivationQuantizer, WeightQuantizer
+from ..adapters import QuantizerView, quantizer_parameters, quantizer_views
 from ..smoothing import Smoothing
 
 __all__ = ["NOISE_BLOCK", "PerturbedSet", "PerturbedTensor", "StateGuard", "block_noise", "derive_seed"]
@@ -136,7 +135,7 @@ class PerturbedTensor:
     name: str
     param: nn.Parameter
     owners: list[tuple[nn.Module, str]]
-    quantizer: WeightQuantizer | None = None
+    quantizer: QuantizerView | None = None
     eps: float | None = None
     sharded: bool = False
     first_row: int = 0
@@ -156,7 +155,8 @@ class PerturbedTensor:
         return local_part(self.param.detach())
 
     def coordinate_scale(self, eps_bar: float) -> torch.Tensor | float:
-        """``c``: ``α`` for a quantized weight, ``ε/ε̄`` otherwise (rows of the shard under FSDP)."""
+        """``c``: the quantizer's scale (fogzo's ``α``, torchao's ``s``; see :mod:`fogzo.adapters`)
+        for a quantized weight, ``ε/ε̄`` otherwise (rows of the shard under FSDP)."""
         if self.quantizer is None:
             assert self.eps is not None
             return self.eps / eps_bar
@@ -204,13 +204,9 @@ class PerturbedSet:
     ) -> PerturbedSet:
         if not eps > 0:
             raise ValueError(f"eps must be > 0, got {eps!r}")
-        quantizer_of: dict[int, WeightQuantizer] = {}
-        quantizer_params: set[int] = set()
-        for module in model.modules():
-            if isinstance(module, QuantizedLayer):
-                quantizer_of[id(module.weight)] = module.weight_quantizer
-            if isinstance(module, (WeightQuantizer, ActivationQuantizer)):
-                quantizer_params.update(id(p) for p in module.parameters(recurse=False))
+        # Quantized weights and quantizer parameters, whoever quantized them (fogzo.adapters).
+        quantizer_of = {pid: view for pid, (_, view) in quantizer_views(model).items()}
+        quantizer_params = {id(p) for p in quantizer_parameters(model)}
         if perturb == "quantized":
             chosen = {pid for pid in quantizer_of}
         elif perturb == "all":
@@ -236,7 +232,7 @@ class PerturbedSet:
         if not tensors:
             raise ValueError(
                 f"nothing to perturb in {type(model).__name__} with perturb={perturb!r}: "
-                "quantize the model first (fogzo.quantize) or pass perturb='all'"
+                "quantize the model first (fogzo.quantize or a torchao QAT prepare step) or pass perturb='all'"
             )
         if len(by_id) != len(chosen):
             raise ValueError("perturb contains parameters that are not in the model")

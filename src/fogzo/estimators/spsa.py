@@ -9,12 +9,14 @@ from torch import nn
 
 from ..smoothing import Smoothing
 from .base import (
+    Backward,
     Closure,
     Direction,
     EstimateInfo,
     StepCounter,
     ZerothOrderMeasurement,
     checked_loss,
+    gradient_scale,
     set_gradient,
     stash_gradients,
 )
@@ -40,6 +42,11 @@ class SPSA:
     ``n`` on small models, at K times the memory of the perturbed weights. The model must
     be vmappable (no in-place buffer writes in the forward, e.g. no BatchNorm in training).
 
+    ``backward``: n-SPSA runs no backward pass; a hook (``accelerator.backward``, an AMP
+    scaler's ``scale(loss).backward()``) is called once per step on a zero scalar no
+    parameter contributes to, only to learn the factor ``k`` it scales gradients by, and
+    ``G_W`` is multiplied by ``k`` (see :data:`~fogzo.estimators.base.Backward`).
+
     Example::
 
         estimator = fogzo.SPSA(model, n=64, seed=0)
@@ -59,6 +66,7 @@ class SPSA:
         report_loss: bool = True,
         on_nonfinite: str = "raise",
         vectorize: int | None = None,
+        backward: Backward | None = None,
     ) -> None:
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be an int >= 1, got {n!r}")
@@ -67,6 +75,7 @@ class SPSA:
         self.model = model
         self.n = n
         self.report_loss = report_loss
+        self.backward = backward
         self.perturbed = PerturbedSet.from_model(model, perturb, eps, smoothing)
         self.measurement = ZerothOrderMeasurement(self.perturbed, one_sided, on_nonfinite, vectorize)
         self.counter = StepCounter(seed)
@@ -88,7 +97,10 @@ class SPSA:
         if differences is None:
             return EstimateInfo(float("nan"), forward_passes, 0, 0.0, step_seed, step, skipped=True)
         gradients = self.measurement.gradients(step_seed, directions, measured, guides)
+        scale = gradient_scale(self.backward, self.perturbed.tensors[0].local_param().device)
         for entry, gradient in zip(self.perturbed.tensors, gradients):
+            if scale != 1.0:
+                gradient.mul_(scale)
             previous = stash_gradients([entry.param])[0]
             set_gradient(entry.param, gradient, previous)
         loss = float(loss0) if loss0 is not None else float(measured.losses.mean())
