@@ -15,6 +15,7 @@ Quick start::
 from .convert import QuantConfig, full_precision, quantize, quantized_layers
 from .estimators import FOGZO, SPSA, STE, EstimateInfo, Estimator, PerturbedSet, constant_beta, linear_beta
 from .export import ExportedModel, QuantizedWeight, export, pack_codes, rebuild_float_model, unpack_codes
+from .integrations.torchao import to_torchao
 from .layers import QuantConv1d, QuantConv2d, QuantEmbedding, QuantizedLayer, QuantLinear
 from .quantizers import ActivationQuantizer, LevelSet, WeightQuantizer, fake_quantize, level_set
 from .smoothing import NOISE_LAWS, STE_KINDS, NoiseLaw, Smoothing, smoothing_for
@@ -54,5 +55,6 @@ __all__ = [
     "quantized_layers",
     "rebuild_float_model",
     "smoothing_for",
+    "to_torchao",
     "unpack_codes",
 ]
