@@ -13,8 +13,11 @@ Each module imports its framework only when used; ``import fogzo`` imports none 
 from __future__ import annotations
 
 import importlib
+import math
 
-__all__ = ["require"]
+from ..estimators import EstimateInfo, Estimator
+
+__all__ = ["estimator_logs", "require"]
 
 
 def require(module: str, extra: str, what: str):
@@ -25,3 +28,25 @@ def require(module: str, extra: str, what: str):
         raise ImportError(
             f"{what} needs the '{module.split('.')[0]}' package: pip install 'fogzo[{extra}]'"
         ) from error
+
+
+def estimator_logs(infos: list[EstimateInfo], estimator: Estimator | None = None) -> dict[str, float]:
+    """Means over ``infos``: β, the finite differences, zero differences, skipped steps, ``‖g_x‖``."""
+    logs: dict[str, float] = {}
+    betas = [info.beta for info in infos if info.beta is not None]
+    if betas:
+        logs["fogzo/beta"] = sum(betas) / len(betas)
+    differences = [d for info in infos for d in info.differences]
+    if differences:
+        logs["fogzo/difference_mean"] = sum(differences) / len(differences)
+        logs["fogzo/difference_abs_mean"] = sum(abs(d) for d in differences) / len(differences)
+        logs["fogzo/zero_difference_fraction"] = sum(info.zero_differences for info in infos) / len(differences)
+    norms = [info.ste_grad_norm for info in infos if info.ste_grad_norm is not None and math.isfinite(info.ste_grad_norm)]
+    if norms:
+        logs["fogzo/ste_grad_norm"] = sum(norms) / len(norms)
+    logs["fogzo/skipped"] = float(sum(info.skipped for info in infos))
+    if estimator is not None:
+        state = estimator.state_dict()
+        if "step" in state:
+            logs["fogzo/step"] = float(state["step"])
+    return logs
