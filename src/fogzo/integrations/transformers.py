@@ -167,12 +167,10 @@ class FogzoTrainerMixin:
         assert self.estimator is not None
         name = type(self.estimator).__name__
         if saved.get("estimator") != name:
-            logger.warning(
-                "the checkpoint's estimator state is a %s's, this run uses %s: not restored",
-                saved.get("estimator"),
-                name,
+            raise ValueError(
+                f"the checkpoint holds the state of a {saved.get('estimator')} estimator, this run uses {name}; "
+                f"resume with the same estimator (or delete {ESTIMATOR_STATE_NAME} from the checkpoint)"
             )
-            return
         self.estimator.load_state_dict(saved["state"])
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
