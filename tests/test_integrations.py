@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import fogzo
-from fogzo.integrations import estimator_logs, require
+from fogzo._optional import require
+from fogzo.integrations import estimator_logs
 from fogzo.integrations.lightning import CHECKPOINT_KEY, FogzoLightningMixin
 
 

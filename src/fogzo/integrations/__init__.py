@@ -12,22 +12,11 @@ Each module imports its framework only when used; ``import fogzo`` imports none 
 
 from __future__ import annotations
 
-import importlib
 import math
 
 from ..estimators import EstimateInfo, Estimator
 
-__all__ = ["estimator_logs", "require"]
-
-
-def require(module: str, extra: str, what: str):
-    """``importlib.import_module(module)``, or an ``ImportError`` that names the pip extra."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as error:
-        raise ImportError(
-            f"{what} needs the '{module.split('.')[0]}' package: pip install 'fogzo[{extra}]'"
-        ) from error
+__all__ = ["estimator_logs"]
 
 
 def estimator_logs(infos: list[EstimateInfo], estimator: Estimator | None = None) -> dict[str, float]:

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..layers import QuantConv2d, QuantEmbedding, QuantizedLayer, QuantLinear
 from ..quantizers import LevelSet
-from . import require
+from .._optional import require
 
 __all__ = ["target_dtype", "to_torchao"]
 

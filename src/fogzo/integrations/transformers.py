@@ -49,7 +49,8 @@ import torch
 from torch import nn
 
 from ..estimators import EstimateInfo, Estimator
-from . import estimator_logs, require
+from .._optional import require
+from . import estimator_logs
 
 transformers = require("transformers", "transformers", "fogzo.integrations.transformers")
 from transformers import Trainer  # noqa: E402
