@@ -134,3 +134,20 @@ def test_the_estimator_argument_is_checked_before_training(tmp_path):
         FogzoTrainer(model=_llama(), args=_args(tmp_path), train_dataset=_data(), estimator="fogzo")
     with pytest.raises(ValueError, match="lomo"):
         FogzoTrainer(model=_llama(), args=_args(tmp_path, optim="lomo"), train_dataset=_data(), estimator=fogzo.STE())
+
+
+def test_the_example_script_runs_and_resumes(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "hf_trainer.py"
+    spec = importlib.util.spec_from_file_location("hf_trainer_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    text = tmp_path / "text.txt"
+    text.write_text("to be, or not to be, that is the question: " * 40, encoding="utf-8")
+    common = ["--text-file", str(text), "--output-dir", str(tmp_path / "out"), "--hidden", "16", "--context", "16"]
+    example.main([*common, "--max-steps", "4"])
+    assert "step 4: loss" in capsys.readouterr().out
+    example.main([*common, "--max-steps", "6", "--resume"])  # continues from checkpoint-4
+    assert "step 6: loss" in (out := capsys.readouterr().out) and "estimator state {'seed': 0, 'step': 6}" in out
