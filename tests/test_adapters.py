@@ -186,3 +186,29 @@ def test_fogzo_on_a_non_finite_ste_gradient_raises_or_keeps_it():
         fogzo.FOGZO(model, total_steps=10, backward=lambda loss: (loss * 0).backward()).estimate(
             lambda: F.cross_entropy(model(x), y)
         )
+
+
+def test_fogzo_under_an_amp_grad_scaler_takes_the_same_steps():
+    """AMP's GradScaler: the STE pass's loss is scaled by S = 2¹⁰, the optimizer step unscales;
+    the zeroth-order part is scaled by the measured S too, so the weights follow the unscaled run
+    (bit for bit: S is a power of two)."""
+    x, y = _batch()
+    plain_model, scaled_model = _mlp(), _mlp()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1_000)
+    plain = fogzo.FOGZO(plain_model, total_steps=6, beta_min=0.5, seed=2)
+    scaled = fogzo.FOGZO(
+        scaled_model, total_steps=6, beta_min=0.5, seed=2, backward=lambda loss: scaler.scale(loss).backward()
+    )
+    plain_optimizer = torch.optim.SGD(plain_model.parameters(), lr=0.1)
+    scaled_optimizer = torch.optim.SGD(scaled_model.parameters(), lr=0.1)
+    for _ in range(3):
+        plain_optimizer.zero_grad(set_to_none=True)
+        plain.estimate(lambda: F.cross_entropy(plain_model(x), y))
+        plain_optimizer.step()
+        scaled_optimizer.zero_grad(set_to_none=True)
+        scaled.estimate(lambda: F.cross_entropy(scaled_model(x), y))
+        scaler.step(scaled_optimizer)
+        scaler.update()
+    assert scaler.get_scale() == 2.0**10  # no overflow, no skipped step
+    for a, b in zip(plain_model.parameters(), scaled_model.parameters()):
+        assert torch.equal(a, b)

@@ -66,15 +66,16 @@ def _params(model):
     return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
-def test_ste_through_the_trainer_is_the_trainers_own_step(tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_ste_through_the_trainer_is_the_trainers_own_step(tmp_path, precision):
     """STE's closure + accelerator.backward reproduce Trainer.training_step bit for bit
-    (loss scaling by the accumulated token count, gradient accumulation over 2 micro-batches)."""
+    (loss scaling by the accumulated token count, gradient accumulation over 2 micro-batches,
+    bf16 autocast where asked)."""
+    extra = {"save_strategy": "no", "bf16": precision == "bf16"}
     plain = _llama()
-    Trainer(model=plain, args=_args(tmp_path / "plain", save_strategy="no"), train_dataset=_data()).train()
+    Trainer(model=plain, args=_args(tmp_path / "plain", **extra), train_dataset=_data()).train()
     ours = _llama()
-    trainer = FogzoTrainer(
-        model=ours, args=_args(tmp_path / "ours", save_strategy="no"), train_dataset=_data(), estimator=fogzo.STE()
-    )
+    trainer = FogzoTrainer(model=ours, args=_args(tmp_path / "ours", **extra), train_dataset=_data(), estimator=fogzo.STE())
     trainer.train()
     assert trainer.estimator.state_dict()["step"] == 4 * 2  # one estimate per micro-batch
     expected = _params(plain)

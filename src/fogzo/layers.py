@@ -4,8 +4,8 @@ Each layer keeps its original full-precision weight as the *latent* weight ``W``
 ``weight`` parameter name, so state dicts and optimizers see the usual names) and runs its
 forward pass with ``Q(W) = α·h(W/α)`` from a :class:`~fogzo.quantizers.WeightQuantizer`.
 
-Estimators talk to these layers only through :class:`QuantizedLayer`: ``weight`` (the latent
-parameter), ``weight_quantizer.coordinate_scale()`` (``α``) and
+Estimators see these layers through :class:`fogzo.adapters.FogzoAdapter`: ``weight`` (the
+latent parameter), ``weight_quantizer.coordinate_scale()`` (``α``) and
 ``weight_quantizer.smoothing``. Perturbations for zeroth-order passes are swapped in by the
 estimator around the layer's forward call; the layers themselves know nothing about them.
 """
