@@ -57,7 +57,8 @@ class FOGZO:
     """The FOGZO gradient estimator (see the module docstring for the equations).
 
     Args:
-        model: a model quantized with :func:`fogzo.quantize`.
+        model: a model quantized with :func:`fogzo.quantize`, prepared by torchao QAT, or quantized
+            by any layers a :mod:`fogzo.adapters` adapter recognises.
         total_steps: ``T`` of the β schedule (and of ``ste_fraction``).
         beta_min: ``β`` at step ``T`` of the linear schedule.
         n: perturbation samples per step.

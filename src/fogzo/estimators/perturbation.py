@@ -174,10 +174,10 @@ class PerturbedSet:
 
     Args:
         model: the (quantized) model.
-        perturb: ``"quantized"`` (latent weights of quantized layers, the default),
-            ``"all"`` (every trainable parameter except quantizer step sizes, which keep
-            their back-propagated gradient; tensors without a quantizer use step ``eps``),
-            or an iterable of parameters.
+        perturb: ``"quantized"`` (the default: latent weights of quantized layers, found by
+            :mod:`fogzo.adapters`), ``"all"`` (every trainable parameter except quantizer
+            step sizes, which keep their back-propagated gradient; tensors without a
+            quantizer use step ``eps``), or an iterable of parameters.
         eps: step ``ε`` (in weight units) for perturbed tensors without a quantizer.
         smoothing: the noise law and ``ε̄``; by default the one of the quantized layers
             (they must agree). A model without quantized layers defaults to Gaussian noise
