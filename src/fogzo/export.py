@@ -21,27 +21,21 @@ smallest that holds ``code_bits`` (sign: 1, ternary: 2, int2: 2, int3/int4: 4, i
 bits); the last byte is padded with zero codes. The packed size is
 ``ceil(numel · b / 8)`` bytes, ``b/32`` of the float32 size up to that padding.
 
-File format (:meth:`ExportedModel.save`, :meth:`ExportedModel.load`): a plain
-`safetensors <https://github.com/huggingface/safetensors>`_ file, written and read by the
-small self-contained codec in this module (the ``safetensors`` package is not needed)::
-
-    [8 bytes]  N, little-endian u64
-    [N bytes]  UTF-8 JSON header, padded with spaces to a multiple of 8:
-               {"<name>": {"dtype": "U8"|"F32"|"I64"|…, "shape": [...],
-                           "data_offsets": [begin, end]}, …,
-                "__metadata__": {"<key>": "<string>", …}}
-    [rest]     the tensors' raw little-endian bytes, back to back in header order;
-               offsets are relative to the start of this byte buffer.
+File format (:meth:`ExportedModel.save`, :meth:`ExportedModel.load`): a
+`safetensors <https://github.com/huggingface/safetensors>`_ file, written with
+``safetensors.torch.save_file`` and read memory-mapped with ``safetensors.safe_open``.
 
 Tensors: ``"<module>.weight.codes"`` (U8, 1-D, the packed codes) and
 ``"<module>.weight.alpha"`` (F32) for every quantized layer, and every other state-dict
 entry under its own name and dtype. ``__metadata__`` holds ``"format"``
-(``"fogzo.export"``), ``"format_version"`` (``"1"``), ``"sha256"`` (hex digest of the byte
-buffer, checked on load), ``"layers"`` (a JSON list with, per quantized layer, ``module``,
-``aliases``, ``type``, ``levels`` ``{name, low, high}``, ``bits`` (container width),
-``code_bits``, ``shape``, ``dtype``, the names of its ``codes`` and ``alpha`` tensors and
-``input_levels``) and ``"tensors"`` (a JSON list of the other tensors' names, in state-dict
-order).
+(``"fogzo.export"``), ``"format_version"`` (``"2"``), ``"layers"`` (a JSON list with, per
+quantized layer, ``module``, ``aliases``, ``type``, ``levels`` ``{name, low, high}``, ``bits``
+(container width), ``code_bits``, ``shape``, ``dtype``, the names of its ``codes`` and
+``alpha`` tensors and ``input_levels``), ``"tensors"`` (a JSON list of the other tensors'
+names, in state-dict order) and ``"sha256"``: the hex digest of the tensors' raw
+little-endian bytes concatenated in metadata order (each layer's codes then α, then the
+other tensors), checked on load. It does not depend on how a writer lays the tensors out
+in the file.
 
 :func:`rebuild_float_model` turns an export back into a plain float model (``nn.Linear``,
 ``nn.Conv1d``, ``nn.Conv2d``, ``nn.Embedding``) whose outputs equal the fake-quantized
@@ -55,7 +49,6 @@ import hashlib
 import json
 import math
 import os
-import struct
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,7 +73,7 @@ __all__ = [
 
 CONTAINER_BITS = (1, 2, 4, 8)
 FORMAT_NAME = "fogzo.export"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # 2: "sha256" covers the tensors' bytes in metadata order (1: the file's data buffer)
 
 _CODES_SUFFIX = ".codes"
 _ALPHA_SUFFIX = ".alpha"
@@ -111,7 +104,6 @@ for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
     if hasattr(torch, _attr):
         _DTYPES[_name] = getattr(torch, _attr)
 _DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in _DTYPES.items()}
-_MAX_HEADER_BYTES = 100_000_000  # the limit the reference implementation uses
 _LAYER_FIELDS = frozenset(
     {"module", "aliases", "type", "levels", "bits", "code_bits", "shape", "dtype", "codes", "alpha"}
     | {"input_levels"}
@@ -471,7 +463,11 @@ class ExportedModel:
         if metadata.get("format") != FORMAT_NAME:
             raise ValueError(f"not a fogzo export (metadata 'format' is {metadata.get('format')!r})")
         if metadata.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"unsupported format_version {metadata.get('format_version')!r}")
+            hint = " (written by a development version of fogzo before 0.1; export the model again)"
+            raise ValueError(
+                f"unsupported format_version {metadata.get('format_version')!r}, expected {FORMAT_VERSION!r}"
+                + (hint if metadata.get("format_version") == "1" else "")
+            )
         try:
             layers_meta = json.loads(metadata["layers"])
             names = json.loads(metadata["tensors"])
@@ -479,6 +475,14 @@ class ExportedModel:
             raise ValueError(f"missing or malformed 'layers'/'tensors' metadata: {error}") from error
         if not isinstance(layers_meta, list) or not isinstance(names, list):
             raise ValueError("metadata 'layers' and 'tensors' must be JSON lists")
+        # The checksum first: a flipped bit must read as corruption, not as a malformed code.
+        order = [entry.get(role) for entry in layers_meta if isinstance(entry, dict) for role in ("codes", "alpha")]
+        order += names
+        if "sha256" not in metadata:
+            raise ValueError("metadata has no 'sha256' checksum")
+        if all(isinstance(name, str) and name in tensors for name in order) and len(set(order)) == len(tensors):
+            if _content_digest([tensors[name] for name in order]) != metadata["sha256"]:
+                raise ValueError("data checksum (sha256) mismatch: the tensor data is corrupted")
         used: set[str] = set()
         layers = []
         for entry in layers_meta:
@@ -685,8 +689,20 @@ def rebuild_float_model(model_like: nn.Module, exported: ExportedModel) -> nn.Mo
 
 
 # ---------------------------------------------------------------------------------------
-# safetensors codec
+# safetensors files (the safetensors package) and the content checksum
 # ---------------------------------------------------------------------------------------
+
+# safetensors' reasons for refusing a file, in words that say what happened to it.
+_SAFETENSORS_REASONS = (
+    ("header too small", "the file is too short for a safetensors header (truncated or empty)"),
+    ("invalid header length", "the header length exceeds the bytes that follow it (truncated file)"),
+    ("header too large", "the header length exceeds safetensors' limit (corrupted or not a safetensors file)"),
+    ("invalid json", "the header is not valid UTF-8 JSON (corrupted or not a safetensors file)"),
+    ("invalid utf-8", "the header is not valid UTF-8 JSON (corrupted or not a safetensors file)"),
+    ("file not fully covered", "the data does not match the header (truncated file or trailing bytes)"),
+    ("invalid shape, data type, or offset", "tensor data_offsets do not match their dtype and shape (corrupted header)"),
+    ("invalid offset", "tensor data_offsets do not match their dtype and shape (corrupted header)"),
+)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -697,131 +713,61 @@ def _dtype_name(dtype: torch.dtype) -> str:
         raise ValueError(f"dtype {dtype} cannot be stored in safetensors; supported: {supported}") from None
 
 
-def _tensor_bytes(tensor: torch.Tensor) -> bytes:
-    """Raw little-endian bytes of ``tensor`` in row-major order."""
+def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """Raw little-endian bytes of ``tensor`` in row-major order (no copy where possible)."""
     flat = tensor.detach().cpu().contiguous().reshape(-1)
     raw = flat.view(torch.uint8)
     if sys.byteorder == "big" and flat.element_size() > 1:
         raw = raw.reshape(-1, flat.element_size()).flip(1).reshape(-1)
-    return raw.numpy().tobytes()
+    return memoryview(raw.numpy())
 
 
-def _tensor_from_bytes(data: bytes | memoryview, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
-    if len(data) == 0:
-        return torch.empty(shape, dtype=dtype)
-    raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    if sys.byteorder == "big" and itemsize > 1:
-        raw = raw.reshape(-1, itemsize).flip(1).reshape(-1)
-    return raw.view(dtype).reshape(shape)
+def _content_digest(tensors: list[torch.Tensor]) -> str:
+    """sha256 of the tensors' raw little-endian bytes, concatenated in the given order."""
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        digest.update(_tensor_bytes(tensor))
+    return digest.hexdigest()
 
 
 def _write_safetensors(
     path: str | os.PathLike[str], tensors: dict[str, torch.Tensor], metadata: dict[str, str]
 ) -> None:
-    """Write ``tensors`` (in order) and ``metadata`` plus a ``"sha256"`` of the data buffer."""
-    header: dict[str, object] = {}
-    chunks = []
-    digest = hashlib.sha256()
-    offset = 0
-    for name, tensor in tensors.items():
-        if name == "__metadata__":
-            raise ValueError("'__metadata__' is reserved and cannot name a tensor")
-        chunk = _tensor_bytes(tensor)
-        header[name] = {
-            "dtype": _dtype_name(tensor.dtype),
-            "shape": list(tensor.shape),
-            "data_offsets": [offset, offset + len(chunk)],
-        }
-        chunks.append(chunk)
-        digest.update(chunk)
-        offset += len(chunk)
-    header["__metadata__"] = {**metadata, "sha256": digest.hexdigest()}
-    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    encoded += b" " * (-len(encoded) % 8)
+    """Write ``tensors`` and ``metadata`` plus a ``"sha256"`` of the tensors' bytes in this order.
+
+    ``safetensors.torch.save_file`` to ``<path>.partial``, then an atomic rename.
+    """
+    from safetensors.torch import save_file
+
+    if "__metadata__" in tensors:
+        raise ValueError("'__metadata__' is reserved and cannot name a tensor")
+    for tensor in tensors.values():
+        _dtype_name(tensor.dtype)  # a clear error for dtypes safetensors cannot hold
+    contents = {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
+    metadata = {**metadata, "sha256": _content_digest(list(contents.values()))}
     path = Path(path)
     partial = path.with_name(path.name + ".partial")
-    with open(partial, "wb") as file:
-        file.write(struct.pack("<Q", len(encoded)))
-        file.write(encoded)
-        for chunk in chunks:
-            file.write(chunk)
-    os.replace(partial, path)
+    try:
+        save_file(contents, os.fspath(partial), metadata=metadata)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def _read_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read a safetensors file: its tensors (in header order) and ``__metadata__``.
+    """Read a safetensors file (memory-mapped, ``safe_open``): its tensors and ``__metadata__``.
 
     Raises:
-        ValueError: the file is truncated or malformed, or its ``"sha256"`` metadata does
-            not match the data buffer.
+        ValueError: the file is missing, truncated or malformed; the message names the file.
     """
-    data = Path(path).read_bytes()
-    try:
-        return _decode_safetensors(data)
-    except ValueError as error:
-        raise ValueError(f"{os.fspath(path)}: {error}") from error
+    from safetensors import SafetensorError, safe_open
 
-
-def _decode_safetensors(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    if len(data) < 8:
-        raise ValueError(f"file holds {len(data)} bytes, too short for a safetensors header (truncated?)")
-    (header_size,) = struct.unpack("<Q", data[:8])
-    if header_size > min(len(data) - 8, _MAX_HEADER_BYTES):
-        raise ValueError(
-            f"header length {header_size} exceeds the {len(data) - 8} bytes that follow it "
-            "(truncated or not a safetensors file)"
-        )
     try:
-        header = json.loads(data[8 : 8 + header_size].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(
-            f"header is not valid UTF-8 JSON (corrupted or not a safetensors file): {error}"
-        ) from error
-    if not isinstance(header, dict):
-        raise ValueError("header is not a JSON object")
-    metadata = header.pop("__metadata__", {})
-    if not isinstance(metadata, dict) or not all(
-        isinstance(key, str) and isinstance(value, str) for key, value in metadata.items()
-    ):
-        raise ValueError("__metadata__ must map strings to strings")
-    buffer = memoryview(data)[8 + header_size :]
-    entries = []
-    for name, info in header.items():
-        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
-            raise ValueError(f"tensor {name!r}: malformed header entry {info!r}")
-        dtype = _DTYPES.get(info["dtype"])
-        shape, offsets = info["shape"], info["data_offsets"]
-        if dtype is None:
-            raise ValueError(f"tensor {name!r}: unsupported dtype {info['dtype']!r}")
-        if not isinstance(shape, list) or not all(_is_int(size) and size >= 0 for size in shape):
-            raise ValueError(f"tensor {name!r}: malformed shape {shape!r}")
-        if (
-            not isinstance(offsets, list)
-            or len(offsets) != 2
-            or not all(_is_int(value) for value in offsets)
-            or not 0 <= offsets[0] <= offsets[1]
-        ):
-            raise ValueError(f"tensor {name!r}: malformed data_offsets {offsets!r}")
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        if offsets[1] - offsets[0] != math.prod(shape) * itemsize:
-            raise ValueError(f"tensor {name!r}: data_offsets {offsets} do not match {info['dtype']} {shape}")
-        entries.append((offsets[0], offsets[1], name))
-    position = 0
-    for begin, end, name in sorted(entries, key=lambda entry: entry[:2]):
-        if begin != position:
-            raise ValueError(f"tensor {name!r}: data_offsets leave a gap or overlap at byte {position}")
-        position = end
-    if position != len(buffer):
-        raise ValueError(
-            f"the header describes {position} data bytes but the file holds {len(buffer)} "
-            f"({'truncated' if position > len(buffer) else 'trailing bytes'})"
-        )
-    if "sha256" in metadata and hashlib.sha256(buffer).hexdigest() != metadata["sha256"]:
-        raise ValueError("data checksum (sha256) mismatch: the tensor data is corrupted")
-    tensors = {
-        name: _tensor_from_bytes(buffer[header[name]["data_offsets"][0] : header[name]["data_offsets"][1]],
-                                 _DTYPES[header[name]["dtype"]], header[name]["shape"])
-        for _, _, name in entries
-    }
+        with safe_open(os.fspath(path), framework="pt", device="cpu") as file:
+            metadata = file.metadata() or {}
+            tensors = {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118 (not a dict)
+    except SafetensorError as error:
+        message = str(error)
+        reason = next((words for key, words in _SAFETENSORS_REASONS if key in message.lower()), "malformed file")
+        raise ValueError(f"{os.fspath(path)}: not a readable safetensors file: {reason} ({message})") from error
     return tensors, metadata

@@ -5,7 +5,7 @@ Each layer keeps its original full-precision weight as the *latent* weight ``W``
 parameter name, so state dicts and optimizers see the usual names) and runs its forward
 pass with ``Q(W) = α·h(W/α)`` from a :class:`~fogzo.quantizers.WeightQuantizer`.
 
-Estimators talk to these layers only through :class:`QuantizedLayer`:
+Estimators see these layers through :class:`fogzo.adapters.FogzoAdapter`:
 ``quantized_weights()`` (the names of the latent parameters and their quantizers), and per
 quantizer ``coordinate_scale()`` (``α``) and ``smoothing``. Perturbations for zeroth-order
 passes are put in place of the latent parameters by the estimator; the layers themselves

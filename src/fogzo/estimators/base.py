@@ -17,13 +17,16 @@ a ``KeyboardInterrupt`` — leaves the model's parameters, buffers and ``.grad``
 estimator's step counter and the global RNG exactly as they were before the call. A
 *skipped* step (``on_nonfinite="skip"``) leaves them as they were too, except that the step
 counter advances (the next step draws new noise): ``.grad`` holds nothing an optimizer
-would apply, and ``info.skipped``/``info.skip_reason`` say which pass was non-finite.
+would apply, and ``info.skipped``/``info.skip_reason`` say which pass was non-finite. With
+``on_nonfinite="keep"`` a skipped step keeps the STE pass's gradient instead, finite or not
+(for loss scalers, see :data:`NONFINITE_MODES`).
 
-Cost accounting (SPEC §3): a forward pass is 1 unit, a backward pass 2 units.
+Cost accounting (docs/method.md §5): a forward pass is 1 unit, a backward pass 2 units.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -45,6 +48,7 @@ from .perturbation import (
 )
 
 __all__ = [
+    "Backward",
     "CallState",
     "Closure",
     "Direction",
@@ -54,13 +58,27 @@ __all__ = [
     "Measured",
     "SKIP_REASONS",
     "ZerothOrderMeasurement",
+    "run_backward",
 ]
 
 SKIP_REASONS = ("loss", "ste_gradient", "perturbed_loss")
+NONFINITE_MODES = ("raise", "skip", "keep")
+"""``on_nonfinite``: raise ``FloatingPointError``; skip the step (nothing changes but the step
+counter); or keep the STE pass's gradient as back-propagated, finite or not, and flag the step
+skipped — what a loss scaler (``torch.amp.GradScaler``) needs to see an fp16 overflow, skip the
+optimizer step and lower its scale (n-SPSA has no STE gradient: there "keep" is "skip")."""
 """Values of ``EstimateInfo.skip_reason``: the unperturbed loss ``L(W)`` (the STE pass, or
 n-SPSA's loss pass) was non-finite; the STE gradient was; a perturbed loss was."""
 
 Closure = Callable[[], torch.Tensor]
+Backward = Callable[[torch.Tensor], object]
+"""A ``backward=`` hook: called with the loss, back-propagates it (default ``loss.backward()``).
+
+Training frameworks pass their own: ``accelerator.backward`` (Hugging Face), Lightning's
+``manual_backward``, or ``lambda loss: scaler.scale(loss).backward()`` (AMP). Such a hook may
+scale the loss by a factor ``k`` (loss scaling ``S``, ``1/N`` for gradient accumulation):
+:func:`run_backward` measures ``k`` and the estimators multiply their zeroth-order
+gradients by it, so every ``.grad`` is in the units the optimizer step expects."""
 
 
 @dataclass(frozen=True)
@@ -110,6 +128,46 @@ class Estimator(Protocol):
     def state_dict(self) -> dict: ...
 
     def load_state_dict(self, state: dict) -> None: ...
+
+
+def run_backward(loss: torch.Tensor, backward: Backward | None) -> float:
+    """Back-propagate ``loss`` through ``backward`` (``None``: ``loss.backward()``); return ``k``.
+
+    ``k`` is the factor by which the hook scales the gradients it produces: the hook gets
+    ``loss + p`` for a float32 zero scalar ``p`` that requires grad (same value, same graph
+    plus one addition), and ``k = p.grad``. Without a hook ``k = 1`` and nothing is added.
+    """
+    if backward is None:
+        loss.backward()
+        return 1.0
+    probe = torch.zeros((), device=loss.device, dtype=torch.float32, requires_grad=True)
+    backward(loss + probe)
+    return _probe_factor(probe)
+
+
+def gradient_scale(backward: Backward | None, device: torch.device) -> float:
+    """``k`` of a ``backward`` hook for an estimator without a backward pass (n-SPSA).
+
+    The hook back-propagates a zero scalar that no parameter contributes to, so it only
+    measures ``k`` (for example the loss scale of an AMP ``GradScaler``).
+    """
+    if backward is None:
+        return 1.0
+    probe = torch.zeros((), device=device, dtype=torch.float32, requires_grad=True)
+    backward(probe * 1.0)  # a non-leaf root, as a loss would be
+    return _probe_factor(probe)
+
+
+def _probe_factor(probe: torch.Tensor) -> float:
+    if probe.grad is None:
+        raise RuntimeError(
+            "the backward= hook did not back-propagate the loss it was given; it must call "
+            "backward on that tensor (for example accelerator.backward(loss) or loss.backward())"
+        )
+    factor = float(probe.grad)
+    if not math.isfinite(factor) or factor == 0.0:
+        raise RuntimeError(f"the backward= hook scales gradients by {factor}; expected a finite non-zero factor")
+    return factor
 
 
 def checked_loss(value: object) -> torch.Tensor:
@@ -268,7 +326,7 @@ class Measured:
 
 NONFINITE_ADVICE = (
     "no parameter, buffer or gradient was changed. Lower the learning rate (or eps_bar/eps), "
-    "or pass on_nonfinite='skip' to skip such steps"
+    "or pass on_nonfinite='skip' to skip such steps (on_nonfinite='keep' with an fp16 loss scaler)"
 )
 
 
@@ -300,8 +358,8 @@ class ZerothOrderMeasurement:
     def __init__(
         self, perturbed: PerturbedSet, one_sided: bool, on_nonfinite: str, vectorize: int | None = None
     ) -> None:
-        if on_nonfinite not in ("raise", "skip"):
-            raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
+        if on_nonfinite not in NONFINITE_MODES:
+            raise ValueError(f"on_nonfinite must be one of {NONFINITE_MODES}, got {on_nonfinite!r}")
         if vectorize is not None and (not isinstance(vectorize, int) or vectorize < 1):
             raise ValueError(f"vectorize must be None or an int >= 1, got {vectorize!r}")
         if vectorize is not None and perturbed.sharded:

@@ -36,6 +36,7 @@ from torch import nn
 from ..smoothing import Smoothing
 from .base import (
     NONFINITE_ADVICE,
+    Backward,
     CallState,
     Closure,
     Direction,
@@ -45,6 +46,7 @@ from .base import (
     ZerothOrderMeasurement,
     checked_loss,
     is_distributed,
+    run_backward,
     run_guarded,
     set_gradient,
 )
@@ -60,7 +62,8 @@ class FOGZO:
     """The FOGZO gradient estimator (see the module docstring for the equations).
 
     Args:
-        model: a model quantized with :func:`fogzo.quantize`.
+        model: a model quantized with :func:`fogzo.quantize`, prepared by torchao QAT, or quantized
+            by any layers a :mod:`fogzo.adapters` adapter recognises.
         total_steps: ``T`` of the β schedule (and of ``ste_fraction``).
         beta_min: ``β`` at step ``T`` of the linear schedule.
         n: perturbation samples per step.
@@ -80,9 +83,18 @@ class FOGZO:
             gradient: ``"raise"`` a ``FloatingPointError`` that says which pass, with
             everything as before the call; or ``"skip"`` the step: ``.grad``, parameters
             and buffers as before the call (nothing for the optimizer to apply), the step
-            counter advanced, ``info.skipped`` set and ``info.skip_reason`` saying which.
+            counter advanced, ``info.skipped`` set and ``info.skip_reason`` saying which; or
+            ``"keep"`` the STE pass's gradient as back-propagated, finite or not, and flag
+            the step skipped (with a ``torch.amp.GradScaler``: it sees the overflow, skips
+            the optimizer step and lowers its scale).
         vectorize: evaluate this many perturbed passes per ``torch.func.vmap`` forward
             (see :class:`~fogzo.SPSA`); ``None`` runs them one by one.
+        backward: a hook called with the STE pass's loss instead of ``loss.backward()``
+            (``accelerator.backward``, Lightning's ``manual_backward``). If it scales the
+            loss by ``k`` (loss scaling, gradient accumulation), ``G_W`` is multiplied by
+            the same ``k``; a non-finite STE gradient (a loss-scaling overflow) then follows
+            ``on_nonfinite`` — use ``"keep"`` with a loss scaler (see
+            :data:`~fogzo.estimators.base.Backward`).
 
     Example::
 
@@ -109,6 +121,7 @@ class FOGZO:
         guide_norm: float = 1.0,
         on_nonfinite: str = "raise",
         vectorize: int | None = None,
+        backward: Backward | None = None,
     ) -> None:
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"n must be an int >= 1, got {n!r}")
@@ -133,6 +146,7 @@ class FOGZO:
         self.ste_steps = round(ste_fraction * total_steps)
         self.normalize = normalize
         self.guide_norm = float(guide_norm)
+        self.backward = backward
         self.perturbed = PerturbedSet.from_model(model, perturb, eps, smoothing)
         self.measurement = ZerothOrderMeasurement(self.perturbed, one_sided, on_nonfinite, vectorize)
         self.counter = StepCounter(seed)
@@ -152,20 +166,23 @@ class FOGZO:
 
         # 1. STE pass: L0 and g_W; ĝ = r·c·g_W/‖c·g_W‖.
         loss0 = checked_loss(closure())
-        if not is_distributed() and not bool(torch.isfinite(loss0.detach())):
+        keep = self.measurement.on_nonfinite == "keep"
+        if not keep and not is_distributed() and not bool(torch.isfinite(loss0.detach())):
             # (Distributed: every rank runs on, and the flags of measure() decide together.)
             return self._nonfinite(state, step_seed, step, loss0, "loss", "non-finite loss in the unperturbed (STE) "
                                    f"forward pass: L(W) = {float(loss0.detach())}")
-        loss0.backward()
+        scale = run_backward(loss0, self.backward)  # k: .grad holds k·g_W (k = 1 without a hook)
         if step < self.ste_steps:
             state.commit()
             return EstimateInfo(float(loss0.detach()), 1, 1, None, step_seed, step)
         guides, norm = self._guides([entry.param.grad for entry in self.perturbed.tensors])
+        norm /= abs(scale)
         if not math.isfinite(norm):
+            # E.g. an fp16 loss-scaling overflow: no direction to follow.
             finite_loss = bool(torch.isfinite(loss0.detach()))
             return self._nonfinite(
                 state, step_seed, step, loss0, "ste_gradient" if finite_loss else "loss",
-                f"non-finite STE gradient (‖g_x‖ = {norm}) with L(W) = {float(loss0.detach())}",
+                f"non-finite STE gradient (‖g_x‖ = {norm}) with L(W) = {float(loss0.detach())}", norm,
             )
 
         # 2. β_t.
@@ -180,15 +197,20 @@ class FOGZO:
         measured = self.measurement.measure(closure, guard, step_seed, directions, guides, loss0)
         differences = measured.differences
         forward_passes = 1 + self.n * self.measurement.passes_per_sample
-        if differences is None:  # on_nonfinite="skip"
+        if differences is None:  # on_nonfinite="skip" or "keep"
             assert measured.reason is not None
-            state.restore(advance=True)
+            if keep:
+                state.commit()  # the STE pass's gradient stays
+            else:
+                state.restore(advance=True)
             return EstimateInfo(float(loss0.detach()), forward_passes, 1, beta, step_seed, step, skipped=True,
                                 skip_reason=measured.reason)
 
         # 4. G_W = (1/n) Σ_i d_i·v_i / c  =  guided·g_W  +  (1/n) Σ_i d_i·√(1−β)·u_i / c.
         gradients = self.measurement.gradients(step_seed, directions, measured, guides)
         for entry, gradient in zip(self.perturbed.tensors, gradients):
+            if scale != 1.0:
+                gradient.mul_(scale)
             entry.param.grad = None
             set_gradient(entry.param, gradient, None)  # replaces this call's STE gradient
         state.commit()  # adds the gradients from before the call, as backward would
@@ -205,14 +227,28 @@ class FOGZO:
         )
 
     def _nonfinite(
-        self, state: CallState, step_seed: int, step: int, loss0: torch.Tensor, reason: str, message: str
+        self,
+        state: CallState,
+        step_seed: int,
+        step: int,
+        loss0: torch.Tensor,
+        reason: str,
+        message: str,
+        norm: float | None = None,
     ) -> EstimateInfo:
-        """Raise ``FloatingPointError`` (state restored by the caller), or skip the step."""
+        """Raise ``FloatingPointError`` (state restored by the caller), skip the step, or keep
+        the STE pass's gradient as it is (``"keep"``, for loss scalers)."""
         if self.measurement.on_nonfinite == "raise":
             raise FloatingPointError(f"{message}; {NONFINITE_ADVICE}")
-        state.restore(advance=True)
-        backward = int(reason != "loss")
-        return EstimateInfo(float(loss0.detach()), 1, backward, None, step_seed, step, skipped=True, skip_reason=reason)
+        if self.measurement.on_nonfinite == "keep":
+            state.commit()
+        else:
+            state.restore(advance=True)
+        backward = int(norm is not None)
+        return EstimateInfo(
+            float(loss0.detach()), 1, backward, None, step_seed, step, ste_grad_norm=norm, skipped=True,
+            skip_reason=reason,
+        )
 
     def _guides(self, gradients: list[torch.Tensor | None]) -> tuple[list[Guide | None], float]:
         """Per tensor, the factor k with ``ĝ = k·c·g_W``; and the global ``‖g_x‖``."""
@@ -224,9 +260,11 @@ class FOGZO:
                 squared_norms.append(torch.zeros((), device=entry.local_param().device))
                 continue
             scale = entry.coordinate_scale(eps_bar)
-            if isinstance(scale, torch.Tensor) and scale.numel() > 1:  # per-channel c: Σ_rows c²·‖g_row‖²
-                rows = gradient.reshape(gradient.shape[0], -1).float().square().sum(dim=1)
+            if isinstance(scale, torch.Tensor) and scale.numel() == gradient.shape[0] > 1:  # per-channel c
+                rows = gradient.reshape(gradient.shape[0], -1).float().square().sum(dim=1)  # Σ_rows c²·‖g_row‖²
                 squared_norms.append((rows * scale.reshape(-1).float().square()).sum().reshape(()))
+            elif isinstance(scale, torch.Tensor) and scale.numel() > 1:  # per group (torchao): c of W's shape
+                squared_norms.append(torch.linalg.vector_norm(gradient.float() * scale.float()).square().reshape(()))
             else:  # one pass over the gradient: ‖c·g‖² = c²·‖g‖²
                 squared_norms.append((torch.linalg.vector_norm(gradient.float()).square() * (scale * scale)).reshape(()))
         stacked = torch.stack([s.to(squared_norms[0].device) for s in squared_norms])

@@ -36,8 +36,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ..layers import QuantizedLayer
-from ..quantizers import ActivationQuantizer, WeightQuantizer
+from ..adapters import QuantizerView, quantizer_parameters, quantizer_views
 from ..smoothing import Smoothing
 
 __all__ = ["NOISE_BLOCK", "PerturbedSet", "PerturbedTensor", "StateGuard", "block_noise", "derive_seed"]
@@ -144,7 +143,7 @@ class PerturbedTensor:
     name: str
     param: nn.Parameter
     owners: list[tuple[nn.Module, str]]
-    quantizer: WeightQuantizer | None = None
+    quantizer: QuantizerView | None = None
     eps: float | None = None
     sharded: bool = False
     first_row: int = 0
@@ -164,7 +163,8 @@ class PerturbedTensor:
         return local_part(self.param.detach())
 
     def coordinate_scale(self, eps_bar: float) -> torch.Tensor | float:
-        """``c``: ``α`` for a quantized weight, ``ε/ε̄`` otherwise (rows of the shard under FSDP)."""
+        """``c``: the quantizer's scale (fogzo's ``α``, torchao's ``s``; see :mod:`fogzo.adapters`)
+        for a quantized weight, ``ε/ε̄`` otherwise (rows of the shard under FSDP)."""
         if self.quantizer is None:
             assert self.eps is not None
             return self.eps / eps_bar
@@ -182,11 +182,12 @@ class PerturbedSet:
 
     Args:
         model: the (quantized) model.
-        perturb: ``"quantized"`` (latent weights of quantized layers, the default),
-            ``"all"`` (every trainable parameter except quantizer step sizes, which keep
-            their back-propagated gradient; tensors without a quantizer use step ``eps``),
-            or an iterable of parameters. Only parameters that require grad are perturbed
-            (a frozen quantized weight is left alone); an explicit frozen one raises.
+        perturb: ``"quantized"`` (the default: latent weights of quantized layers, found by
+            :mod:`fogzo.adapters`), ``"all"`` (every trainable parameter except quantizer
+            step sizes, which keep their back-propagated gradient; tensors without a
+            quantizer use step ``eps``), or an iterable of parameters. Only parameters that
+            require grad are perturbed (a frozen quantized weight is left alone); an explicit
+            frozen one raises.
         eps: step ``ε`` (in weight units) for perturbed tensors without a quantizer.
         smoothing: the noise law and ``ε̄``; by default the one of the quantized layers
             (they must agree). A model without quantized layers defaults to Gaussian noise
@@ -219,14 +220,9 @@ class PerturbedSet:
     ) -> PerturbedSet:
         if not eps > 0:
             raise ValueError(f"eps must be > 0, got {eps!r}")
-        quantizer_of: dict[int, WeightQuantizer] = {}
-        quantizer_params: set[int] = set()
-        for module in model.modules():
-            if isinstance(module, QuantizedLayer):
-                for name, quantizer in module.quantized_weights():
-                    quantizer_of[id(module._parameters[name])] = quantizer
-            if isinstance(module, (WeightQuantizer, ActivationQuantizer)):
-                quantizer_params.update(id(p) for p in module.parameters(recurse=False))
+        # Quantized weights and quantizer parameters, whoever quantized them (fogzo.adapters).
+        quantizer_of = {pid: view for pid, (_, view) in quantizer_views(model).items()}
+        quantizer_params = {id(p) for p in quantizer_parameters(model)}
         trainable = {id(p) for p in model.parameters() if p.requires_grad}
         frozen: list[str] = []
         if perturb == "quantized":
@@ -263,7 +259,7 @@ class PerturbedSet:
             why = f" (its quantized weights are frozen: {frozen[:3]})" if frozen else ""
             raise ValueError(
                 f"nothing to perturb in {type(model).__name__} with perturb={perturb!r}{why}: "
-                "quantize the model first (fogzo.quantize) or pass perturb='all'"
+                "quantize the model first (fogzo.quantize or a torchao QAT prepare step) or pass perturb='all'"
             )
         if len(by_id) != len(chosen):
             raise ValueError("perturb contains parameters that are not in the model")

@@ -10,6 +10,7 @@ from torch import nn
 from ..smoothing import Smoothing
 from .base import (
     NONFINITE_ADVICE,
+    Backward,
     CallState,
     Closure,
     Direction,
@@ -17,6 +18,7 @@ from .base import (
     StepCounter,
     ZerothOrderMeasurement,
     checked_loss,
+    gradient_scale,
     is_distributed,
     run_guarded,
     set_gradient,
@@ -41,12 +43,18 @@ class SPSA:
     ``on_nonfinite``: on a non-finite loss (``L(W)`` or a perturbed one), ``"raise"`` a
     ``FloatingPointError`` that says which pass (everything as before the call), or
     ``"skip"`` the step (``.grad``, parameters and buffers as before the call, the step
-    counter advanced, ``info.skipped``/``info.skip_reason`` set).
+    counter advanced, ``info.skipped``/``info.skip_reason`` set); ``"keep"`` is the same here
+    (there is no STE gradient to keep).
 
     ``vectorize=K`` evaluates K perturbed passes at a time in one ``torch.func.vmap``
     forward (same noise, same result up to float summation order): much faster for large
     ``n`` on small models, at K times the memory of the perturbed weights. The model must
     be vmappable (no in-place buffer writes in the forward, e.g. no BatchNorm in training).
+
+    ``backward``: n-SPSA runs no backward pass; a hook (``accelerator.backward``, an AMP
+    scaler's ``scale(loss).backward()``) is called once per step on a zero scalar no
+    parameter contributes to, only to learn the factor ``k`` it scales gradients by, and
+    ``G_W`` is multiplied by ``k`` (see :data:`~fogzo.estimators.base.Backward`).
 
     Example::
 
@@ -67,6 +75,7 @@ class SPSA:
         report_loss: bool = True,
         on_nonfinite: str = "raise",
         vectorize: int | None = None,
+        backward: Backward | None = None,
     ) -> None:
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be an int >= 1, got {n!r}")
@@ -75,6 +84,7 @@ class SPSA:
         self.model = model
         self.n = n
         self.report_loss = report_loss
+        self.backward = backward
         self.perturbed = PerturbedSet.from_model(model, perturb, eps, smoothing)
         self.measurement = ZerothOrderMeasurement(self.perturbed, one_sided, on_nonfinite, vectorize)
         self.counter = StepCounter(seed)
@@ -112,7 +122,10 @@ class SPSA:
             return EstimateInfo(loss, forward_passes, 0, 0.0, step_seed, step, skipped=True,
                                 skip_reason=measured.reason)
         gradients = self.measurement.gradients(step_seed, directions, measured, guides)
+        scale = gradient_scale(self.backward, self.perturbed.tensors[0].local_param().device)
         for entry, gradient in zip(self.perturbed.tensors, gradients):
+            if scale != 1.0:
+                gradient.mul_(scale)
             set_gradient(entry.param, gradient, None)
         state.commit()  # adds the gradients from before the call
         loss = float(loss0) if loss0 is not None else float(measured.losses.mean())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import CallState, Closure, EstimateInfo, StepCounter, checked_loss, run_guarded
+from .base import Backward, CallState, Closure, EstimateInfo, StepCounter, checked_loss, run_guarded
 
 __all__ = ["STE"]
 
@@ -13,7 +13,8 @@ class STE:
     """``G = ∇_W L`` with every quantizer's backward replaced by its surrogate slope.
 
     Cost: 1 forward + 1 backward (3 units). ``model`` is accepted for the common
-    ``Estimator(model, ...)`` signature.
+    ``Estimator(model, ...)`` signature. ``backward``: a hook called with the loss instead
+    of ``loss.backward()`` (see :data:`~fogzo.estimators.base.Backward`).
 
     Example::
 
@@ -21,8 +22,9 @@ class STE:
         info = estimator.estimate(lambda: F.cross_entropy(model(x), y))
     """
 
-    def __init__(self, model: nn.Module | None = None) -> None:
+    def __init__(self, model: nn.Module | None = None, *, backward: Backward | None = None) -> None:
         self.model = model
+        self.backward = backward
         self.counter = StepCounter(0)
 
     def estimate(self, closure: Closure) -> EstimateInfo:
@@ -36,7 +38,10 @@ class STE:
 
     def _step(self, closure: Closure, state: CallState) -> EstimateInfo:
         loss = checked_loss(closure())
-        loss.backward()
+        if self.backward is None:
+            loss.backward()
+        else:
+            self.backward(loss)
         info = EstimateInfo(
             loss=float(loss.detach()), forward_passes=1, backward_passes=1, beta=None, seed=None, step=self.counter.step
         )

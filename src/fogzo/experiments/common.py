@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .._optional import require
+
 __all__ = [
     "PNG_SIGNATURE",
     "Curve",
@@ -446,8 +448,7 @@ def plot_curves(
     With ``log_x`` points at ``x <= 0`` are dropped. ``hline = (y, label)`` draws a dashed
     reference line.
     """
-    import matplotlib
-
+    matplotlib = require("matplotlib", "cli", "plotting")
     matplotlib.use("Agg", force=True)
     from matplotlib import pyplot as plt
 
@@ -504,8 +505,7 @@ def progress(total: int, description: str, *, enabled: bool | None = None) -> It
 
     Returns the bar (``update``, ``set_postfix``, ``close``; usable as a context manager).
     """
-    from tqdm.auto import tqdm
-
+    tqdm = require("tqdm.auto", "cli", "the progress bar").tqdm
     if enabled is None:
         enabled = sys.stderr.isatty()
     return tqdm(total=total, desc=description, disable=not enabled, dynamic_ncols=True, leave=True)

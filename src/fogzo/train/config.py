@@ -340,8 +340,12 @@ def read_config_file(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     if path.suffix == ".json":
         table = json.loads(text)
     else:
-        import tomllib
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10: the same parser as the tomli package
+            from .._optional import require
 
+            tomllib = require("tomli", "cli", "reading TOML configs on Python 3.10")
         try:
             table = tomllib.loads(text)
         except tomllib.TOMLDecodeError as error:
