@@ -10,10 +10,9 @@ the STE with the exact smoothed gradient) at the start, middle and end of traini
     python experiments/smoothed_study.py summarize results/question.jsonl
     python experiments/smoothed_study.py run '{"estimator": "oracle", "lr": 0.003, "seed": 0}'
 
-Learning rates (the same procedure for every estimator): every learning rate of the shared grid
-with seed 0; if the best lies at an edge of what was tried, the next rate of the ladder
-1e-4, 3e-4, … 3e-1 beyond it is added (at most two extensions per side); then the best rate
-with the remaining seeds. ``grid`` is resumable: runs already in ``--out`` are not repeated.
+Learning rates, the same procedure for every estimator (experiments/tuning.py): every rate of
+the shared grid with seed 0, the next rate of the ladder beyond an edge that wins, then the best
+rate with the remaining seeds. ``grid`` is resumable: runs already in ``--out`` are not repeated.
 """
 
 from __future__ import annotations
@@ -31,8 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-LADDER = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
-MAX_EXTENSIONS = 2
+import tuning  # experiments/tuning.py: the learning-rate procedure
 
 #: Named estimator variants. "fogzo" is the paper's reading (n = 1, β_min = 0.999, ‖ĝ‖ = 1,
 #: every parameter perturbed); "fogzo-g10" is the best variant of docs/results.md (‖ĝ‖ = 10).
@@ -327,7 +325,7 @@ def _final(result: dict[str, Any]) -> float:
 
 
 def needed_runs(grid: Grid, results: dict[str, dict[str, Any]], overrides: dict[str, Any]) -> list[Spec]:
-    """Every run the grid needs given the results so far (the tuning procedure in the docstring)."""
+    """Every run the grid needs given the results so far (experiments/tuning.py)."""
     runs: list[Spec] = []
     for index, setting in enumerate(grid.settings):
         for estimator in grid.estimators:
@@ -336,45 +334,24 @@ def needed_runs(grid: Grid, results: dict[str, dict[str, Any]], overrides: dict[
             base = spec_from({**setting, **overrides, "estimator": estimator})
             if estimator in grid.follow:
                 leader, seeds = grid.follow[estimator]
-                lead = dataclasses.replace(base, estimator=leader)
-                lead_lrs = _lrs(grid, lead, results)
-                done = {lr: results.get(dataclasses.replace(lead, lr=lr, seed=grid.seeds[0]).key()) for lr in lead_lrs}
-                if all(r is not None for r in done.values()) and lead_lrs == _lrs(grid, lead, results):
-                    best = min(done, key=lambda lr: (_final(done[lr]), lr))
-                    runs += [dataclasses.replace(base, lr=best, seed=seed) for seed in seeds]
+                lr = tuning.best_lr(grid.lrs, grid.seeds[0], _scores(dataclasses.replace(base, estimator=leader), results))
+                if lr is not None:
+                    score = _scores(base, results)
+                    runs += [dataclasses.replace(base, lr=lr, seed=seed) for seed in seeds if score(lr, seed) is None]
                 continue
-            tried = {lr: results.get(dataclasses.replace(base, lr=lr, seed=grid.seeds[0]).key()) for lr in _lrs(grid, base, results)}
-            missing = [dataclasses.replace(base, lr=lr, seed=grid.seeds[0]) for lr, r in tried.items() if r is None]
-            if missing:
-                runs += missing
-                continue
-            best = min(tried, key=lambda lr: (_final(tried[lr]), lr))
-            runs += [dataclasses.replace(base, lr=best, seed=seed) for seed in grid.seeds[1:]]
+            todo = tuning.needed(grid.lrs, grid.seeds, _scores(base, results))
+            runs += [dataclasses.replace(base, lr=lr, seed=seed) for lr, seed in todo]
     return runs
 
 
-def _lrs(grid: Grid, base: Spec, results: dict[str, dict[str, Any]]) -> list[float]:
-    """The grid's learning rates plus edge extensions decided by the seed-0 results so far."""
-    lrs = sorted(grid.lrs)
-    for _ in range(2 * MAX_EXTENSIONS):
-        done = {lr: results.get(dataclasses.replace(base, lr=lr, seed=grid.seeds[0]).key()) for lr in lrs}
-        if any(r is None for r in done.values()):
-            return lrs
-        best = min(done, key=lambda lr: (_final(done[lr]), lr))
-        if math.isinf(_final(done[best])):
-            return lrs
-        position = LADDER.index(best) if best in LADDER else None
-        if position is None:
-            return lrs
-        low_ext = sum(lr < min(grid.lrs) for lr in lrs)
-        high_ext = sum(lr > max(grid.lrs) for lr in lrs)
-        if best == lrs[0] and position > 0 and low_ext < MAX_EXTENSIONS:
-            lrs.insert(0, LADDER[position - 1])
-        elif best == lrs[-1] and position + 1 < len(LADDER) and high_ext < MAX_EXTENSIONS:
-            lrs.append(LADDER[position + 1])
-        else:
-            return lrs
-    return lrs
+def _scores(base: Spec, results: dict[str, dict[str, Any]]) -> tuning.Score:
+    """``(lr, seed) -> final training loss`` of ``base``'s runs (``None``: not run yet)."""
+
+    def score(lr: float, seed: int) -> float | None:
+        record = results.get(dataclasses.replace(base, lr=lr, seed=seed).key())
+        return None if record is None else _final(record)
+
+    return score
 
 
 def read_results(path: Path) -> dict[str, dict[str, Any]]:
