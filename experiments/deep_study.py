@@ -1,0 +1,216 @@
+"""Deep networks at 10× the training length: STE vs FOGZO on ResNet-20, the ViT and a LLaMA-style LM.
+
+Every run is one ``fogzo train`` process with its own folder under ``--out`` (config, metrics,
+checkpoints every 250 steps, results). The driver is resumable across sessions: a finished run
+(``results.json``) is read, an interrupted one continues from its checkpoint (``--resume``),
+and the learning-rate procedure of experiments/tuning.py decides what runs next (every rate
+of the shared grid with seed 0, an extension beyond a winning edge, then the best rate with
+seeds 1 and 2). One run per core: ``--workers 2`` on the 2-core development machine.
+
+    python experiments/deep_study.py run resnet --out results/deep --workers 2
+    python experiments/deep_study.py summarize results/deep
+
+Families (sized so that one family's table costs a few core-hours on this CPU; docs/results.md
+says what was cut against the configs in experiments/configs/):
+
+* ``resnet``: ResNet-20 at width 8 (68 k parameters; the config's width is 16) on
+  Fashion-MNIST 32×32, batch 32, 2,000 steps (~1 epoch), augmentation as in the config;
+* ``vit``: the config's ViT at D = 48, depth 4 (118 k parameters), same data and budget;
+* ``lm``: a LLaMA-style LM with dim 64, 4 layers (226 k parameters) on Shakespeare (characters),
+  16 × 128 tokens per step, 2,000 steps.
+
+Rows: 2-bit weights with the identity STE, and 1-bit sign weights with the tanh STE, fixed α
+(``lsq`` rule), first and last layers in full precision. Estimators: STE; FOGZO in the paper's
+reading (n = 1, β_min = 0.999, ‖ĝ‖ = 1); FOGZO with ‖ĝ‖ = 10 and β_min = 1 − 8/d (d perturbed
+weights: the random part of v keeps 8× the guide's squared norm at the end, as in the MNIST
+study's best variant). Score: the config's primary metric on the held-out set (accuracy for
+images, perplexity for text).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tuning
+
+ROOT = Path(__file__).resolve().parent
+CONFIGS = ROOT / "configs"
+STEPS = 2000
+SEEDS = (0, 1, 2)
+LRS = (1e-3, 3e-3, 1e-2)
+
+FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
+    "resnet": ("resnet20_fmnist.toml", {"model_args": {"width": 8}, "batch_size": 32, "eval_size": 10000}),
+    "vit": ("vit_tiny_fmnist.toml", {"model_args": {"dim": 48, "depth": 4, "heads": 3}, "batch_size": 32, "eval_size": 10000}),
+    "lm": ("llama1m_shakespeare.toml", {"model_args": {"dim": 64, "n_layers": 4, "n_heads": 4}, "batch_size": 16}),
+}
+ROWS = {"2bit": {"bits": 2, "ste": "identity"}, "1bit": {"bits": 1, "ste": "tanh"}}
+ESTIMATORS: dict[str, dict[str, Any]] = {
+    "ste": {"estimator": "ste"},
+    "fogzo": {"estimator": "fogzo", "beta_min": 0.999, "guide_norm": 1.0},
+    "fogzo-g10": {"estimator": "fogzo", "guide_norm": 10.0, "beta_min": "1-8/d"},
+}
+
+
+@dataclass(frozen=True)
+class Run:
+    family: str
+    row: str
+    estimator: str
+    lr: float
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.family}-{self.row}-{self.estimator}-lr{self.lr:g}-seed{self.seed}"
+
+
+def _values(run: Run, out: Path) -> tuple[Path, dict[str, Any]]:
+    config, family = FAMILIES[run.family]
+    values: dict[str, Any] = {
+        **family, **ROWS[run.row], **ESTIMATORS[run.estimator], "lr": run.lr, "seed": run.seed, "steps": STEPS,
+        "eval_every": min(500, STEPS), "checkpoint_every": min(250, STEPS), "threads": 1, "progress": False, "out": str(out / run.name),
+    }
+    if values.get("beta_min") == "1-8/d":
+        values["beta_min"] = 1.0 - 8.0 / perturbed_coordinates(CONFIGS / config, values)
+    return CONFIGS / config, values
+
+
+def perturbed_coordinates(config_path: Path, values: dict[str, Any]) -> int:
+    """d: the number of quantized (perturbed) weights of the run's model."""
+    import fogzo
+    from fogzo.train import load_config
+    from fogzo.train.data import data_dimensions
+    from fogzo.train.trainer import build_quantized_model
+
+    keys = ("model_args", "bits", "ste")
+    config = load_config(config_path, {k: values[k] for k in keys})
+    model = build_quantized_model(config, data_dimensions(config))
+    return sum(entry.param.numel() for entry in fogzo.PerturbedSet.from_model(model).tensors)
+
+
+def command(run: Run, out: Path) -> list[str]:
+    config, values = _values(run, out)
+    args = [sys.executable, "-m", "fogzo.train", "--config", str(config)]
+    for key, value in values.items():
+        text = json.dumps(value) if isinstance(value, (dict, list)) else str(value).lower() if isinstance(value, bool) else value
+        args.append(f"--{key.replace('_', '-')}={text}")
+    if (out / run.name).exists() and not (out / run.name / "results.json").exists():
+        args.append("--resume")
+    return args
+
+
+def result(run: Run, out: Path) -> dict[str, Any] | None:
+    path = out / run.name / "results.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def score(record: dict[str, Any]) -> float:
+    """Lower is better: −accuracy for images, perplexity for text; a diverged run is ``inf``."""
+    if record.get("diverged"):
+        return math.inf
+    value = record.get(record["primary_metric"])
+    if value is None or not math.isfinite(value):
+        return math.inf
+    return -value if record["higher_is_better"] else value
+
+
+def needed(family: str, out: Path) -> list[Run]:
+    runs = []
+    for row in ROWS:
+        for estimator in ESTIMATORS:
+
+            def scored(lr: float, seed: int) -> float | None:
+                record = result(Run(family, row, estimator, lr, seed), out)
+                return None if record is None else score(record)
+
+            runs += [Run(family, row, estimator, lr, seed) for lr, seed in tuning.needed(LRS, SEEDS, scored)]
+    return runs
+
+
+def run_family(families: list[str], out: Path, workers: int) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    started, running = time.time(), {}
+    with ThreadPoolExecutor(workers) as pool:
+        while True:
+            todo = [run for family in families for run in needed(family, out) if run.name not in running]
+            for run in todo[: max(0, workers - len(running))]:
+                running[run.name] = pool.submit(_execute, run, out)
+            if not running:
+                break
+            done, _ = wait(list(running.values()), return_when=FIRST_COMPLETED)
+            for name in [n for n, f in running.items() if f in done]:
+                code, wall = running.pop(name).result()
+                print(f"[{(time.time() - started) / 60:6.1f} min] {name}: exit {code} ({wall:.0f} s)", file=sys.stderr, flush=True)
+                if code not in (0, 1):  # 1: a clean "diverged" stop, which has results
+                    raise SystemExit(f"deep_study: {name} failed (exit {code}); see {out / name}.log")
+
+
+def _execute(run: Run, out: Path) -> tuple[int, float]:
+    started = time.time()
+    with (out / f"{run.name}.log").open("a") as log:
+        code = subprocess.run(command(run, out), stdout=log, stderr=subprocess.STDOUT).returncode
+    return code, time.time() - started
+
+
+def summarize(out: Path) -> str:
+    lines = ["| family | row | estimator | best lr | seeds | metric | mean ± std | wall s / run | tried lrs |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for family in FAMILIES:
+        for row in ROWS:
+            for estimator in ESTIMATORS:
+
+                def scored(lr: float, seed: int, e: str = estimator, r: str = row) -> float | None:
+                    record = result(Run(family, r, e, lr, seed), out)
+                    return None if record is None else score(record)
+
+                best = tuning.best_lr(LRS, SEEDS[0], scored)
+                if best is None:
+                    continue
+                records = [r for r in (result(Run(family, row, estimator, best, s), out) for s in SEEDS) if r]
+                metric = records[0]["primary_metric"]
+                values = [r.get(metric) for r in records]
+                finite = [v for v in values if v is not None and math.isfinite(v)]
+                mean = sum(finite) / len(finite) if finite else math.nan
+                std = math.sqrt(sum((v - mean) ** 2 for v in finite) / (len(finite) - 1)) if len(finite) > 1 else 0.0
+                wall = sum(r["wall_time"] for r in records) / len(records)
+                tried = tuning.tried_lrs(LRS, SEEDS[0], scored)
+                lines.append(f"| {family} | {row} | {estimator} | {best:g} | {len(records)} | {metric} | "
+                             f"{mean:.4g} ± {std:.2g} | {wall:.0f} | {', '.join(f'{lr:g}' for lr in tried)} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    global STEPS
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    go = sub.add_parser("run", help="run (or continue) the families' tables")
+    go.add_argument("families", help="comma-separated: resnet, vit, lm")
+    go.add_argument("--out", type=Path, default=Path("results/deep"))
+    go.add_argument("--workers", type=int, default=2)
+    go.add_argument("--steps", type=int, default=2000, help="steps per run (a smoke test: a few, in another --out)")
+    show = sub.add_parser("summarize", help="Markdown table of what has finished")
+    show.add_argument("out", type=Path)
+    args = parser.parse_args()
+    if args.command == "run":
+        families = [f for f in args.families.split(",") if f]
+        unknown = [f for f in families if f not in FAMILIES]
+        if unknown:
+            raise SystemExit(f"deep_study: unknown family {unknown}; choose from {sorted(FAMILIES)}")
+        STEPS = args.steps
+        run_family(families, args.out, args.workers)
+    else:
+        print(summarize(args.out))
+
+
+if __name__ == "__main__":
+    main()
