@@ -331,23 +331,54 @@ def _flatten(table: dict[str, Any], where: str) -> tuple[dict[str, Any], dict[st
     return flat, quick
 
 
+def toml_parser() -> types.ModuleType:
+    """``tomllib`` (Python >= 3.11), else ``tomli`` (the same parser; a dependency on 3.10)."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:
+        try:
+            import tomli as tomllib
+        except ModuleNotFoundError:
+            raise ConfigError(
+                "reading a TOML config on Python < 3.11 needs the tomli package: pip install 'tomli>=1.1' "
+                "(or use a JSON config)"
+            ) from None
+    return tomllib
+
+
 def read_config_file(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Parse a ``.toml`` or ``.json`` config file into (flat values, quick overrides)."""
+    """Parse a ``.toml`` or ``.json`` config file into (flat values, quick overrides).
+
+    Every way a file can be unreadable (missing, a folder, not UTF-8, malformed JSON or
+    TOML, not a table) is a :class:`ConfigError` naming the file and, for syntax errors,
+    the line and column.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; pass a .toml or .json file")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
-        table = json.loads(text)
-    else:
-        import tomllib
-
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text (byte {error.start}: {error.reason}); save it as UTF-8"
+        ) from None
+    except OSError as error:
+        raise ConfigError(f"cannot read config file {path}: {error.strerror or error}") from None
+    if path.suffix.lower() == ".json":
         try:
-            table = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as error:
-            raise ConfigError(f"{path} is not valid TOML: {error}") from error
+            table = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"{path} is not valid JSON: {error.msg} (line {error.lineno}, column {error.colno})") from None
+    else:
+        toml = toml_parser()
+        try:
+            table = toml.loads(text)
+        except toml.TOMLDecodeError as error:
+            raise ConfigError(f"{path} is not valid TOML: {error}") from None
     if not isinstance(table, dict):
-        raise ConfigError(f"{path} must hold a table of keys")
+        raise ConfigError(f"{path} must hold a table of keys, got a JSON {type(table).__name__}")
     return _flatten(table, str(path))
 
 
