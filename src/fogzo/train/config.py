@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from ..experiments import common
+from ..experiments.common import ConfigError  # a config file or override is wrong (unknown key, bad type, bad value)
 
 __all__ = [
     "ConfigError",
@@ -45,10 +46,6 @@ __all__ = [
     "parse_overrides",
     "parse_value",
 ]
-
-
-class ConfigError(ValueError):
-    """A config file or override is wrong (unknown key, bad type, bad value)."""
 
 
 def _f(default: Any, section: str, help: str, choices: tuple | None = None) -> Any:
@@ -139,7 +136,8 @@ class TrainConfig:
     threads: int | None = _f(None, "run", "torch.set_num_threads (None: leave as is)")
     out: str | None = _f(None, "run", "output folder (None: runs/<name>-<estimator>-lr<lr>-seed<seed>)")
     name: str = _f("run", "run", "run name (defaults to the config file's stem)")
-    progress: bool = _f(True, "run", "tqdm progress bar (shown only when stderr is a terminal)")
+    progress: bool = _f(True, "run", "progress on stderr: a tqdm bar on a terminal, else a line every progress_every steps")
+    progress_every: int = _f(0, "run", "steps between progress lines when stderr is not a terminal (0: about 20 a run)")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (tuples become lists), as saved in ``config.json`` and checkpoints."""
@@ -168,6 +166,7 @@ RUN_CONTROL_KEYS = frozenset(
         "device",
         "threads",
         "progress",
+        "progress_every",
         "out",
         "time_budget",
         "num_workers",
@@ -253,7 +252,7 @@ def _validate(config: TrainConfig) -> None:
     for name in positive:
         if getattr(config, name) < 1:
             raise ConfigError(f"{name} must be >= 1, got {getattr(config, name)}")
-    for name in ("eval_every", "checkpoint_every", "eval_size", "train_eval_size", "num_workers"):
+    for name in ("eval_every", "checkpoint_every", "eval_size", "train_eval_size", "num_workers", "progress_every"):
         if getattr(config, name) < 0:
             raise ConfigError(f"{name} must be >= 0, got {getattr(config, name)}")
     if not config.lr > 0 or not math.isfinite(config.lr):
@@ -286,7 +285,7 @@ def config_from_dict(values: dict[str, Any], where: str = "a dict") -> TrainConf
         if _HINTS[name] is dict and not isinstance(value, dict):
             raise ConfigError(f"{name} in {where}: expected a table, got {value!r}")
         checked[name] = value
-    if checked.get("text_file") and checked.get("dataset", "text") != "text":
+    if checked.get("text_file") and checked.get("dataset") != "text":  # text_file implies dataset=text
         checked["dataset"] = "text"
     try:
         config = common.config_from_dict(TrainConfig, checked)
@@ -436,10 +435,15 @@ def load_config(
         values.setdefault("name", Path(path).stem)
         where = str(path)
     if quick:
-        if path is not None and not quick_values:
+        if path is None:
+            raise ConfigError(
+                "--quick applies the [quick] table of a config file: pass --config FILE as well "
+                "(e.g. --config experiments/configs/resnet20_fmnist.toml --quick)"
+            )
+        if not quick_values:
             raise ConfigError(f"--quick: {path} has no [quick] table")
         values.update(quick_values)
-        if path is not None and "name" not in quick_values:
+        if "name" not in quick_values:
             values["name"] = f"{values['name']}_quick"
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
