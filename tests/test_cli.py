@@ -398,3 +398,70 @@ def test_closed_output_pipe_is_not_a_traceback(tmp_path):
     os.close(write_end)
     assert finished.returncode == 141, finished.stderr.decode()[-2000:]
     assert b"Traceback" not in finished.stderr and b"BrokenPipeError" not in finished.stderr
+
+
+# ------------------------------------------------------------------ fogzo reproduce mnist (item 8)
+
+TINY_STUDY = ["--quick", "--lrs", "1e-2", "--iterations", "4", "--set", "eval_every=2", "--set", "eval_subset=200",
+              "--set", "spsa_n=1", "--set", "spsa_iterations=4", "--set", "spsa_lrs=1e-2", "--set", "spsa_eval_points=2"]
+
+
+def test_reproduce_resumes_an_interrupted_study_and_never_overwrites_one(tmp_path, monkeypatch, capsys):
+    import os
+
+    from fogzo.data import load_mnist
+    from fogzo.experiments import mnist
+
+    try:
+        load_mnist()
+    except (FileNotFoundError, ImportError) as error:
+        pytest.skip(f"MNIST is not available: {error}")
+
+    def study(out: Path, *extra: str) -> int:
+        return fogzo_main(["reproduce", "mnist", *TINY_STUDY, "--out", str(out), *extra])
+
+    def runs(out: Path) -> list[tuple]:
+        return [(r["label"], r["iteration"], r["train_loss"], r["test_accuracy"]) for r in strict_lines(out / "runs.jsonl")]
+
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert study(straight) == 0
+    started = []
+    original = mnist.train_run
+
+    def train_run(spec, *args, **kwargs):
+        started.append(spec.label)
+        if len(started) == 2 and interrupt:
+            raise KeyboardInterrupt
+        return original(spec, *args, **kwargs)
+
+    monkeypatch.setattr(mnist, "train_run", train_run)
+    interrupt = True
+    capsys.readouterr()
+    try:
+        code = study(split)
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped the command as a KeyboardInterrupt")
+    assert code == 130
+    assert "1 of 3 runs are finished" in capsys.readouterr().err
+    assert {label for label, *_ in runs(split)} == {"STE"}
+    # The folder holds a study: a new one is refused, a different config cannot resume it.
+    before = snapshot(split)
+    assert study(split) == 2
+    assert "--resume" in one_line_error(capsys, "fogzo reproduce mnist: error: ")
+    assert study(split, "--resume", "--set", "fogzo.beta_min=0.99") == 2
+    assert "fogzo: saved" in one_line_error(capsys, "fogzo reproduce mnist: error: ")
+    assert snapshot(split) == before
+    # --resume runs only the unfinished runs and ends where the straight study ends.
+    interrupt, started[:] = False, []
+    replaced = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: replaced.append(Path(b).name) or real_replace(a, b))
+    assert study(split, "--resume") == 0
+    assert started == ["FOGZO", "SPSA n=1"]
+    assert sorted(runs(split)) == sorted(runs(straight))
+    assert {"summary.md", "config.json", "runs.jsonl", "loss_vs_compute.png"} <= set(replaced)
+    assert "resumed: 1 runs finished by an earlier invocation" in (split / "summary.md").read_text()
+    # --overwrite starts the study again.
+    started[:] = []
+    assert study(split, "--overwrite") == 0
+    assert started == ["STE", "FOGZO", "SPSA n=1"] and sorted(runs(split)) == sorted(runs(straight))
