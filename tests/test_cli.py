@@ -465,3 +465,21 @@ def test_reproduce_resumes_an_interrupted_study_and_never_overwrites_one(tmp_pat
     started[:] = []
     assert study(split, "--overwrite") == 0
     assert started == ["STE", "FOGZO", "SPSA n=1"] and sorted(runs(split)) == sorted(runs(straight))
+
+
+def test_deterministic_turns_on_deterministic_algorithms_for_the_run(tiny_config, tmp_path, monkeypatch):
+    import os
+
+    import torch
+
+    from fogzo.train.trainer import StepRunner
+
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", "")  # so that the test's end restores the user's value
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
+    seen = []
+    original = StepRunner.step
+    monkeypatch.setattr(StepRunner, "step", lambda self: seen.append(torch.are_deterministic_algorithms_enabled()) or original(self))
+    before = torch.are_deterministic_algorithms_enabled()
+    assert run_train(tiny_config, tmp_path / "run", "--deterministic") == 0
+    assert seen == [True] * 4 and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert torch.are_deterministic_algorithms_enabled() == before  # restored after the run

@@ -133,6 +133,9 @@ class TrainConfig:
     checkpoint_every: int = _f(0, "run", "checkpoint every this many steps (0: only at the end)")
     device: str = _f("cpu", "run", "device", ("cpu", "cuda", "auto"))
     autocast: str = _f("none", "run", "autocast dtype of the forward", ("none", "bf16", "fp16"))
+    deterministic: bool = _f(
+        False, "run", "torch.use_deterministic_algorithms(True) for the run: bit-reproducible CUDA runs (docs/reproducibility.md)"
+    )
     threads: int | None = _f(None, "run", "torch.set_num_threads (None: leave as is)")
     out: str | None = _f(None, "run", "output folder (None: runs/<name>-<estimator>-lr<lr>-seed<seed>)")
     name: str = _f("run", "run", "run name (defaults to the config file's stem)")

@@ -679,6 +679,8 @@ def train(
 
     With ``stop_at`` the run saves a checkpoint after that step and returns a record with
     ``"stop_reason": "stop_at"`` and no final evaluation; ``resume=True`` continues it.
+    With ``deterministic`` the run uses ``torch.use_deterministic_algorithms(True)`` (needed
+    for bit-reproducible CUDA runs; see ``docs/reproducibility.md``).
     A non-finite training loss, or an estimator's ``FloatingPointError`` (a non-finite
     perturbed loss), ends the run as ``"diverged"``: metrics and ``results.json`` are written
     (``"diverged": true``), no checkpoint. Ctrl-C (SIGINT) stops the run after the current
@@ -695,6 +697,40 @@ def train(
     checkpoint = prepare_output(out, config, resume=resume, overwrite=overwrite)
     if config.threads is not None:
         torch.set_num_threads(config.threads)
+    with _deterministic(config.deterministic):
+        return _train(config, checkpoint, out, world, resume=resume, overwrite=overwrite, command=command, log=log)
+
+
+@contextlib.contextmanager
+def _deterministic(enabled: bool):
+    """``torch.use_deterministic_algorithms(True)`` inside the block (previous setting after it).
+
+    cuBLAS needs ``CUBLAS_WORKSPACE_CONFIG`` for deterministic results; it is set to
+    ``:4096:8`` unless given (it must be set before the process's first CUDA matmul).
+    """
+    if not enabled:
+        yield
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+
+
+def _train(
+    config: TrainConfig,
+    checkpoint: dict[str, Any] | None,
+    out: Path,
+    world: int,
+    *,
+    resume: bool,
+    overwrite: bool,
+    command: list[str] | None,
+    log: Callable[[str], None] | None,
+) -> dict[str, Any]:
     device = resolve_device(config.device)
     if world > 1:
         device = fd.init_from_env(device=device.type)
