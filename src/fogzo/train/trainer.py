@@ -11,7 +11,23 @@ Outputs in the run folder (``config.output_dir()``):
   evaluation; ``{"event": "final", ...}`` at the end;
 * ``checkpoint.pt`` — model, optimizer, LR scheduler, ``estimator.state_dict()``, data stream
   state (generator, epoch order, position), global RNG state, step and counters;
-* ``results.json`` — the final metrics of a finished run.
+* ``results.json`` — the final metrics of a finished (or diverged) run.
+
+Every JSON file is strict JSON: a NaN or infinite value (a diverged loss) is written as
+``null`` and named in the record's ``"nonfinite"`` field (``{"loss": "nan"}``);
+:func:`fogzo.experiments.common.read_jsonl` / ``read_json`` restore the floats.
+``config.json``, ``results.json`` and ``checkpoint.pt`` are written to a temporary file and
+renamed, so a crash never leaves half a file.
+
+Never losing a result. A run folder that holds files is refused (:class:`ConfigError`)
+unless ``resume`` (its checkpoint's config must match, keys outside ``RUN_CONTROL_KEYS``)
+or ``overwrite`` (its config.json, metrics.jsonl, results.json and checkpoint.pt are
+removed; nothing else). Ctrl-C stops the run after the current step and saves a
+checkpoint (:class:`TrainingInterrupted`). Everything that can be checked without data
+(:func:`check_config`) is checked before the folder is touched or the data loaded.
+
+Progress: a tqdm bar on stderr when it is a terminal; otherwise (a log file, a batch
+system) one line every ``progress_every`` steps (0: about 20 per run); rank 0 only.
 
 Data parallelism. Under ``torchrun --nproc-per-node N`` (``WORLD_SIZE`` in the environment)
 :func:`train` joins the process group (:func:`fogzo.distributed.init_from_env`: gloo on CPU,
