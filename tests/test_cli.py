@@ -72,6 +72,13 @@ def test_toml_falls_back_to_tomli_without_tomllib(tmp_path, monkeypatch):
     assert "\"tomli>=1.1; python_version < '3.11'\"" in pyproject
 
 
+def test_text_file_implies_dataset_text(tmp_path):
+    text = tmp_path / "corpus.txt"
+    text.write_text("to be or not to be " * 100)
+    assert load_config(None, {"model": "llama-1m", "text_file": str(text)}).dataset == "text"
+    assert load_config(None, {"model": "llama-1m", "dataset": "shakespeare", "text_file": str(text)}).dataset == "text"
+
+
 # ------------------------------------------------------------------ a tiny run to work with
 
 

@@ -105,8 +105,9 @@ CONFIG = "config.json"
 OUTPUT_FILES = (CONFIG, METRICS, RESULTS, CHECKPOINT)
 #: Keys every checkpoint of :func:`train` holds.
 CHECKPOINT_KEYS = frozenset({"config", "step", "total_steps", "model", "optimizer", "scheduler", "estimator", "data"})
-#: Vocabulary size of a planned (meta) text model before the text is read.
+#: Vocabulary size and class count of a planned (meta) model before the data is read.
 PLAN_VOCAB_SIZE = 256
+PLAN_NUM_CLASSES = 2
 
 
 # ----------------------------------------------------------------------------- building
@@ -169,14 +170,23 @@ def build_quantized_model(config: TrainConfig, dims: dict[str, int]) -> nn.Modul
     return model
 
 
+def _planning_dims(config: TrainConfig) -> dict[str, int]:
+    """:func:`data_dimensions`, with placeholders for what only the data can tell: the
+    character vocabulary of a text, the class count of an image folder."""
+    if config.dataset == "image_folder" and config.num_classes is None and not is_text_model(config.model):
+        return {"in_channels": 3, "num_classes": PLAN_NUM_CLASSES, "image_size": config.image_size}
+    dims = data_dimensions(config)
+    if is_text_model(config.model) and "vocab_size" not in dims:
+        dims = {**dims, "vocab_size": PLAN_VOCAB_SIZE}
+    return dims
+
+
 def plan_model(config: TrainConfig) -> nn.Module:
     """The quantized model on the ``meta`` device (shapes only, no data read, no memory).
 
     α is initialised with the cheap ``"max"`` rule here (meta tensors hold no values).
     """
-    dims = data_dimensions(config)
-    if is_text_model(config.model) and "vocab_size" not in dims:
-        dims = {**dims, "vocab_size": PLAN_VOCAB_SIZE}  # the char vocabulary comes from the text
+    dims = _planning_dims(config)
     with torch.device("meta"):
         model = build_model(config.model, **_model_kwargs(config, dims))
     quantize(model, quant_config(config, "max"), skip=config.skip, skip_first_last=config.skip_first_last)
