@@ -339,6 +339,20 @@ def test_reproduce_checks_estimator_options_before_any_run(capsys, monkeypatch, 
     assert not (tmp_path / "out").exists()
 
 
+def test_reproduce_with_fewer_images_than_a_batch_is_one_line(tmp_path, capsys, monkeypatch):
+    # A user folder (--data-dir, or FOGZO_DATA_DIR) with a handful of images used to make
+    # every run loop forever (an epoch held no batch).
+    from fogzo.experiments import mnist
+
+    monkeypatch.setattr(mnist, "train_run", lambda *a, **k: pytest.fail("a run started (and would never end)"))
+    _write_fake_fashion_mnist(tmp_path / "mnist")
+    out = tmp_path / "out"
+    code = fogzo_main(["reproduce", "mnist", *TINY_STUDY, "--data-dir", str(tmp_path / "mnist"), "--out", str(out)])
+    assert code == 2
+    assert "holds 64 images, fewer than batch_size=128" in one_line_error(capsys, "fogzo reproduce mnist: error: ")
+    assert not out.exists()
+
+
 # ------------------------------------------------------------------ a corrupted checkpoint (item 10)
 
 

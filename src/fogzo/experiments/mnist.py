@@ -555,6 +555,8 @@ def train_run(
 
     point(0)
     step = 0
+    if len(data.train_x) < config.batch_size:  # an epoch would hold no batch: never ending
+        raise ValueError(f"{len(data.train_x)} training examples are fewer than batch_size={config.batch_size}")
     while step < spec.iterations:
         for xb, yb in batches(data.train_x, data.train_y, config.batch_size, generator):
             started = time.perf_counter()
@@ -982,6 +984,11 @@ def reproduce(
     finished = 0
     try:
         data = load_data(config)
+        if len(data.train_x) < config.batch_size:
+            raise ConfigError(
+                f"the MNIST training set from {data.source} holds {len(data.train_x)} images, fewer than "
+                f"batch_size={config.batch_size}; use the full data set or a smaller --set batch_size=..."
+            )
         if overwrite:
             for name in OUTPUT_FILES:
                 (out / name).unlink(missing_ok=True)
