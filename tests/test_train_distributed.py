@@ -45,7 +45,6 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.optim.optimizer as optim_hooks
 
 import fogzo
