@@ -183,6 +183,17 @@ def test_a_finished_run_is_never_overwritten_silently(tiny_config, tmp_path, cap
     assert "removed the earlier run's" in capsys.readouterr().out
 
 
+def test_a_checkpoint_from_before_a_new_config_key_still_resumes(tiny_config, tmp_path):
+    import torch
+
+    out = tmp_path / "run"
+    assert run_train(tiny_config, out, "--stop-at=2") == 0
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)
+    del saved["config"]["deterministic"]  # as written before the key existed
+    torch.save(saved, out / "checkpoint.pt")
+    assert run_train(tiny_config, out, "--resume") == 0
+
+
 def test_results_and_config_are_replaced_atomically(tiny_config, tmp_path, monkeypatch):
     import os
 

@@ -87,12 +87,13 @@ from .data import TaskData, build_data, data_dimensions, is_text_model
 __all__ = [
     "TrainingInterrupted",
     "build_estimator",
-    "check_config",
     "build_optimizer",
     "build_quantized_model",
     "build_scheduler",
+    "check_config",
     "lr_factor",
     "plan_model",
+    "prepare_output",
     "text_tokens_needed",
     "train",
 ]
@@ -537,11 +538,13 @@ def check_config(config: TrainConfig, world_size: int = 1) -> None:
 
 def _check_resume_config(saved: dict[str, Any], config: TrainConfig, what: str = "the checkpoint's") -> None:
     current = config.to_dict()
+    # A key the saved config lacks was added later: that run used its default.
+    saved = {**TrainConfig().to_dict(), **saved}
     label = "saved" if what == "the checkpoint's" else "folder"
     differing = [
-        f"{key}: {label} {saved.get(key)!r}, now {current[key]!r}"
+        f"{key}: {label} {saved[key]!r}, now {current[key]!r}"
         for key in current
-        if key not in RUN_CONTROL_KEYS and saved.get(key) != current[key]
+        if key not in RUN_CONTROL_KEYS and saved[key] != current[key]
     ]
     if differing:
         raise ConfigError(
