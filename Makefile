@@ -51,7 +51,8 @@ test: $(TEST_STAMP)
 	$(PY) -m pytest tests
 
 demo: $(STAMP)
-	$(VENV)/bin/fogzo reproduce mnist
+	# --resume: a second `make demo` keeps the finished runs (and an interrupted one continues).
+	$(VENV)/bin/fogzo reproduce mnist --resume
 
 bench: $(STAMP)
 	$(PY) benchmarks/step_cost.py

@@ -312,7 +312,8 @@ def main(argv: list[str] | None = None) -> dict:
             with tempfile.TemporaryDirectory() as tmp:
                 out = os.path.join(tmp, "rank0.json")
                 fd.spawn_local(ddp_worker, 2, (spec, names, args.warmup, repeats, out, engine),
-                               timeout=args.timeout, collective_timeout=min(args.timeout, 120.0), tmpdir=tmp)
+                               timeout=args.timeout, collective_timeout=min(args.timeout, 120.0), tmpdir=tmp,
+                               start_method="spawn")  # fresh workers, as in the measurements in docs/
                 with open(out) as handle:
                     runs[engine] = json.load(handle)
         for engine, run in runs.items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import importlib.metadata
 import sys
 from pathlib import Path
@@ -476,3 +477,26 @@ def test_train_bpe_round_trip() -> None:
     ids = tokenizer.encode(text).ids
     assert len(ids) < len(text.encode("utf-8"))  # merges compress the text
     assert tokenizer.decode(ids) == text
+
+
+def test_suite_ignores_the_users_data_dir(pytester, monkeypatch):
+    """tests/conftest.py hides FOGZO_DATA_DIR from every test, module fixtures included
+    (tests that expect the bundled data would read the user's folder otherwise)."""
+    pytester.makeconftest((Path(__file__).parent / "conftest.py").read_text())
+    pytester.makepyfile(
+        """
+        import os
+        import pytest
+
+        @pytest.fixture(scope="module")
+        def seen_by_a_module_fixture():
+            return os.environ.get("FOGZO_DATA_DIR")
+
+        def test_hidden(seen_by_a_module_fixture):
+            assert seen_by_a_module_fixture is None
+            assert os.environ.get("FOGZO_DATA_DIR") is None
+        """
+    )
+    monkeypatch.setenv("FOGZO_DATA_DIR", str(pytester.path / "users-own-data"))
+    pytester.runpytest("-p", "no:cacheprovider").assert_outcomes(passed=1)
+    assert os.environ["FOGZO_DATA_DIR"] == str(pytester.path / "users-own-data")  # restored afterwards

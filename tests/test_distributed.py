@@ -9,10 +9,14 @@
   coordinates), per-channel α on uneven shards, and the collectives the ZO part adds.
 
 Every multi-process run goes through :func:`fogzo.distributed.spawn_local`, which bounds
-it by a wall-clock deadline and a collective timeout. Processes are forked where the
-platform allows it (starting a spawned interpreter and importing torch costs ~10 s on a
-loaded 2-core machine; a fork costs milliseconds). The parent never initialises CUDA or a
-process group, so forking it is safe.
+it by a wall-clock deadline and a collective timeout. Processes start with
+:func:`fogzo.distributed.safe_start_method`: forked on a CPU-only machine (starting a spawned
+interpreter and importing torch costs ~10 s on a loaded 2-core machine; a fork costs
+milliseconds), from a forkserver where a GPU is present (a forked child could not run
+autograd or CUDA there). Everything runs on the CPU with gloo, also on a GPU machine: the
+FSDP meshes are built on "cpu" explicitly (FSDP's default mesh takes the accelerator), and
+the workers pretend that CUDA is the accelerator (:func:`_pretend_gpu_machine`), so a CPU
+machine checks that nothing falls back to a default device.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from fogzo import distributed as fd
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
-START_METHOD = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+START_METHOD = fd.safe_start_method()
 WORLD = 2
 BATCH = 16
 STEPS = 3
@@ -56,6 +60,23 @@ CASES = {
 ZO_CASES = [name for name in CASES if name != "ste"]
 # FSDP-only cases: per-channel α, 13 hidden rows (uneven shards 7 + 6), FOGZO β = 0.5.
 PER_CHANNEL_CASES = {"per_channel_n1": {"n": 1, "beta": 0.5}, "per_channel_n2": {"n": 2, "beta": 0.5}}
+
+
+@contextlib.contextmanager
+def _pretend_gpu_machine():
+    """Make torch believe CUDA is the accelerator (as on a GPU machine), on any machine.
+
+    Code that picks its device by default (FSDP's default mesh, ``init_from_env()``)
+    then asks for CUDA and fails on a CPU machine, as it would misplace tensors on a GPU
+    one; the tests must name the CPU wherever they mean it.
+    """
+    saved = torch._C._get_accelerator, torch.cuda.is_available
+    torch._C._get_accelerator = lambda: torch.device("cuda")
+    torch.cuda.is_available = lambda: True
+    try:
+        yield
+    finally:
+        torch._C._get_accelerator, torch.cuda.is_available = saved
 
 
 def _mlp(per_channel: bool = False, hidden: int = 16) -> nn.Module:
@@ -182,6 +203,11 @@ def _train(name: str, model: nn.Module, call: nn.Module, x, y, log: CollectiveLo
 
 
 def _ddp_worker(rank: int, world: int, out_dir: str) -> None:
+    with _pretend_gpu_machine():
+        _ddp_cases(rank, world, out_dir)
+
+
+def _ddp_cases(rank: int, world: int, out_dir: str) -> None:
     x, y = fd.shard_batch(*_batch())
     assert x.shape[0] == BATCH // world
     results = {}
@@ -253,12 +279,15 @@ def _bucket_view_worker(rank: int, world: int, out_dir: str) -> None:
 
 
 def _fsdp_model(per_channel: bool = False, hidden: int = 16) -> nn.Module:
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    # gloo and CPU tensors: the mesh must be on "cpu" (the default mesh takes the accelerator).
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     model = _mlp(per_channel, hidden)
     for layer in (model[0], model[2]):
-        fully_shard(layer)
-    fully_shard(model)
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     return model
 
 
@@ -268,6 +297,11 @@ def _full_grads(model: nn.Module) -> dict[str, torch.Tensor | None]:
 
 def _fsdp_worker(rank: int, world: int, out_dir: str) -> None:
     """Every case of CASES on an FSDP2 (fully_shard) model, plus per-channel α on uneven shards."""
+    with _pretend_gpu_machine():
+        _fsdp_cases(rank, out_dir)
+
+
+def _fsdp_cases(rank: int, out_dir: str) -> None:
     x, y = fd.shard_batch(*_batch())
     results = {}
     for name in CASES:
@@ -277,6 +311,7 @@ def _fsdp_worker(rank: int, world: int, out_dir: str) -> None:
         model = _fsdp_model(per_channel=True, hidden=13)  # 13 rows: shards of 7 and 6
         results[f"per_channel_n{n}"] = _train(f"per_channel_n{n}", model, model, x, y, CollectiveLog(), grads=_full_grads)
     results["shard_rows"] = [(e.first_row, e.rows, e.start) for e in fogzo.PerturbedSet.from_model(model).tensors]
+    results["mesh_device"] = model[0].weight.device_mesh.device_type
     torch.save(results, os.path.join(out_dir, f"fsdp{rank}.pt"))
 
 
@@ -286,14 +321,16 @@ def _env_worker(rank: int, world: int, port: int, out_dir: str) -> None:
          "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     )
     torch.set_num_threads(1)
-    device = fd.init_from_env(timeout=timedelta(seconds=COLLECTIVE_TIMEOUT))
-    try:
-        assert device == torch.device("cpu") and dist.get_backend() == "gloo"
-        again = fd.init_from_env()  # idempotent
-        torch.save((fd.rank(), fd.world_size(), str(again), fd.all_reduce_mean(rank + 1.0)),
-                   os.path.join(out_dir, f"env{rank}.pt"))
-    finally:
-        fd.cleanup()
+    # CPU and gloo because we say so, not because there is no GPU.
+    with _pretend_gpu_machine():
+        device = fd.init_from_env(timeout=timedelta(seconds=COLLECTIVE_TIMEOUT), device="cpu")
+        try:
+            assert device == torch.device("cpu") and dist.get_backend() == "gloo"
+            again = fd.init_from_env()  # idempotent: the joined group's device, not the accelerator
+            torch.save((fd.rank(), fd.world_size(), str(again), fd.all_reduce_mean(rank + 1.0)),
+                       os.path.join(out_dir, f"env{rank}.pt"))
+        finally:
+            fd.cleanup()
 
 
 def _launch(fn, args, *, collective_timeout: float = COLLECTIVE_TIMEOUT, tmpdir: str | None = None) -> None:
@@ -537,6 +574,11 @@ def test_fsdp_all_gathers_once_per_module_and_pass(fsdp_runs, name):
         assert scattered == parameters * backward, (step, record["events"])
 
 
+def test_fsdp_meshes_are_built_on_cpu(fsdp_runs):
+    ranks, _ = fsdp_runs
+    assert [rank["mesh_device"] for rank in ranks] == ["cpu", "cpu"]
+
+
 def test_fsdp_shard_offsets(fsdp_runs):
     ranks, _ = fsdp_runs
     # 13×8 weight: rank 0 rows 0..6 (flat start 0), rank 1 rows 7..12 (flat start 56);
@@ -564,6 +606,28 @@ def test_init_from_env_with_torchrun_variables(tmp_path):
                 process.kill()
     for r in range(WORLD):
         assert torch.load(tmp_path / f"env{r}.pt", weights_only=False) == (r, WORLD, "cpu", 1.5)
+
+
+def test_start_method_is_not_fork_where_fork_breaks_cuda_or_autograd(monkeypatch):
+    monkeypatch.delenv(fd.START_METHOD_ENV_VAR, raising=False)
+    methods = mp.get_all_start_methods()
+    if "fork" in methods:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+        if hasattr(torch, "accelerator"):
+            monkeypatch.setattr(torch.accelerator, "is_available", lambda: False)
+        assert fd.safe_start_method() == "fork"  # a CPU-only machine: fast and safe
+    expected = "forkserver" if "forkserver" in methods else "spawn"
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)  # CUDA started in this process
+    assert fd.safe_start_method() == expected
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine: autograd threads
+    assert fd.safe_start_method() == expected
+    monkeypatch.setenv(fd.START_METHOD_ENV_VAR, "spawn")
+    assert fd.safe_start_method() == "spawn"
+    monkeypatch.setenv(fd.START_METHOD_ENV_VAR, "teleport")
+    with pytest.raises(ValueError, match="teleport"):
+        fd.safe_start_method()
 
 
 def test_single_process_fallbacks(monkeypatch):

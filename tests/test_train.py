@@ -305,7 +305,8 @@ def test_compare_driver_writes_summary(tmp_path, capsys, corpus):
     assert capsys.readouterr().out.count("reusing its results") == 8
 
 
-def test_image_folder_data(tmp_path):
+@pytest.mark.parametrize("num_classes", [2, None])  # None: taken from the folder
+def test_image_folder_data(tmp_path, num_classes):
     from PIL import Image
 
     rng = np.random.default_rng(0)
@@ -319,7 +320,7 @@ def test_image_folder_data(tmp_path):
     out = tmp_path / "run"
     values = {
         "model": "vit_tiny_cifar", "dataset": "image_folder", "data_dir": str(tmp_path / "images"),
-        "num_classes": 2, "image_size": 32, "batch_size": 4, "num_workers": 0, "steps": 4, "eval_size": 0,
+        "num_classes": num_classes, "image_size": 32, "batch_size": 4, "num_workers": 0, "steps": 4, "eval_size": 0,
         "train_eval_size": 4, "estimator": "fogzo", "progress": False, "out": str(out), "log_every": 1, **FAST,
     }
     results = train(load_config(None, values), log=quiet)

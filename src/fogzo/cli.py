@@ -5,13 +5,20 @@ Usage::
     fogzo reproduce mnist [--quick] [--out DIR] [--data-dir DIR] [--bits {1,ternary,2,...}]
                           [--seeds 0,1,2] [--iterations N] [--lrs 1e-3,3e-3] [--optimizer adam|sgd]
                           [--device cpu|cuda] [--threads N] [--set KEY=VALUE ...] [--dry-run]
-                          [--resummarize]
+                          [--resume | --overwrite] [--resummarize]
+    fogzo train ...           (see fogzo.train.cli)
+    fogzo --version
 
 ``--set`` overrides any field of the experiment's config dataclass, dotted for nested
 ones (``--set fogzo.beta_min=0.99 --set spsa_n=1,64``); ``--dry-run`` prints the resolved
 config and the planned runs without training; ``--resummarize`` rewrites ``summary.md`` and
-the plots of an existing ``--out`` folder from its ``config.json`` and ``runs.jsonl``. Further subcommands (``fogzo train``) hang
-off :func:`build_parser`.
+the plots of an existing ``--out`` folder from its ``config.json`` and ``runs.jsonl``. An output
+folder that holds files needs ``--resume`` (keep its finished runs; same config) or
+``--overwrite``. Further subcommands (``fogzo train``) hang off :func:`build_parser`.
+
+Exit status: 0 done, 1 a ``fogzo train`` run diverged, 2 usage or config error (one line on
+stderr, nothing written), 130 interrupted by Ctrl-C (what was finished is saved; ``--resume``
+continues), 141 the output pipe was closed (``fogzo train --print-config | head``).
 """
 
 from __future__ import annotations
@@ -20,10 +27,13 @@ import argparse
 import shlex
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 __all__ = ["build_parser", "main"]
 
 BITS_CHOICES = ("1", "ternary", "2", "3", "4")
+EXIT_USAGE = 2  # as argparse: a bad option, config or output folder
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
 
 _SET_HELP = """\
 override a config field (repeatable), dotted for nested fields; tuples are
@@ -42,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fogzo",
         description="FOGZO: first-order-guided zeroth-order gradients for low-bit quantization-aware training.",
     )
+    from .train.cli import version_text
+
+    parser.add_argument("--version", action="version", version=version_text())
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     reproduce = commands.add_parser(
         "reproduce",
@@ -86,7 +99,15 @@ def _add_mnist(experiments: argparse._SubParsersAction) -> None:
     mnist.add_argument("--device", metavar="cpu|cuda", help="device (default cpu)")
     mnist.add_argument("--threads", type=int, metavar="N", help="torch.set_num_threads (default 2)")
     mnist.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config field (see below)")
-    mnist.add_argument("--dry-run", action="store_true", help="print the resolved config and planned runs, then exit")
+    mnist.add_argument("--dry-run", action="store_true", help="check the config, print it and the planned runs, then exit")
+    mnist.add_argument(
+        "--resume", action="store_true",
+        help="finish the study in --out: keep its finished runs (same config required), run the rest",
+    )
+    mnist.add_argument(
+        "--overwrite", action="store_true",
+        help="replace an earlier study in --out (its config.json, runs.jsonl, summary.md and plots)",
+    )
     mnist.add_argument(
         "--resummarize",
         action="store_true",
@@ -96,8 +117,12 @@ def _add_mnist(experiments: argparse._SubParsersAction) -> None:
 
 
 def _run_mnist(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from .experiments.common import apply_overrides, format_config
-    from .experiments.mnist import MnistConfig, plan_runs, quick_config, reproduce, resummarize
+    from .experiments.common import ConfigError, RunInterrupted, apply_overrides, format_config
+    from .experiments.mnist import MnistConfig, plan_runs, quick_config, reproduce, resummarize, validate
+
+    def error(message: str) -> int:
+        print(f"fogzo reproduce mnist: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
 
     config = quick_config() if args.quick else MnistConfig()
     flags = {
@@ -113,12 +138,19 @@ def _run_mnist(args: argparse.Namespace, argv: Sequence[str]) -> int:
     overrides = [f"{key}={value}" for key, value in flags.items() if value is not None] + list(args.overrides)
     try:
         config = apply_overrides(config, overrides)
-    except ValueError as error:
-        raise SystemExit(f"fogzo reproduce mnist: error: {error}") from None
+    except (TypeError, ValueError) as problem:
+        return error(str(problem))
     out = args.out or f"results/mnist-{config.bits}{'-quick' if args.quick else ''}"
     if args.resummarize:
+        missing = [name for name in ("config.json", "runs.jsonl") if not (Path(out) / name).is_file()]
+        if missing:
+            return error(f"--resummarize: {out} holds no {' or '.join(missing)} of an earlier run")
         resummarize(out)
         return 0
+    try:
+        validate(config)
+    except ConfigError as problem:
+        return error(str(problem))
     if args.dry_run:
         print(format_config(config))
         plan = plan_runs(config)
@@ -126,16 +158,30 @@ def _run_mnist(args: argparse.Namespace, argv: Sequence[str]) -> int:
             print(f"  {spec.label:<14} lr {spec.lr:<8g} seed {spec.seed} iterations {spec.iterations}")
         print(f"{len(plan)} runs; output folder {out}")
         return 0
-    reproduce(config, out, command="fogzo " + shlex.join(argv))
+    try:
+        reproduce(config, out, command="fogzo " + shlex.join(argv), resume=args.resume, overwrite=args.overwrite)
+    except ConfigError as problem:
+        return error(str(problem))
+    except FileNotFoundError as problem:  # the data set is not installed
+        return error(str(problem))
+    except RunInterrupted as interrupted:
+        print(f"fogzo reproduce mnist: {interrupted}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``fogzo`` console script; returns the exit status."""
+    """Entry point of the ``fogzo`` console script; returns the exit status.
+
+    Exit status: 0 done, 1 a ``fogzo train`` run diverged, 2 usage or config error (one
+    line on stderr), 130 interrupted (Ctrl-C), 141 output pipe closed (``... | head``).
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
-    return int(args.handler(args, argv) or 0)
+    from .train.cli import guarded
+
+    return guarded(lambda: int(args.handler(args, argv) or 0), "fogzo")
 
 
 if __name__ == "__main__":

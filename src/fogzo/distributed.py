@@ -27,7 +27,9 @@ in the environment) every helper degrades to the single-process case.
 
 :func:`spawn_local` starts ``world_size`` local processes on one machine with a file-based
 rendezvous, a collective timeout and a wall-clock deadline; the tests and
-``benchmarks/distributed.py`` use it.
+``benchmarks/distributed.py`` use it. It forks only where forking is safe (no GPU or other
+accelerator, CUDA not initialised) and uses ``forkserver`` otherwise
+(:func:`safe_start_method`).
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ __all__ = [
     "local_rank",
     "rank",
     "rank_zero_print",
+    "safe_start_method",
     "shard_batch",
     "shard_indices",
     "spawn_local",
@@ -136,9 +139,13 @@ def init_from_env(
         timeout: collective timeout. A rank that fails makes the others raise after at
             most this long rather than hang (torchrun also tears the job down as soon as
             one worker exits with an error).
-        device: ``"cpu"`` or ``"cuda"``; default: CUDA when available. On CUDA the
+        device: ``"cpu"`` or ``"cuda"``; default: the joined group's (gloo: CPU, nccl:
+            CUDA) when a process group exists, else CUDA when available. On CUDA the
             device is ``cuda:LOCAL_RANK`` and is made current.
     """
+    if device is None and dist.is_available() and dist.is_initialized():
+        # Already joined: the device of that group's backend (not whatever is available).
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
     kind = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
     if kind not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
@@ -271,6 +278,52 @@ def check_same_on_all_ranks(value: int, what: str = "value", device: torch.devic
 
 # ---------------------------------------------------------------- local launcher
 
+#: Environment variable that overrides :func:`safe_start_method` (``fork``, ``forkserver``, ``spawn``).
+START_METHOD_ENV_VAR = "FOGZO_START_METHOD"
+
+
+def _fork_is_unsafe() -> bool:
+    """Whether a forked child could fail where a fresh process would not.
+
+    * CUDA initialised in this process: a forked child cannot use CUDA ("Cannot
+      re-initialize CUDA in forked subprocess").
+    * Any accelerator present: autograd starts a worker thread per device at this
+      process's first backward, and a child forked after that cannot run a backward
+      ("Unable to handle autograd's threading in combination with fork-based
+      multiprocessing"). On a CPU-only machine autograd starts no such threads.
+    """
+    if torch.cuda.is_initialized():
+        return True
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
+    if accelerator is not None and hasattr(accelerator, "is_available"):
+        try:
+            if accelerator.is_available():
+                return True
+        except RuntimeError:
+            return True
+    return torch.cuda.is_available()
+
+
+def safe_start_method() -> str:
+    """The start method :func:`spawn_local` uses unless told otherwise.
+
+    ``"fork"`` where it is safe (a CPU-only machine; it starts in milliseconds and shares the
+    parent's imported modules), else ``"forkserver"`` (one fresh server process, started
+    once, forks the workers: no CUDA state, no autograd threads), else ``"spawn"``.
+    ``$FOGZO_START_METHOD`` overrides the choice.
+    """
+    import torch.multiprocessing as mp
+
+    available = mp.get_all_start_methods()
+    chosen = os.environ.get(START_METHOD_ENV_VAR)
+    if chosen:
+        if chosen not in available:
+            raise ValueError(f"{START_METHOD_ENV_VAR}={chosen!r} is not a start method here; choose one of {available}")
+        return chosen
+    if "fork" in available and not _fork_is_unsafe():
+        return "fork"
+    return "forkserver" if "forkserver" in available else "spawn"
+
 
 def _free_file(directory: str | None) -> str:
     handle, path = tempfile.mkstemp(prefix="fogzo_rendezvous_", dir=directory)
@@ -305,6 +358,10 @@ def _spawned_entry(
     dist.destroy_process_group()
 
 
+#: Modules the forkserver imports once, so that each forked worker starts with them loaded.
+FORKSERVER_PRELOAD = ("torch", "torch._dynamo", "torch.distributed", "fogzo", "fogzo.distributed")
+
+
 def spawn_local(
     fn: Callable[..., Any],
     world_size: int,
@@ -315,7 +372,7 @@ def spawn_local(
     collective_timeout: float | None = None,
     threads: int | None = 1,
     tmpdir: str | None = None,
-    start_method: str = "spawn",
+    start_method: str | None = None,
 ) -> None:
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` fresh local processes.
 
@@ -326,15 +383,24 @@ def spawn_local(
     ``ProcessExitedException``) is raised here; if they are not all done after
     ``timeout`` seconds of wall clock, they are terminated and ``TimeoutError`` is raised.
     Return values are not collected: have ``fn`` write results to a file.
-    ``start_method="fork"`` starts much faster (no re-import of torch) but is only safe
-    when the parent has not started CUDA or other non-fork-safe threads.
+
+    ``start_method``: default :func:`safe_start_method` (``"fork"`` on a CPU-only machine,
+    ``"forkserver"`` where a GPU is present or CUDA is initialised: forking then breaks
+    CUDA and autograd in the children). ``"fork"`` starts fastest (no re-import of torch);
+    ``"forkserver"`` pays one interpreter start per session (the server imports
+    :data:`FORKSERVER_PRELOAD` once); ``"spawn"`` one per worker.
     """
+    import multiprocessing
+
     import torch.multiprocessing as mp
 
-    if start_method == "fork":
+    method = start_method or safe_start_method()
+    if method == "fork":
         # DDP's constructor imports torch._dynamo (seconds on a busy machine); importing it
         # once here lets every forked child share it instead of paying for it in parallel.
         import torch._dynamo  # noqa: F401
+    elif method == "forkserver":
+        multiprocessing.get_context("forkserver").set_forkserver_preload(list(FORKSERVER_PRELOAD))
 
     store_path = _free_file(tmpdir)
     collective = timeout if collective_timeout is None else collective_timeout
@@ -343,7 +409,7 @@ def spawn_local(
         args=(fn, world_size, store_path, backend, collective, threads, tuple(args)),
         nprocs=world_size,
         join=False,
-        start_method=start_method,
+        start_method=method,
     )
     deadline = time.monotonic() + timeout
     try:

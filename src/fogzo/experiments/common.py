@@ -6,11 +6,16 @@ reuses the same pieces.
 * Configs: :func:`config_to_dict`, :func:`config_from_dict` (nested frozen dataclasses,
   tuples and unions survive a JSON round trip), :func:`apply_overrides` (``key=value``
   strings such as ``fogzo.beta_min=0.99`` or ``lrs=1e-3,3e-3``), :func:`format_config`.
-* Logging: :class:`JsonlLogger` (one JSON object a line, flushed at once), :func:`read_jsonl`.
+* Logging: :class:`JsonlLogger` (one JSON object a line, flushed at once), :func:`read_jsonl`,
+  :func:`write_json` / :func:`read_json` (atomic), :func:`write_text_atomic`. Every file is
+  strict JSON (RFC 8259): a NaN or infinite float is written as ``null`` and named in the
+  record's ``"nonfinite"`` field (``{"loss": "nan"}``; dotted paths for nested values);
+  :func:`read_jsonl` and :func:`read_json` put the floats back.
 * Statistics: :func:`mean_std`, :func:`format_mean_std`, :func:`select_best`.
 * Curves: :class:`Curve`, :func:`mean_curve`, :func:`first_reach`, :func:`compute_ratio`.
 * Output: :func:`markdown_table`, :func:`plot_curves` (matplotlib, Agg backend),
-  :func:`progress` (tqdm, quiet when stderr is not a terminal), :func:`is_png`.
+  :func:`progress` (tqdm on a terminal; one line every N updates when stderr is
+  redirected), :func:`is_png`.
 """
 
 from __future__ import annotations
@@ -18,10 +23,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import sys
+import time
 import types
 import typing
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,9 +36,13 @@ from typing import Any
 from .._optional import require
 
 __all__ = [
+    "NONFINITE",
     "PNG_SIGNATURE",
+    "ConfigError",
+    "RunInterrupted",
     "Curve",
     "JsonlLogger",
+    "LineProgress",
     "Reach",
     "Ratio",
     "apply_overrides",
@@ -48,11 +59,27 @@ __all__ = [
     "mean_std",
     "plot_curves",
     "progress",
+    "read_json",
     "read_jsonl",
+    "restore_nonfinite",
     "select_best",
+    "strict_json",
+    "write_json",
+    "write_text_atomic",
 ]
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+class ConfigError(ValueError):
+    """A config, option, file, data source or output folder is wrong (found before any work).
+
+    The command line prints it as one line (``fogzo train: error: ...``) and exits with 2.
+    """
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a run after what it had done was saved; the message says how to continue."""
 
 
 # ----------------------------------------------------------------------------- configs
@@ -224,16 +251,108 @@ def format_config(config: Any, indent: str = "  ") -> str:
 # ----------------------------------------------------------------------------- logging
 
 
-class JsonlLogger:
-    """Append one JSON object a line to ``path`` (truncated on open), flushed per record."""
+NONFINITE = "nonfinite"
+"""The record field that names the values written as ``null`` because they were NaN or ±inf."""
 
-    def __init__(self, path: str | Path) -> None:
+
+def _nonfinite_name(value: float) -> str:
+    return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+
+
+def strict_json(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of ``record`` that strict JSON can hold.
+
+    A NaN or ±inf float (at any depth, in dicts and lists) becomes ``None``, and
+    ``record["nonfinite"]`` maps its path (``"loss"``, ``"calibration.fogzo_step_s"``,
+    ``"differences.1"``) to ``"nan"``, ``"inf"`` or ``"-inf"``. :func:`restore_nonfinite`
+    undoes it.
+    """
+    flags: dict[str, str] = {}
+
+    def clean(value: Any, path: str) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            flags[path] = _nonfinite_name(value)
+            return None
+        if isinstance(value, Mapping):
+            return {key: clean(item, f"{path}.{key}" if path else str(key)) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(item, f"{path}.{index}" if path else str(index)) for index, item in enumerate(value)]
+        return value
+
+    cleaned = clean({k: v for k, v in record.items() if k != NONFINITE}, "")
+    if flags:
+        cleaned[NONFINITE] = flags
+    return cleaned
+
+
+def restore_nonfinite(record: dict[str, Any]) -> dict[str, Any]:
+    """Put back the NaN/±inf floats that :func:`strict_json` wrote as ``null`` (in place)."""
+    flags = record.pop(NONFINITE, None)
+    if not isinstance(flags, dict):
+        return record
+    for path, name in flags.items():
+        parts = path.split(".")
+        node: Any = record
+        try:
+            for part in parts[:-1]:
+                node = node[int(part)] if isinstance(node, list) else node[part]
+            last = parts[-1]
+            if isinstance(node, list):
+                node[int(last)] = float(name)
+            else:
+                node[last] = float(name)
+        except (KeyError, IndexError, ValueError, TypeError):
+            continue  # a path that no longer fits (the record was edited by hand): leave it
+    return record
+
+
+def _dumps(record: Any, **kwargs: Any) -> str:
+    if isinstance(record, Mapping):
+        record = strict_json(record)
+    return json.dumps(record, allow_nan=False, **kwargs)
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file and ``os.replace``.
+
+    A reader (or a crash) sees the old file or the new one, never a half-written one.
+    """
+    path = Path(path)
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)
+    return path
+
+
+def write_json(path: str | Path, record: Mapping[str, Any]) -> Path:
+    """Write ``record`` as indented strict JSON (see :func:`strict_json`), atomically."""
+    return write_text_atomic(path, _dumps(record, indent=2, default=str) + "\n")
+
+
+def read_json(path: str | Path) -> dict[str, Any]:
+    """Read a JSON object written by :func:`write_json` (non-finite floats restored)."""
+    return restore_nonfinite(json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+class JsonlLogger:
+    """Write one strict-JSON object a line to ``path``, flushed per record.
+
+    ``mode="w"`` (default) starts a new file; ``"a"`` appends. ``keep`` records are written
+    first, through a temporary file and ``os.replace`` (a resumed run keeps the records up
+    to its checkpoint without a moment in which the file is empty or cut short).
+    """
+
+    def __init__(self, path: str | Path, *, keep: Iterable[Mapping[str, Any]] | None = None) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = self.path.open("w", encoding="utf-8")
+        if keep is not None:
+            write_text_atomic(self.path, "".join(_dumps(record, default=str) + "\n" for record in keep))
+            self._file = self.path.open("a", encoding="utf-8")
+        else:
+            self._file = self.path.open("w", encoding="utf-8")
 
     def log(self, record: Mapping[str, Any]) -> None:
-        self._file.write(json.dumps(record, allow_nan=True) + "\n")
+        self._file.write(_dumps(record, default=str) + "\n")
         self._file.flush()
 
     def close(self) -> None:
@@ -247,9 +366,9 @@ class JsonlLogger:
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Every record of a JSON-lines file (blank lines skipped)."""
+    """Every record of a JSON-lines file (blank lines skipped; non-finite floats restored)."""
     with Path(path).open(encoding="utf-8") as file:
-        return [json.loads(line) for line in file if line.strip()]
+        return [restore_nonfinite(json.loads(line)) for line in file if line.strip()]
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -488,7 +607,9 @@ def plot_curves(
         axes.grid(True, which="both", alpha=0.25)
         axes.legend(fontsize=8, loc="best")
         figure.tight_layout()
-        figure.savefig(path, format="png")
+        temporary = path.with_name(path.name + ".tmp")
+        figure.savefig(temporary, format="png")
+        os.replace(temporary, path)  # a reader never sees half a PNG
     finally:
         plt.close(figure)
     return path
@@ -500,12 +621,60 @@ def is_png(path: str | Path) -> bool:
         return file.read(len(PNG_SIGNATURE)) == PNG_SIGNATURE
 
 
-def progress(total: int, description: str, *, enabled: bool | None = None) -> Iterator[Any] | Any:
-    """A tqdm bar over ``total`` units on stderr; disabled when stderr is not a terminal.
+class LineProgress:
+    """A progress report for logs: one line on ``stream`` every ``every`` updates, and at the end.
 
-    Returns the bar (``update``, ``set_postfix``, ``close``; usable as a context manager).
+    The same calls as a tqdm bar (``update``, ``set_postfix``, ``close``, context manager),
+    for when stderr is redirected to a file, where a bar would be invisible or garbled.
+    """
+
+    def __init__(self, total: int, description: str, every: int, stream: Any = None) -> None:
+        self.total, self.description, self.every = total, description, max(1, int(every))
+        self.stream = stream
+        self.n = 0
+        self.postfix = ""
+        self._started = time.perf_counter()
+        self._reported = 0
+        self._closed = False
+
+    def update(self, count: int = 1) -> None:
+        before, self.n = self.n, self.n + count
+        if self.n // self.every > before // self.every and self.n < self.total:
+            self._emit()
+
+    def set_postfix(self, **values: Any) -> None:
+        self.postfix = ", ".join(f"{key}={value}" for key, value in values.items())
+
+    def close(self) -> None:
+        if not self._closed and self.n > self._reported:
+            self._emit()
+        self._closed = True
+
+    def _emit(self) -> None:
+        self._reported = self.n
+        percent = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
+        seconds = time.perf_counter() - self._started
+        line = f"{self.description}: {self.n}/{self.total}{percent}, {seconds:.0f} s" + (f", {self.postfix}" if self.postfix else "")
+        print(line, file=self.stream or sys.stderr, flush=True)
+
+    def __enter__(self) -> LineProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def progress(total: int, description: str, *, enabled: bool | None = None, every: int | None = None) -> Any:
+    """A progress bar over ``total`` units on stderr.
+
+    ``enabled=None``: a tqdm bar when stderr is a terminal; otherwise, with ``every``, a
+    :class:`LineProgress` (one line every ``every`` updates, so a redirected log still shows
+    progress), else nothing. ``enabled=True`` forces the bar, ``False`` silences both.
+    Returns an object with ``update``, ``set_postfix`` and ``close`` (a context manager).
     """
     tqdm = require("tqdm.auto", "cli", "the progress bar").tqdm
     if enabled is None:
         enabled = sys.stderr.isatty()
+        if not enabled and every is not None:
+            return LineProgress(total, description, every)
     return tqdm(total=total, desc=description, disable=not enabled, dynamic_ncols=True, leave=True)

@@ -43,8 +43,10 @@ from ..data import MNIST_MEAN, MNIST_STD, batches, load_mnist, to_float
 from ..models.mlp import MLP
 from ..quantizers import level_set
 from .common import (
+    ConfigError,
     Curve,
     JsonlLogger,
+    RunInterrupted,
     Ratio,
     compute_ratio,
     config_from_dict,
@@ -60,6 +62,7 @@ from .common import (
     progress,
     read_jsonl,
     select_best,
+    write_text_atomic,
 )
 
 __all__ = [
@@ -75,8 +78,10 @@ __all__ = [
     "plan_runs",
     "quick_config",
     "reproduce",
+    "prepare_output",
     "resummarize",
     "train_run",
+    "validate",
     "write_outputs",
 ]
 
@@ -254,6 +259,88 @@ def quick_config(**changes: Any) -> MnistConfig:
 def load_config(path: str | Path) -> MnistConfig:
     """Read a ``config.json`` written by :func:`reproduce`."""
     return config_from_dict(MnistConfig, json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+#: Fields a resumed run may change: they do not change any result.
+RESUME_FREE_FIELDS = frozenset({"threads"})
+
+
+def validate(config: MnistConfig) -> None:
+    """Check what :class:`MnistConfig` cannot check alone, before any data is read.
+
+    The device, and every estimator of the plan constructed exactly as the runs will
+    construct it (FOGZO with ``config.fogzo``, n-SPSA with each ``spsa_n``), on the seed-0
+    model: ``--set fogzo.n=0`` fails here with the estimator's own message, not after
+    the STE runs. Raises :class:`~fogzo.experiments.common.ConfigError`.
+    """
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={config.device!r} but CUDA is not available here (torch.cuda.is_available() is False)")
+    model = build_model(config, 0)
+    specs = [RunSpec("fogzo", config.fogzo.n, config.lrs[0], 0, config.iterations, config.eval_every)]
+    specs += [RunSpec("spsa", n, config.spsa_lrs[0], 0, config.spsa_iterations_for(n), 1) for n in config.spsa_n]
+    for spec in specs:
+        try:
+            make_estimator(spec, model, config)
+        except (TypeError, ValueError) as error:
+            where = "the FOGZO options (--set fogzo.KEY=VALUE)" if spec.estimator == "fogzo" else f"the n-SPSA rung n={spec.n}"
+            raise ConfigError(f"{where}: {error}") from None
+
+
+def _differences(saved: MnistConfig, config: MnistConfig) -> list[str]:
+    old, new = config_to_dict(saved), config_to_dict(config)
+    return [
+        f"{key}: saved {old.get(key)!r}, now {new[key]!r}"
+        for key in new
+        if key not in RESUME_FREE_FIELDS and old.get(key) != new[key]
+    ]
+
+
+def prepare_output(out: Path, config: MnistConfig, *, resume: bool, overwrite: bool) -> list[dict[str, Any]]:
+    """Check the output folder before anything is written; return the records to keep.
+
+    An empty or missing folder: a new study. A folder with files needs ``overwrite``
+    (the earlier study's :data:`OUTPUT_FILES` are removed by :func:`reproduce`, nothing
+    else) or ``resume``: its ``config.json`` must equal ``config`` (all fields but
+    ``threads``) and the finished runs of its ``runs.jsonl`` are kept (each run is
+    independent of the others, so they are not redone). Raises ``ConfigError``.
+    """
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output folder {out} is a file; choose another --out")
+    entries = sorted(entry.name for entry in out.iterdir()) if out.is_dir() else []
+    if overwrite or not entries:
+        return []
+    if not resume:
+        shown = ", ".join(entries[:6]) + (", ..." if len(entries) > 6 else "")
+        raise ConfigError(
+            f"output folder {out} already holds files ({shown}): pass --resume to finish that study "
+            "(its finished runs are kept), --overwrite to replace it, or choose another --out"
+        )
+    if not (out / "config.json").is_file():
+        raise ConfigError(f"--resume: {out} has no config.json of an earlier study; use --overwrite or another --out")
+    try:
+        saved = load_config(out / "config.json")
+    except (OSError, TypeError, ValueError) as error:
+        raise ConfigError(f"--resume: {out / 'config.json'} is unreadable ({error}); use --overwrite or another --out") from None
+    differing = _differences(saved, config)
+    if differing:
+        raise ConfigError(
+            f"cannot resume: the config differs from {out / 'config.json'} ({'; '.join(differing)}); "
+            "resume with the same options, or use --overwrite or another --out"
+        )
+    if not (out / "runs.jsonl").is_file():
+        return []
+    try:
+        records = read_jsonl(out / "runs.jsonl")
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"--resume: {out / 'runs.jsonl'} is unreadable ({error}); use --overwrite or another --out") from None
+    return [record for run in _group(records).values() if _finished(run) for record in run]
+
+
+def _finished(points: Sequence[dict[str, Any]]) -> bool:
+    last = points[-1]
+    return bool(last.get("diverged")) or last.get("iteration") == last.get("iterations")
 
 
 # ----------------------------------------------------------------------------- runs
@@ -468,6 +555,8 @@ def train_run(
 
     point(0)
     step = 0
+    if len(data.train_x) < config.batch_size:  # an epoch would hold no batch: never ending
+        raise ValueError(f"{len(data.train_x)} training examples are fewer than batch_size={config.batch_size}")
     while step < spec.iterations:
         for xb, yb in batches(data.train_x, data.train_y, config.batch_size, generator):
             started = time.perf_counter()
@@ -598,6 +687,7 @@ def summary_markdown(
     command: str,
     total_wall_s: float,
     data_source: str,
+    reused_runs: int = 0,
 ) -> str:
     """The ``summary.md`` text."""
     a = analysis
@@ -608,8 +698,9 @@ def summary_markdown(
     add(
         f"Written {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; total wall time "
         f"{_minutes(total_wall_s)} on {platform.machine()} ({platform.processor() or 'cpu'}), "
-        f"torch {torch.__version__}, {config.threads} thread(s), device {config.device}. "
-        f"Data: {data_source}.\n"
+        f"torch {torch.__version__}, {config.threads} thread(s), device {config.device}"
+        + (f" (resumed: {reused_runs} runs finished by an earlier invocation, not counted)" if reused_runs else "")
+        + f". Data: {data_source}.\n"
     )
     add("## Setup\n")
     add(
@@ -826,13 +917,22 @@ def summary_markdown(
 
 
 def write_outputs(
-    config: MnistConfig, records: Sequence[dict[str, Any]], out: Path, *, command: str, total_wall_s: float, data_source: str
+    config: MnistConfig,
+    records: Sequence[dict[str, Any]],
+    out: Path,
+    *,
+    command: str,
+    total_wall_s: float,
+    data_source: str,
+    reused_runs: int = 0,
 ) -> MnistAnalysis:
-    """``summary.md`` and the two plots from the run records."""
+    """``summary.md`` and the two plots from the run records (each written atomically)."""
     analysis = analyze(records)
-    (out / "summary.md").write_text(
-        summary_markdown(config, analysis, command=command, total_wall_s=total_wall_s, data_source=data_source),
-        encoding="utf-8",
+    write_text_atomic(
+        out / "summary.md",
+        summary_markdown(
+            config, analysis, command=command, total_wall_s=total_wall_s, data_source=data_source, reused_runs=reused_runs
+        ),
     )
     title = f"MNIST 784-10-10, {config.bits}-bit weights, best lr per estimator"
     plot_curves(
@@ -861,36 +961,73 @@ def reproduce(
     command: str = "fogzo reproduce mnist",
     show_progress: bool | None = None,
     echo: Callable[[str], None] = print,
+    resume: bool = False,
+    overwrite: bool = False,
 ) -> MnistAnalysis:
-    """Run every planned run, write all outputs to ``out``, return the analysis."""
+    """Run every planned run, write all outputs to ``out``, return the analysis.
+
+    :func:`validate` and :func:`prepare_output` run first: a bad option or an output folder
+    that holds files (without ``resume`` or ``overwrite``) is a ``ConfigError`` before any
+    data is read or file written. With ``resume`` the finished runs of ``runs.jsonl`` are
+    kept and only the others are run. Ctrl-C raises :class:`~fogzo.experiments.common.RunInterrupted`
+    (the finished runs are in ``runs.jsonl``; ``resume`` continues).
+    """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if config.device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("device='cuda' was requested but torch.cuda.is_available() is False")
+    validate(config)
+    kept = prepare_output(out, config, resume=resume, overwrite=overwrite)
     echo(format_config(config))
-    (out / "config.json").write_text(json.dumps(config_to_dict(config), indent=2) + "\n", encoding="utf-8")
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     started = time.perf_counter()
+    plan = plan_runs(config)
+    done = _group(kept)
+    finished = 0
     try:
         data = load_data(config)
-        plan = plan_runs(config)
+        if len(data.train_x) < config.batch_size:
+            raise ConfigError(
+                f"the MNIST training set from {data.source} holds {len(data.train_x)} images, fewer than "
+                f"batch_size={config.batch_size}; use the full data set or a smaller --set batch_size=..."
+            )
+        if overwrite:
+            for name in OUTPUT_FILES:
+                (out / name).unlink(missing_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / "config.json", json.dumps(config_to_dict(config), indent=2) + "\n")
         if config.spsa_n and config.spsa_vectorize is not None and not spsa_accepts_vectorize():
             echo("note: fogzo.SPSA has no 'vectorize' option here; n-SPSA runs use a Python loop")
-        echo(f"{len(plan)} runs; writing to {out}")
+        reused = sum(1 for spec in plan if (spec.label, float(spec.lr), int(spec.seed)) in done)
+        echo(f"{len(plan)} runs; writing to {out}" + (f" ({reused} finished before, kept)" if reused else ""))
         initial = {seed: build_model(config, seed).to(config.device) for seed in sorted({s.seed for s in plan})}
         records: list[dict[str, Any]] = []
-        with JsonlLogger(out / "runs.jsonl") as logger, progress(len(plan), "runs", enabled=show_progress) as bar:
+        # Redirected stderr: one progress line per finished run.
+        with JsonlLogger(out / "runs.jsonl", keep=kept) as logger, progress(
+            len(plan), "runs", enabled=show_progress, every=1
+        ) as bar:
             for spec in plan:
+                key = (spec.label, float(spec.lr), int(spec.seed))
+                if key in done:
+                    records += done[key]
+                    finished += 1
+                    bar.update(1)
+                    continue
 
                 def log(record: dict[str, Any], spec: RunSpec = spec) -> None:
                     logger.log(record)
                     bar.set_postfix(est=spec.label, lr=_lr(spec.lr), seed=spec.seed, it=record["iteration"], loss=f"{record['train_loss']:.3f}")
 
                 records += train_run(spec, config, initial[spec.seed], data, log)
+                finished += 1
                 bar.update(1)
         total = time.perf_counter() - started
-        analysis = write_outputs(config, records, out, command=command, total_wall_s=total, data_source=data.source)
+        analysis = write_outputs(
+            config, records, out, command=command, total_wall_s=total, data_source=data.source, reused_runs=reused
+        )
+    except KeyboardInterrupt:
+        raise RunInterrupted(
+            f"interrupted: {finished} of {len(plan)} runs are finished and saved in {out / 'runs.jsonl'}; "
+            "the same command with --resume runs the rest"
+        ) from None
     finally:
         torch.set_num_threads(previous_threads)
     echo(_console_summary(analysis, out, total))

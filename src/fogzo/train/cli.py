@@ -1,12 +1,19 @@
 """Command line of the training entry point: ``fogzo train`` / ``python -m fogzo.train``.
 
-    fogzo train --config experiments/configs/resnet20_fmnist.toml [--quick] [--resume]
+    fogzo train --config experiments/configs/resnet20_fmnist.toml [--quick] [--resume | --overwrite]
                 [--print-config] [--key=value ...]
 
 Every config key is an option: ``--estimator=fogzo --lr=3e-3 --seed=1 --steps=500``,
 ``--time-budget 120``, ``--device cuda``, ``--autocast bf16``, ``--threads 1``,
 ``--data-dir PATH``, ``--text-file PATH``, ``--one-sided`` / ``--no-augment``
 (``-`` and ``_`` are interchangeable). ``--help-keys`` lists them with their defaults.
+
+The run folder (``--out``, default ``runs/<name>-<estimator>-lr<lr>-seed<seed>``) is never
+overwritten silently: a folder that holds files needs ``--resume`` (continue that run; the
+config must match its checkpoint) or ``--overwrite`` (replace it). Exit status (see
+:data:`EXIT_CODES`): 0 finished (or stopped at ``stop_at``), 1 diverged, 2 usage or config
+error (one line on stderr, nothing written), 130 interrupted by Ctrl-C (a checkpoint was
+saved: ``--resume`` continues).
 
 Data-parallel (DDP) training on one machine with 2 processes (``batch_size`` stays the
 global batch; see ``docs/distributed.md``)::
@@ -22,17 +29,27 @@ import dataclasses
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .config import _HINTS, FIELDS, SECTIONS, ConfigError, _members, _type_name, load_config, parse_overrides, parse_value
 
-__all__ = ["add_train_parser", "main", "run_from_args"]
+__all__ = ["EXIT_CODES", "add_train_parser", "main", "run_from_args"]
+
+#: Exit status of ``fogzo train`` (and of ``fogzo reproduce``).
+EXIT_CODES = {
+    "ok": 0,  # finished, or stopped at stop_at
+    "diverged": 1,  # non-finite training loss: results.json holds "diverged": true
+    "usage": 2,  # bad option, config or data: one line on stderr, nothing written
+    "interrupted": 130,  # Ctrl-C: a checkpoint was saved (fogzo train), --resume continues
+}
 
 DESCRIPTION = "Train a quantized model with the STE, FOGZO or n-SPSA gradient estimator."
 EPILOG = (
     "Every config key is an option (--key=value or --key value; --flag / --no-flag for "
-    "booleans; - and _ are interchangeable). --help-keys lists the keys with their defaults."
+    "booleans; - and _ are interchangeable). --help-keys lists the keys with their defaults. "
+    "A run folder that holds files needs --resume or --overwrite. Exit status: 0 done, "
+    "1 diverged, 2 usage or config error, 130 interrupted (checkpoint saved; --resume continues)."
 )
 _PREFIX = "set_"
 
@@ -54,7 +71,15 @@ def keys_help() -> str:
 def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--config", help="TOML or JSON config file (experiments/configs/*.toml)")
     parser.add_argument("--quick", action="store_true", help="apply the config's [quick] table (a run of seconds)")
-    parser.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt if it exists")
+    parser.add_argument(
+        "--resume", action="store_true",
+        help="continue the run in the output folder from its checkpoint.pt (the config must match)",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true",
+        help="replace an earlier run in the output folder (removes its config.json, metrics.jsonl, "
+        "results.json and checkpoint.pt; nothing else)",
+    )
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--help-keys", action="store_true", help="list every config key with its default and exit")
     for section in SECTIONS:
@@ -122,6 +147,11 @@ def _print(*args, **kwargs) -> None:
         print(*args, **kwargs)
 
 
+def _error(message: str) -> int:
+    _print(f"fogzo train: error: {message}", file=sys.stderr)
+    return EXIT_CODES["usage"]
+
+
 def run_from_args(args: argparse.Namespace, extra: Sequence[str] = (), command: list[str] | None = None) -> int:
     if args.help_keys:
         _print(keys_help())
@@ -131,23 +161,29 @@ def run_from_args(args: argparse.Namespace, extra: Sequence[str] = (), command: 
         overrides.update(parse_overrides(list(extra)))  # unknown keys end up here: a clear error
         config = load_config(args.config, overrides, quick=args.quick)
     except ConfigError as error:
-        _print(f"fogzo train: error: {error}", file=sys.stderr)
-        return 2
+        return _error(str(error))
     if args.print_config:
         _print(json.dumps(config.to_dict(), indent=2))
         return 0
+    if args.config is None:
+        _print(
+            f"fogzo train: note: no --config, so this trains the defaults: model {config.model} on "
+            f"{config.dataset}, {config.steps} steps of {config.estimator} (--print-config shows them all)",
+            file=sys.stderr,
+        )
     from .. import distributed as fd
-    from .trainer import train
+    from .trainer import TrainingInterrupted, train
 
     command = command or [Path(sys.argv[0]).name, *sys.argv[1:]]
     try:
-        results = train(config, resume=args.resume, command=command)
-    except ConfigError as error:  # e.g. --resume with a config that differs from the checkpoint's
-        # The same error on every rank (config checks come before any collective): rank 0 says it.
-        _print(f"fogzo train: error: {error}", file=sys.stderr)
-        return 2
+        results = train(config, resume=args.resume, overwrite=args.overwrite, command=command)
+    except ConfigError as error:  # checked before any collective and any write: every rank alike
+        return _error(str(error))
+    except TrainingInterrupted as interrupted:
+        _print(f"fogzo train: {interrupted}", file=sys.stderr)
+        return EXIT_CODES["interrupted"]
     fd.cleanup()  # under torchrun: leave the process group (after a failure, exiting does)
-    return 1 if results.get("diverged") else 0
+    return EXIT_CODES["diverged"] if results.get("diverged") else EXIT_CODES["ok"]
 
 
 def _handler(args: argparse.Namespace, argv: Sequence[str]) -> int:
@@ -158,8 +194,38 @@ def main(argv: list[str] | None = None) -> int:
     parser = _configure(
         argparse.ArgumentParser(prog="python -m fogzo.train", description=DESCRIPTION, epilog=EPILOG, allow_abbrev=False)
     )
+    parser.add_argument("--version", action="version", version=version_text())
     args, extra = parser.parse_known_args(argv)
-    return run_from_args(args, extra)
+    return guarded(lambda: run_from_args(args, extra), "python -m fogzo.train")
+
+
+def version_text() -> str:
+    import torch
+
+    from .. import __version__
+
+    return f"fogzo {__version__} (torch {torch.__version__}, Python {sys.version.split()[0]})"
+
+
+def guarded(run: Callable[[], int], program: str) -> int:
+    """Run a command; Ctrl-C and a closed output pipe end it quietly with the usual status.
+
+    ``KeyboardInterrupt`` -> 130 with one line on stderr. ``BrokenPipeError`` (``... | head``)
+    -> 141 (128 + SIGPIPE), no traceback: stdout is pointed at /dev/null so that the
+    interpreter's final flush does not fail again.
+    """
+    try:
+        code = run()
+        sys.stdout.flush()  # a closed pipe shows up here, not in the interpreter's last flush
+        return code
+    except KeyboardInterrupt:
+        _print(f"{program}: interrupted", file=sys.stderr)
+        return EXIT_CODES["interrupted"]
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 141
 
 
 if __name__ == "__main__":

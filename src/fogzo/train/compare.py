@@ -47,8 +47,11 @@ from ..experiments.common import (
     mean_curve,
     mean_std,
     plot_curves,
+    read_json,
     read_jsonl,
     select_best,
+    strict_json,
+    write_text_atomic,
 )
 from .trainer import CONFIG, METRICS, RESULTS, _check_resume_config, train
 
@@ -101,14 +104,14 @@ def run_comparison(
             shutil.rmtree(run_dir)
         results_path = run_dir / RESULTS
         if results_path.exists():
-            saved = json.loads((run_dir / CONFIG).read_text(encoding="utf-8"))
+            saved = read_json(run_dir / CONFIG)
             try:
                 _check_resume_config(saved, config)
             except ConfigError as error:
                 raise ConfigError(
                     f"{run_dir} holds a finished run of another config; use --rerun or another --out. {error}"
                 ) from None
-            results = json.loads(results_path.read_text(encoding="utf-8"))
+            results = read_json(results_path)
             log(f"[{index}/{len(plans)}] {run_dir.name}: done before, reusing its results")
         else:
             log(f"[{index}/{len(plans)}] {run_dir.name}")
@@ -158,7 +161,7 @@ def _curves(label: str, runs: list[list[dict[str, Any]]], x_key: str) -> Curve |
 def summarize(records: list[dict[str, Any]], out: Path, command: str, select: str = "eval") -> str:
     """Write ``summary.md``, the loss plots and ``runs.jsonl`` into ``out``; return the Markdown."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "runs.jsonl").write_text("".join(json.dumps(r, default=str) + "\n" for r in records), encoding="utf-8")
+    write_text_atomic(out / "runs.jsonl", "".join(json.dumps(strict_json(r), default=str, allow_nan=False) + "\n" for r in records))
     if not records:
         raise ValueError("no runs to summarize")
     first = records[0]
@@ -247,7 +250,7 @@ def summarize(records: list[dict[str, Any]], out: Path, command: str, select: st
         "",
     ]
     text = "\n".join(lines)
-    (out / "summary.md").write_text(text, encoding="utf-8")
+    write_text_atomic(out / "summary.md", text)
     x_labels = {"step": "iteration", "wall_time": "training wall time (s)", "compute_units": "compute units (forward 1, backward 2)"}
     for x_key, name in plots.items():
         curves = []
@@ -265,6 +268,12 @@ def summarize(records: list[dict[str, Any]], out: Path, command: str, select: st
         )
     return text
 def main(argv: list[str] | None = None) -> int:
+    from .cli import guarded
+
+    return guarded(lambda: _main(argv), "compare")
+
+
+def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m fogzo.train.compare",
         description=__doc__.split("\n\n")[0],

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from ..experiments import common
+from ..experiments.common import ConfigError  # a config file or override is wrong (unknown key, bad type, bad value)
 
 __all__ = [
     "ConfigError",
@@ -45,10 +46,6 @@ __all__ = [
     "parse_overrides",
     "parse_value",
 ]
-
-
-class ConfigError(ValueError):
-    """A config file or override is wrong (unknown key, bad type, bad value)."""
 
 
 def _f(default: Any, section: str, help: str, choices: tuple | None = None) -> Any:
@@ -136,10 +133,14 @@ class TrainConfig:
     checkpoint_every: int = _f(0, "run", "checkpoint every this many steps (0: only at the end)")
     device: str = _f("cpu", "run", "device", ("cpu", "cuda", "auto"))
     autocast: str = _f("none", "run", "autocast dtype of the forward", ("none", "bf16", "fp16"))
+    deterministic: bool = _f(
+        False, "run", "torch.use_deterministic_algorithms(True) for the run: bit-reproducible CUDA runs (docs/reproducibility.md)"
+    )
     threads: int | None = _f(None, "run", "torch.set_num_threads (None: leave as is)")
     out: str | None = _f(None, "run", "output folder (None: runs/<name>-<estimator>-lr<lr>-seed<seed>)")
     name: str = _f("run", "run", "run name (defaults to the config file's stem)")
-    progress: bool = _f(True, "run", "tqdm progress bar (shown only when stderr is a terminal)")
+    progress: bool = _f(True, "run", "progress on stderr: a tqdm bar on a terminal, else a line every progress_every steps")
+    progress_every: int = _f(0, "run", "steps between progress lines when stderr is not a terminal (0: about 20 a run)")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (tuples become lists), as saved in ``config.json`` and checkpoints."""
@@ -168,6 +169,7 @@ RUN_CONTROL_KEYS = frozenset(
         "device",
         "threads",
         "progress",
+        "progress_every",
         "out",
         "time_budget",
         "num_workers",
@@ -253,7 +255,7 @@ def _validate(config: TrainConfig) -> None:
     for name in positive:
         if getattr(config, name) < 1:
             raise ConfigError(f"{name} must be >= 1, got {getattr(config, name)}")
-    for name in ("eval_every", "checkpoint_every", "eval_size", "train_eval_size", "num_workers"):
+    for name in ("eval_every", "checkpoint_every", "eval_size", "train_eval_size", "num_workers", "progress_every"):
         if getattr(config, name) < 0:
             raise ConfigError(f"{name} must be >= 0, got {getattr(config, name)}")
     if not config.lr > 0 or not math.isfinite(config.lr):
@@ -286,7 +288,7 @@ def config_from_dict(values: dict[str, Any], where: str = "a dict") -> TrainConf
         if _HINTS[name] is dict and not isinstance(value, dict):
             raise ConfigError(f"{name} in {where}: expected a table, got {value!r}")
         checked[name] = value
-    if checked.get("text_file") and checked.get("dataset", "text") != "text":
+    if checked.get("text_file") and checked.get("dataset") != "text":  # text_file implies dataset=text
         checked["dataset"] = "text"
     try:
         config = common.config_from_dict(TrainConfig, checked)
@@ -331,27 +333,54 @@ def _flatten(table: dict[str, Any], where: str) -> tuple[dict[str, Any], dict[st
     return flat, quick
 
 
+def toml_parser() -> types.ModuleType:
+    """``tomllib`` (Python >= 3.11), else ``tomli`` (the same parser; a dependency on 3.10)."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:
+        try:
+            import tomli as tomllib
+        except ModuleNotFoundError:
+            raise ConfigError(
+                "reading a TOML config on Python < 3.11 needs the tomli package: pip install 'tomli>=1.1' "
+                "(or use a JSON config)"
+            ) from None
+    return tomllib
+
+
 def read_config_file(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Parse a ``.toml`` or ``.json`` config file into (flat values, quick overrides)."""
+    """Parse a ``.toml`` or ``.json`` config file into (flat values, quick overrides).
+
+    Every way a file can be unreadable (missing, a folder, not UTF-8, malformed JSON or
+    TOML, not a table) is a :class:`ConfigError` naming the file and, for syntax errors,
+    the line and column.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; pass a .toml or .json file")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
-        table = json.loads(text)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text (byte {error.start}: {error.reason}); save it as UTF-8"
+        ) from None
+    except OSError as error:
+        raise ConfigError(f"cannot read config file {path}: {error.strerror or error}") from None
+    if path.suffix.lower() == ".json":
+        try:
+            table = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"{path} is not valid JSON: {error.msg} (line {error.lineno}, column {error.colno})") from None
     else:
+        toml = toml_parser()
         try:
-            import tomllib
-        except ModuleNotFoundError:  # Python 3.10: the same parser as the tomli package
-            from .._optional import require
-
-            tomllib = require("tomli", "cli", "reading TOML configs on Python 3.10")
-        try:
-            table = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as error:
-            raise ConfigError(f"{path} is not valid TOML: {error}") from error
+            table = toml.loads(text)
+        except toml.TOMLDecodeError as error:
+            raise ConfigError(f"{path} is not valid TOML: {error}") from None
     if not isinstance(table, dict):
-        raise ConfigError(f"{path} must hold a table of keys")
+        raise ConfigError(f"{path} must hold a table of keys, got a JSON {type(table).__name__}")
     return _flatten(table, str(path))
 
 
@@ -409,10 +438,15 @@ def load_config(
         values.setdefault("name", Path(path).stem)
         where = str(path)
     if quick:
-        if path is not None and not quick_values:
+        if path is None:
+            raise ConfigError(
+                "--quick applies the [quick] table of a config file: pass --config FILE as well "
+                "(e.g. --config experiments/configs/resnet20_fmnist.toml --quick)"
+            )
+        if not quick_values:
             raise ConfigError(f"--quick: {path} has no [quick] table")
         values.update(quick_values)
-        if path is not None and "name" not in quick_values:
+        if "name" not in quick_values:
             values["name"] = f"{values['name']}_quick"
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)

@@ -11,7 +11,23 @@ Outputs in the run folder (``config.output_dir()``):
   evaluation; ``{"event": "final", ...}`` at the end;
 * ``checkpoint.pt`` — model, optimizer, LR scheduler, ``estimator.state_dict()``, data stream
   state (generator, epoch order, position), global RNG state, step and counters;
-* ``results.json`` — the final metrics of a finished run.
+* ``results.json`` — the final metrics of a finished (or diverged) run.
+
+Every JSON file is strict JSON: a NaN or infinite value (a diverged loss) is written as
+``null`` and named in the record's ``"nonfinite"`` field (``{"loss": "nan"}``);
+:func:`fogzo.experiments.common.read_jsonl` / ``read_json`` restore the floats.
+``config.json``, ``results.json`` and ``checkpoint.pt`` are written to a temporary file and
+renamed, so a crash never leaves half a file.
+
+Never losing a result. A run folder that holds files is refused (:class:`ConfigError`)
+unless ``resume`` (its checkpoint's config must match, keys outside ``RUN_CONTROL_KEYS``)
+or ``overwrite`` (its config.json, metrics.jsonl, results.json and checkpoint.pt are
+removed; nothing else). Ctrl-C stops the run after the current step and saves a
+checkpoint (:class:`TrainingInterrupted`). Everything that can be checked without data
+(:func:`check_config`) is checked before the folder is touched or the data loaded.
+
+Progress: a tqdm bar on stderr when it is a terminal; otherwise (a log file, a batch
+system) one line every ``progress_every`` steps (0: about 20 per run); rank 0 only.
 
 Data parallelism. Under ``torchrun --nproc-per-node N`` (``WORLD_SIZE`` in the environment)
 :func:`train` joins the process group (:func:`fogzo.distributed.init_from_env`: gloo on CPU,
@@ -44,8 +60,10 @@ import copy
 import json
 import math
 import os
+import signal
 import statistics
 import sys
+import threading
 import time
 import zlib
 from collections import deque
@@ -61,18 +79,22 @@ from torch import nn
 from .. import FOGZO, SPSA, STE, QuantConfig, quantize, quantized_layers
 from .. import distributed as fd
 from ..estimators import derive_seed
-from ..experiments.common import JsonlLogger, progress, read_jsonl
+from ..experiments.common import JsonlLogger, RunInterrupted, progress, read_json, read_jsonl, write_json
 from ..models import build_model, count_parameters
 from .config import RUN_CONTROL_KEYS, ConfigError, TrainConfig
 from .data import TaskData, build_data, data_dimensions, is_text_model
 
 __all__ = [
+    "TrainingInterrupted",
     "build_estimator",
     "build_optimizer",
     "build_quantized_model",
     "build_scheduler",
+    "check_config",
     "lr_factor",
     "plan_model",
+    "prepare_output",
+    "text_tokens_needed",
     "train",
 ]
 
@@ -80,6 +102,13 @@ CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 RESULTS = "results.json"
 CONFIG = "config.json"
+#: The files a run writes into its folder (``--overwrite`` removes these, and nothing else).
+OUTPUT_FILES = (CONFIG, METRICS, RESULTS, CHECKPOINT)
+#: Keys every checkpoint of :func:`train` holds.
+CHECKPOINT_KEYS = frozenset({"config", "step", "total_steps", "model", "optimizer", "scheduler", "estimator", "data"})
+#: Vocabulary size and class count of a planned (meta) model before the data is read.
+PLAN_VOCAB_SIZE = 256
+PLAN_NUM_CLASSES = 2
 
 
 # ----------------------------------------------------------------------------- building
@@ -142,12 +171,23 @@ def build_quantized_model(config: TrainConfig, dims: dict[str, int]) -> nn.Modul
     return model
 
 
+def _planning_dims(config: TrainConfig) -> dict[str, int]:
+    """:func:`data_dimensions`, with placeholders for what only the data can tell: the
+    character vocabulary of a text, the class count of an image folder."""
+    if config.dataset == "image_folder" and config.num_classes is None and not is_text_model(config.model):
+        return {"in_channels": 3, "num_classes": PLAN_NUM_CLASSES, "image_size": config.image_size}
+    dims = data_dimensions(config)
+    if is_text_model(config.model) and "vocab_size" not in dims:
+        dims = {**dims, "vocab_size": PLAN_VOCAB_SIZE}
+    return dims
+
+
 def plan_model(config: TrainConfig) -> nn.Module:
     """The quantized model on the ``meta`` device (shapes only, no data read, no memory).
 
     α is initialised with the cheap ``"max"`` rule here (meta tensors hold no values).
     """
-    dims = data_dimensions(config)
+    dims = _planning_dims(config)
     with torch.device("meta"):
         model = build_model(config.model, **_model_kwargs(config, dims))
     quantize(model, quant_config(config, "max"), skip=config.skip, skip_first_last=config.skip_first_last)
@@ -327,9 +367,7 @@ def _atomic_save(obj: Any, path: Path) -> None:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(obj, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
+    write_json(path, obj)  # strict JSON (non-finite floats as null + "nonfinite"), atomic
 
 
 class StepRunner:
@@ -433,28 +471,222 @@ def calibrate(config: TrainConfig, model: nn.Module, data: TaskData, device: tor
     return result
 
 
-# ------------------------------------------------------------------------------- resume
+# --------------------------------------------------------------------------- validation
 
 
-def _check_resume_config(saved: dict[str, Any], config: TrainConfig) -> None:
+def text_tokens_needed(seq_len: int, val_fraction: float) -> int:
+    """The fewest tokens a text may have: ``seq_len + 1`` for a training window and as many
+    for one validation window, after the split (the last ``floor(N·val_fraction)`` tokens)."""
+    need = seq_len + 1
+    total = max(2 * need, math.ceil(need / val_fraction))
+    while int(total * val_fraction) < need or total - int(total * val_fraction) < need:
+        total += 1
+    return total
+
+
+def _text_too_short(where: str, count: int, config: TrainConfig, unit: str = "tokens") -> ConfigError:
+    need = text_tokens_needed(config.seq_len, config.val_fraction)
+    return ConfigError(
+        f"{where} is too short: {count} {unit}, but seq_len={config.seq_len} with val_fraction="
+        f"{config.val_fraction:g} needs at least {need} (seq_len + 1 for a training window and "
+        f"seq_len + 1 for validation); use a longer text or a smaller --seq-len"
+    )
+
+
+def check_text_tokens(tokens: int, where: str, config: TrainConfig) -> None:
+    """Raise :class:`ConfigError` if ``tokens`` cannot make one training and one validation window."""
+    if tokens < text_tokens_needed(config.seq_len, config.val_fraction):
+        raise _text_too_short(where, tokens, config)
+
+
+def _message(error: BaseException) -> str:
+    return str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+
+
+def check_config(config: TrainConfig, world_size: int = 1) -> None:
+    """Check everything a run needs that can be checked without reading data.
+
+    The device; the model, its arguments and the quantization (built on the ``meta``
+    device, so a typo in a model name, a model argument or ``bits`` fails here); the
+    estimator, constructed with the run's options exactly as :func:`train` will construct
+    it (so ``n=0``, ``beta_min=2`` or ``vectorize=0`` fail with the estimator's own
+    message); the data source (``text_file`` / ``data_dir`` exist; a text file has enough
+    bytes for one training and one validation window). Raises :class:`ConfigError`.
+    """
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but CUDA is not available here (torch.cuda.is_available() is False); use --device=cpu")
+    check_batch_divisible(config, world_size)
+    if config.text_file:
+        path = Path(config.text_file).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"text_file {path} {'is a folder' if path.is_dir() else 'does not exist'}; pass a UTF-8 text file")
+        size = path.stat().st_size  # characters and tokens <= bytes
+        if size < text_tokens_needed(config.seq_len, config.val_fraction):
+            raise _text_too_short(f"text_file {path}", size, config, unit="bytes")
+    elif config.dataset == "text":
+        raise ConfigError("dataset=text needs text_file=PATH (a UTF-8 text file)")
+    if config.data_dir and not Path(config.data_dir).expanduser().is_dir():
+        raise ConfigError(f"data_dir {config.data_dir} does not exist or is not a folder")
+    try:
+        model = plan_model(config)
+        build_estimator(config, model, config.steps)
+    except ConfigError:
+        raise
+    except (KeyError, TypeError, ValueError) as error:
+        raise ConfigError(_message(error)) from None
+
+
+def _check_resume_config(saved: dict[str, Any], config: TrainConfig, what: str = "the checkpoint's") -> None:
     current = config.to_dict()
+    # A key the saved config lacks was added later: that run used its default.
+    saved = {**TrainConfig().to_dict(), **saved}
+    label = "saved" if what == "the checkpoint's" else "folder"
     differing = [
-        f"{key}: checkpoint {saved.get(key)!r} vs now {current[key]!r}"
+        f"{key}: {label} {saved[key]!r}, now {current[key]!r}"
         for key in current
-        if key not in RUN_CONTROL_KEYS and saved.get(key) != current[key]
+        if key not in RUN_CONTROL_KEYS and saved[key] != current[key]
     ]
     if differing:
         raise ConfigError(
-            "cannot resume: the config differs from the checkpoint's in keys that change the "
-            "training trajectory:\n  " + "\n  ".join(differing)
+            f"cannot resume: the config differs from {what} in keys that change the training trajectory "
+            f"({'; '.join(differing)}); resume with the same values, or start a new run with "
+            "--overwrite or another --out"
         )
+
+
+def _load_checkpoint(path: Path) -> dict[str, Any]:
+    """``torch.load`` (weights only) of a checkpoint, with a clear error for a bad file."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a truncated zip, a garbled pickle, an empty file, ...
+        raise ConfigError(
+            f"{path} cannot be read: it is corrupted or truncated ({type(error).__name__}), so the run "
+            "cannot resume from it; start the run again with --overwrite, or write to a new --out"
+        ) from None
+    missing = CHECKPOINT_KEYS - set(checkpoint) if isinstance(checkpoint, dict) else CHECKPOINT_KEYS
+    if missing:
+        raise ConfigError(
+            f"{path} is not a checkpoint of fogzo train (no {', '.join(sorted(missing))}); start the run "
+            "again with --overwrite, or write to a new --out"
+        )
+    return checkpoint
+
+
+def prepare_output(out: Path, config: TrainConfig, *, resume: bool, overwrite: bool) -> dict[str, Any] | None:
+    """Decide what happens to the run folder ``out`` before anything is written (read only).
+
+    * It does not exist or is empty: a new run.
+    * ``overwrite``: a new run; :func:`train` removes the earlier run's files
+      (:data:`OUTPUT_FILES`; nothing else) once the data is loaded.
+    * ``resume`` with a checkpoint: returns it, after checking that the config matches
+      (keys outside :data:`~fogzo.train.config.RUN_CONTROL_KEYS` must be equal).
+    * ``resume`` without a checkpoint: a new run in the folder, if it holds nothing but an
+      unfinished run of the same config (``config.json`` and ``metrics.jsonl`` of a run
+      stopped before its first checkpoint); never over a finished run's ``results.json``.
+    * Otherwise a non-empty folder is refused: :class:`ConfigError`.
+    """
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other: --resume continues the run in the folder, --overwrite replaces it")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output folder {out} is a file; choose another --out")
+    entries = sorted(entry.name for entry in out.iterdir()) if out.is_dir() else []
+    if overwrite or not entries:
+        return None
+    shown = ", ".join(entries[:6]) + (", ..." if len(entries) > 6 else "")
+    if not resume:
+        raise ConfigError(
+            f"output folder {out} already holds files ({shown}): pass --resume to continue that run, "
+            "--overwrite to replace it, or choose another --out"
+        )
+    if (out / CHECKPOINT).is_file():
+        checkpoint = _load_checkpoint(out / CHECKPOINT)
+        _check_resume_config(checkpoint["config"], config)
+        return checkpoint
+    if (out / RESULTS).exists():
+        raise ConfigError(
+            f"--resume: {out} holds the results.json of a finished run but no checkpoint to continue from "
+            "(a diverged run saves none); use --overwrite to run it again, or another --out"
+        )
+    foreign = [name for name in entries if name not in OUTPUT_FILES and not name.endswith(".tmp")]
+    if foreign:
+        raise ConfigError(
+            f"--resume: {out} has no {CHECKPOINT} and holds files that fogzo train did not write "
+            f"({', '.join(foreign[:6])}); choose another --out"
+        )
+    if (out / CONFIG).is_file():
+        try:
+            saved = read_json(out / CONFIG)
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"--resume: {out / CONFIG} is unreadable ({error}); use --overwrite or another --out") from None
+        _check_resume_config(saved, config, "the config.json in the folder")
+    return None
+
+
+def _remove_outputs(out: Path) -> list[str]:
+    removed = []
+    for name in OUTPUT_FILES:
+        for path in (out / name, out / (name + ".tmp")):
+            if path.is_file():
+                path.unlink()
+                removed.append(path.name)
+    return removed
 
 
 def _kept_records(path: Path, step: int) -> list[dict[str, Any]]:
     """The metrics records up to the checkpoint's step (later ones are redone after resuming)."""
     if not path.exists():
         return []
-    return [r for r in read_jsonl(path) if r.get("event") != "final" and r.get("step", 0) <= step]
+    return [
+        r for r in read_jsonl(path) if r.get("event") not in ("final", "interrupted") and r.get("step", 0) <= step
+    ]
+
+
+# ---------------------------------------------------------------------------- interrupts
+
+
+class TrainingInterrupted(RunInterrupted):
+    """Ctrl-C stopped :func:`train` between two steps, after it saved a checkpoint.
+
+    A ``KeyboardInterrupt`` (so a loop over runs stops too) that says where the checkpoint
+    is: ``step``, ``total_steps``, ``checkpoint`` (a path). ``--resume`` continues the run.
+    """
+
+    def __init__(self, step: int, total_steps: int, checkpoint: Path) -> None:
+        super().__init__(
+            f"interrupted after step {step} of {total_steps}; checkpoint saved to {checkpoint}: "
+            "continue with --resume"
+        )
+        self.step, self.total_steps, self.checkpoint = step, total_steps, checkpoint
+
+
+class _StopRequest:
+    """The first SIGINT (Ctrl-C) during training asks the loop to stop after the current step
+    (it then saves a checkpoint); a second one raises ``KeyboardInterrupt`` at once.
+
+    Installed only in the main thread (elsewhere Python delivers no signals); the previous
+    handler is restored on exit.
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.requested = False
+        self._enabled = enabled and threading.current_thread() is threading.main_thread()
+        self._previous: Any = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        # os.write: no Python-level stream lock (the interrupted code may hold stderr's).
+        os.write(2, b"\nfogzo: interrupt: stopping after this step and saving a checkpoint (Ctrl-C again stops at once)\n")
+
+    def __enter__(self) -> _StopRequest:
+        if self._enabled:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._enabled:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 # -------------------------------------------------------------------------------- train
@@ -464,22 +696,70 @@ def train(
     config: TrainConfig,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     command: list[str] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) one training run; returns the results record (also in ``results.json``).
 
+    Before anything is read or written, :func:`check_config` checks the config and
+    :func:`prepare_output` the run folder: a folder that holds files is refused unless
+    ``resume`` (same config) or ``overwrite``; errors are :class:`ConfigError`.
+
     With ``stop_at`` the run saves a checkpoint after that step and returns a record with
     ``"stop_reason": "stop_at"`` and no final evaluation; ``resume=True`` continues it.
+    With ``deterministic`` the run uses ``torch.use_deterministic_algorithms(True)`` (needed
+    for bit-reproducible CUDA runs; see ``docs/reproducibility.md``).
+    A non-finite training loss, or an estimator's ``FloatingPointError`` (a non-finite
+    perturbed loss), ends the run as ``"diverged"``: metrics and ``results.json`` are written
+    (``"diverged": true``), no checkpoint. Ctrl-C (SIGINT) stops the run after the current
+    step, saves a checkpoint and raises :class:`TrainingInterrupted`.
 
     Under torchrun (``WORLD_SIZE`` > 1) this joins the process group (and leaves it joined:
     :func:`fogzo.distributed.cleanup` ends it; the CLI does) and trains with DDP; every rank
     returns the same record. ``log`` is called on rank 0 only.
     """
     world = launch_world_size()
-    check_batch_divisible(config, world)  # before any collective: every rank raises alike
+    # Before any collective, folder or data: every rank raises alike.
+    check_config(config, world)
+    out = config.output_dir()
+    checkpoint = prepare_output(out, config, resume=resume, overwrite=overwrite)
     if config.threads is not None:
         torch.set_num_threads(config.threads)
+    with _deterministic(config.deterministic):
+        return _train(config, checkpoint, out, world, resume=resume, overwrite=overwrite, command=command, log=log)
+
+
+@contextlib.contextmanager
+def _deterministic(enabled: bool):
+    """``torch.use_deterministic_algorithms(True)`` inside the block (previous setting after it).
+
+    cuBLAS needs ``CUBLAS_WORKSPACE_CONFIG`` for deterministic results; it is set to
+    ``:4096:8`` unless given (it must be set before the process's first CUDA matmul).
+    """
+    if not enabled:
+        yield
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+
+
+def _train(
+    config: TrainConfig,
+    checkpoint: dict[str, Any] | None,
+    out: Path,
+    world: int,
+    *,
+    resume: bool,
+    overwrite: bool,
+    command: list[str] | None,
+    log: Callable[[str], None] | None,
+) -> dict[str, Any]:
     device = resolve_device(config.device)
     if world > 1:
         device = fd.init_from_env(device=device.type)
@@ -490,27 +770,31 @@ def train(
     if world > 1:
         fd.check_same_on_all_ranks(config.seed, "seed (model init, data order, estimator noise)")
         fd.check_same_on_all_ranks(_config_digest(config), "the training config")
-    out = config.output_dir()
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
     checkpoint_path = out / CHECKPOINT
-    checkpoint = None
-    if resume:
-        if checkpoint_path.exists():
-            checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-            _check_resume_config(checkpoint["config"], config)
-            saved_world = int(checkpoint.get("world_size", 1))
-            log(
-                f"resuming from {checkpoint_path} at step {checkpoint['step']}"
-                + (f" (saved by {saved_world} ranks, now {world})" if saved_world != world else "")
-            )
-        else:
-            log(f"--resume: no checkpoint in {out}; starting from scratch")
+    if checkpoint is not None:
+        saved_world = int(checkpoint.get("world_size", 1))
+        log(
+            f"resuming from {checkpoint_path} at step {checkpoint['step']}"
+            + (f" (saved by {saved_world} ranks, now {world})" if saved_world != world else "")
+        )
+    elif resume:
+        log(f"--resume: no checkpoint in {out}; starting from scratch")
     if world > 1:
         # Every rank must agree on whether (and from which step) it resumes.
         fd.check_same_on_all_ranks(-1 if checkpoint is None else int(checkpoint["step"]), "the resumed step")
 
-    data = build_data(config, device, log, rank=rank, world_size=world)
+    try:
+        data = build_data(config, device, log, rank=rank, world_size=world)
+    except (FileNotFoundError, ValueError) as error:  # data missing, malformed, or too small
+        raise ConfigError(f"cannot load the data: {error}") from None
+    if data.kind == "text":
+        check_text_tokens(data.sizes["train_tokens"] + data.sizes["val_tokens"], f"the text ({data.name})", config)
+    if main:
+        if overwrite:
+            removed = _remove_outputs(out)
+            if removed:
+                log(f"--overwrite: removed the earlier run's {', '.join(removed)} from {out}")
+        out.mkdir(parents=True, exist_ok=True)
     model = build_quantized_model(config, data.dims).to(device)
     model.train()
     if world > 1 and rank > 0:
@@ -569,8 +853,6 @@ def train(
         phase_steps.update(checkpoint["phase_steps"])
         recent.extend(checkpoint["recent_losses"])
     kept = _kept_records(out / METRICS, step) if checkpoint is not None and main else []
-    if main:
-        (out / RESULTS).unlink(missing_ok=True)
 
     layers = [name for name, _ in quantized_layers(model)]
     resolved = {
@@ -630,9 +912,8 @@ def train(
             checkpoint_path,
         )
 
-    logger = JsonlLogger(out / METRICS) if main else None  # truncates; a resumed run first rewrites the kept records
-    for record in kept:
-        logger.log(record)
+    # A resumed run keeps the records up to its checkpoint (rewritten atomically), then appends.
+    logger = JsonlLogger(out / METRICS, keep=kept if checkpoint is not None else None) if main else None
 
     def write(record: dict[str, Any]) -> None:
         if logger is not None:
@@ -645,79 +926,97 @@ def train(
         write({"event": "eval", "step": step, "wall_time": elapsed, **metrics, "eval_time": time.perf_counter() - begin})
         return metrics
 
-    # tqdm on stderr (quiet when stderr is not a terminal, or with progress=false); rank 0 only.
-    bar = progress(total_steps, config.name, enabled=None if config.progress and main else False)
+    # On a terminal: a tqdm bar on stderr. Redirected: a line every progress_every steps
+    # (0: about 20 lines a run). progress=false: neither. Rank 0 only.
+    every = config.progress_every or max(1, math.ceil(total_steps / 20))
+    bar = progress(total_steps, config.name, enabled=None if config.progress and main else False, every=every)
     bar.update(step)
     stop_reason = "steps"
     diverged = False
+    failure: str | None = None
     interval_losses: list[float] = []
     interval_time = 0.0
     interval_zero, interval_differences = 0, 0
+    stop = _StopRequest()
     try:
-        while True:
-            if step >= total_steps:
-                stop_reason = "steps"
-                break
-            if config.time_budget is not None and elapsed >= config.time_budget:
-                stop_reason = "time_budget"
-                break
-            if config.stop_at is not None and step >= config.stop_at:
-                stop_reason = "stop_at"
-                break
-            lr = optimizer.param_groups[0]["lr"]
-            begin = time.perf_counter()
-            info, loss = runner.step()
-            _synchronize(device)
-            seconds = time.perf_counter() - begin
-            # The loss of the global batch (mean of the ranks' shard means) and a step time
-            # that every rank agrees on (time budget, divergence: the same decision everywhere).
-            loss, seconds = _mean_over_ranks([loss, seconds], device)
-            step += 1
-            elapsed += seconds
-            phase = _phase(info)
-            phase_time[phase] = phase_time.get(phase, 0.0) + seconds
-            phase_steps[phase] = phase_steps.get(phase, 0) + 1
-            counters["forward_passes"] += info.forward_passes
-            counters["backward_passes"] += info.backward_passes
-            counters["compute_units"] += info.compute_units
-            counters["zero_differences"] += info.zero_differences
-            counters["differences"] += len(info.differences)
-            interval_zero += info.zero_differences
-            interval_differences += len(info.differences)
-            interval_losses.append(loss)
-            interval_time += seconds
-            recent.append(loss)
-            bar.update(1)
-            if not math.isfinite(loss):
-                diverged = True
-                stop_reason = "diverged"
-                log(f"training loss is {loss} at step {step}: stopping (diverged)")
-            if step % config.log_every == 0 or diverged or step == total_steps:
-                write(
-                    {
-                        "event": "train",
-                        "step": step,
-                        "loss": loss,
-                        "loss_avg": sum(interval_losses) / len(interval_losses),
-                        "lr": lr,
-                        "beta": info.beta,
-                        "phase": phase,
-                        "forward_passes": counters["forward_passes"],
-                        "backward_passes": counters["backward_passes"],
-                        "compute_units": counters["compute_units"],
-                        "wall_time": elapsed,
-                        "step_time": interval_time / len(interval_losses),
-                        "zero_difference_fraction": interval_zero / interval_differences if interval_differences else None,
-                    }
-                )
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", beta=info.beta if info.beta is None else f"{info.beta:.4f}")
-                interval_losses, interval_time, interval_zero, interval_differences = [], 0.0, 0, 0
-            if diverged:
-                break
-            if config.eval_every and step % config.eval_every == 0 and step < total_steps:
-                evaluate()
-            if config.checkpoint_every and step % config.checkpoint_every == 0:
-                save_checkpoint()
+        with stop:
+            while True:
+                if step >= total_steps:
+                    stop_reason = "steps"
+                    break
+                if config.time_budget is not None and elapsed >= config.time_budget:
+                    stop_reason = "time_budget"
+                    break
+                if config.stop_at is not None and step >= config.stop_at:
+                    stop_reason = "stop_at"
+                    break
+                lr = optimizer.param_groups[0]["lr"]
+                begin = time.perf_counter()
+                try:
+                    info, loss = runner.step()
+                except FloatingPointError as error:
+                    # The estimator refused a step with a non-finite (perturbed) loss; it
+                    # changed no weight. The run cannot go on: it diverged.
+                    info, loss, failure = None, math.nan, str(error)
+                _synchronize(device)
+                seconds = time.perf_counter() - begin
+                # The loss of the global batch (mean of the ranks' shard means), a step time
+                # and a Ctrl-C flag that every rank agrees on (time budget, divergence and
+                # interruption: the same decision everywhere).
+                loss, seconds, interrupted = _mean_over_ranks([loss, seconds, float(stop.requested)], device)
+                step += 1
+                elapsed += seconds
+                interval_losses.append(loss)
+                interval_time += seconds
+                recent.append(loss)
+                if info is not None:
+                    phase = _phase(info)
+                    phase_time[phase] = phase_time.get(phase, 0.0) + seconds
+                    phase_steps[phase] = phase_steps.get(phase, 0) + 1
+                    counters["forward_passes"] += info.forward_passes
+                    counters["backward_passes"] += info.backward_passes
+                    counters["compute_units"] += info.compute_units
+                    counters["zero_differences"] += info.zero_differences
+                    counters["differences"] += len(info.differences)
+                    interval_zero += info.zero_differences
+                    interval_differences += len(info.differences)
+                if not math.isfinite(loss):
+                    diverged = True
+                    stop_reason = "diverged"
+                    cause = failure or f"training loss is {loss}"
+                    log(f"step {step}: {cause}; stopping (diverged)")
+                if step % config.log_every == 0 or diverged or step == total_steps:
+                    beta = info.beta if info is not None else None
+                    write(
+                        {
+                            "event": "train",
+                            "step": step,
+                            "loss": loss,
+                            "loss_avg": sum(interval_losses) / len(interval_losses),
+                            "lr": lr,
+                            "beta": beta,
+                            "phase": _phase(info) if info is not None else None,
+                            "forward_passes": counters["forward_passes"],
+                            "backward_passes": counters["backward_passes"],
+                            "compute_units": counters["compute_units"],
+                            "wall_time": elapsed,
+                            "step_time": interval_time / len(interval_losses),
+                            "zero_difference_fraction": interval_zero / interval_differences if interval_differences else None,
+                            **({"error": failure} if failure else {}),
+                        }
+                    )
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", beta=beta if beta is None else f"{beta:.4f}")
+                    interval_losses, interval_time, interval_zero, interval_differences = [], 0.0, 0, 0
+                bar.update(1)
+                if diverged:
+                    break
+                if config.eval_every and step % config.eval_every == 0 and step < total_steps:
+                    evaluate()
+                if config.checkpoint_every and step % config.checkpoint_every == 0:
+                    save_checkpoint()
+                if interrupted > 0:
+                    stop_reason = "interrupted"
+                    break
         bar.close()
         if not diverged:
             save_checkpoint()
@@ -743,17 +1042,22 @@ def train(
             "calibration": calibration,
             "out": str(out),
         }
+        if stop_reason == "interrupted":
+            write({"event": "interrupted", "step": step, "wall_time": elapsed})
+            log(f"interrupted at step {step}; checkpoint saved to {checkpoint_path}; continue with --resume")
+            _barrier(device)
+            raise TrainingInterrupted(step, total_steps, checkpoint_path)
         if stop_reason == "stop_at":
             log(f"stopped at step {step} (stop_at); resume with --resume")
             _barrier(device)  # the checkpoint is on disk when any rank returns
             return base
         metrics = {} if diverged else evaluate()
-        results = {**base, **metrics, "diverged": diverged}
+        results = {**base, **metrics, "diverged": diverged, **({"error": failure} if failure else {})}
         write({"event": "final", "step": step, **{k: v for k, v in results.items() if not isinstance(v, dict)}})
         if main:
             _write_json(out / RESULTS, results)
-        summary = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
-        log(f"done: {step}/{total_steps} steps ({stop_reason}), {elapsed:.1f} s training; {summary}")
+        summary = "".join(f"; {k}={v:.4g}" for k, v in metrics.items())
+        log(f"done: {step}/{total_steps} steps ({stop_reason}), {elapsed:.1f} s training{summary}")
         _barrier(device)
         return results
     finally:
