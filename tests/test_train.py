@@ -329,3 +329,32 @@ def test_image_folder_data(tmp_path, num_classes):
     assert resolved["num_classes"] == 2 and resolved["in_channels"] == 3 and resolved["train_examples"] == 12
     saved = torch.load(out / "checkpoint.pt", weights_only=True)
     assert saved["data"]["epoch"] == 1 and saved["data"]["position"] == 4  # 3 batches per epoch
+
+
+def test_diagnose_every_logs_the_ste_bias_and_leaves_training_unchanged(tmp_path, corpus):
+    """The diagnostic runs beside training: the run's weights are bit-identical without it."""
+    common = {"text_file": corpus, "steps": 4, "estimator": "fogzo", **FAST}
+    plain = train(tiny("llama", tmp_path / "plain", **common), log=quiet)
+    watched = train(
+        tiny("llama", tmp_path / "watched", diagnose_every=2, diagnose_coordinates=4, diagnose_draws=2, **common),
+        log=quiet,
+    )
+    assert plain["eval_ppl"] == watched["eval_ppl"]
+    a = torch.load(tmp_path / "plain" / "checkpoint.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "watched" / "checkpoint.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    records = [r for r in read_records(tmp_path / "watched" / "metrics.jsonl") if r["event"] == "diagnose"]
+    assert [r["step"] for r in records] == [0, 2, 4]  # before steps 0 and 2, and the trained model
+    layers = records[0]["layers"]
+    assert len(layers) > 1 and all(-1.0 <= v["cosine"] <= 1.0 for v in layers.values())
+    assert records[0]["coordinates"] == 4 * len(layers)
+    table = (tmp_path / "watched" / "diagnostics.md").read_text()
+    assert table.count("\n| 2 |") == 1 and is_png(tmp_path / "watched" / "diagnostics.png")
+
+
+def test_diagnose_every_is_refused_with_several_ranks():
+    from fogzo.train.trainer import check_config
+
+    config = load_config(CONFIGS / SMALL["resnet20"], {"diagnose_every": 10, "batch_size": 8}, quick=True)
+    with pytest.raises(ConfigError, match="diagnose_every works in one process"):
+        check_config(config, world_size=2)

@@ -141,6 +141,11 @@ class TrainConfig:
     name: str = _f("run", "run", "run name (defaults to the config file's stem)")
     progress: bool = _f(True, "run", "progress on stderr: a tqdm bar on a terminal, else a line every progress_every steps")
     progress_every: int = _f(0, "run", "steps between progress lines when stderr is not a terminal (0: about 20 a run)")
+    diagnose_every: int = _f(
+        0, "run", "every this many steps, compare the STE with the exact smoothed gradient (fogzo.diagnose; 0: off)"
+    )
+    diagnose_coordinates: int = _f(64, "run", "diagnose_every: coordinates sampled per quantized tensor")
+    diagnose_draws: int = _f(4, "run", "diagnose_every: stochastic-rounding draws of the smoothed gradient")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (tuples become lists), as saved in ``config.json`` and checkpoints."""
@@ -170,6 +175,9 @@ RUN_CONTROL_KEYS = frozenset(
         "threads",
         "progress",
         "progress_every",
+        "diagnose_every",
+        "diagnose_coordinates",
+        "diagnose_draws",
         "out",
         "time_budget",
         "num_workers",
@@ -251,11 +259,15 @@ def _validate(config: TrainConfig) -> None:
             raise ConfigError(f"{name}={value!r} is not one of {list(choices)}")
     if isinstance(config.bits, str) and config.bits != "ternary":
         raise ConfigError(f"bits must be an int or 'ternary', got {config.bits!r}")
-    positive = ("steps", "batch_size", "seq_len", "n", "log_every", "eval_batch_size", "calibration_steps")
+    positive = (
+        "steps", "batch_size", "seq_len", "n", "log_every", "eval_batch_size", "calibration_steps",
+        "diagnose_coordinates", "diagnose_draws",
+    )
     for name in positive:
         if getattr(config, name) < 1:
             raise ConfigError(f"{name} must be >= 1, got {getattr(config, name)}")
-    for name in ("eval_every", "checkpoint_every", "eval_size", "train_eval_size", "num_workers", "progress_every"):
+    for name in ("eval_every", "checkpoint_every", "eval_size", "train_eval_size", "num_workers", "progress_every",
+                 "diagnose_every"):
         if getattr(config, name) < 0:
             raise ConfigError(f"{name} must be >= 0, got {getattr(config, name)}")
     if not config.lr > 0 or not math.isfinite(config.lr):

@@ -81,8 +81,10 @@ from .. import distributed as fd
 from ..estimators import derive_seed
 from ..experiments.common import JsonlLogger, RunInterrupted, progress, read_json, read_jsonl, write_json
 from ..models import build_model, count_parameters
+from ..diagnostics import diagnose as fogzo_diagnose
 from .config import RUN_CONTROL_KEYS, ConfigError, TrainConfig
 from .data import TaskData, build_data, data_dimensions, is_text_model
+from .diagnosis_log import DIAGNOSE_STREAM, diagnosis_record, write_diagnostics_report
 
 __all__ = [
     "TrainingInterrupted",
@@ -393,8 +395,8 @@ class StepRunner:
 
         return closure
 
-    def step(self):
-        x, y = self.data.stream.next_batch()
+    def step(self, batch: tuple[torch.Tensor, torch.Tensor] | None = None):
+        x, y = self.data.stream.next_batch() if batch is None else batch
         self.optimizer.zero_grad(set_to_none=True)
         scale = float(self.scaler.get_scale()) if self.scaler is not None else 1.0
         info = self.estimator.estimate(self.closure_for(x, y))
@@ -516,6 +518,8 @@ def check_config(config: TrainConfig, world_size: int = 1) -> None:
     if config.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda but CUDA is not available here (torch.cuda.is_available() is False); use --device=cpu")
     check_batch_divisible(config, world_size)
+    if config.diagnose_every and world_size > 1:
+        raise ConfigError("diagnose_every works in one process only (it runs fogzo.diagnose on rank 0's model)")
     if config.text_file:
         path = Path(config.text_file).expanduser()
         if not path.is_file():
@@ -859,7 +863,9 @@ def _train(
         "data": data.describe(),
         "model_parameters": count_parameters(model),
         "quantized_layers": len(layers),
-        "quantized_parameters": sum(layer.weight.numel() for _, layer in quantized_layers(model)),
+        "quantized_parameters": sum(
+            layer._parameters[name].numel() for _, layer in quantized_layers(model) for name, _ in layer.quantized_weights()
+        ),
         "total_steps": total_steps,
         "warmup_steps": warmup_length(config, total_steps),
         "ste_steps": round(config.ste_fraction * total_steps) if config.estimator == "fogzo" else None,
@@ -926,6 +932,18 @@ def _train(
         write({"event": "eval", "step": step, "wall_time": elapsed, **metrics, "eval_time": time.perf_counter() - begin})
         return metrics
 
+    def diagnose(closure: Callable[[], torch.Tensor]) -> None:
+        """The STE against the exact smoothed gradient on this step's batch (docs/diagnostics.md)."""
+        report = fogzo_diagnose(
+            ddp, closure, coordinates=config.diagnose_coordinates, draws=config.diagnose_draws,
+            seed=derive_seed(config.seed, DIAGNOSE_STREAM, step),
+        )
+        overall = report.overall
+        write({"event": "diagnose", "step": step, **diagnosis_record(report)})
+        log(f"step {step}: STE vs the smoothed gradient: cosine {overall.cosine:.3f}"
+            + (f" (noise-corrected {overall.cosine_corrected:.3f})" if overall.cosine_corrected is not None else "")
+            + f", sign agreement {overall.sign_agreement:.3f}, norm ratio {overall.norm_ratio:.3f}")
+
     # On a terminal: a tqdm bar on stderr. Redirected: a line every progress_every steps
     # (0: about 20 lines a run). progress=false: neither. Rank 0 only.
     every = config.progress_every or max(1, math.ceil(total_steps / 20))
@@ -951,9 +969,12 @@ def _train(
                     stop_reason = "stop_at"
                     break
                 lr = optimizer.param_groups[0]["lr"]
+                batch = data.stream.next_batch()
+                if config.diagnose_every and step % config.diagnose_every == 0:
+                    diagnose(runner.closure_for(*batch))  # not timed: outside the training step
                 begin = time.perf_counter()
                 try:
-                    info, loss = runner.step()
+                    info, loss = runner.step(batch)
                 except FloatingPointError as error:
                     # The estimator refused a step with a non-finite (perturbed) loss; it
                     # changed no weight. The run cannot go on: it diverged.
@@ -1052,10 +1073,14 @@ def _train(
             _barrier(device)  # the checkpoint is on disk when any rank returns
             return base
         metrics = {} if diverged else evaluate()
+        if config.diagnose_every and not diverged and step % config.diagnose_every == 0:
+            diagnose(runner.closure_for(*data.stream.next_batch()))  # the trained model, too
         results = {**base, **metrics, "diverged": diverged, **({"error": failure} if failure else {})}
         write({"event": "final", "step": step, **{k: v for k, v in results.items() if not isinstance(v, dict)}})
         if main:
             _write_json(out / RESULTS, results)
+            if config.diagnose_every:
+                write_diagnostics_report(out)
         summary = "".join(f"; {k}={v:.4g}" for k, v in metrics.items())
         log(f"done: {step}/{total_steps} steps ({stop_reason}), {elapsed:.1f} s training{summary}")
         _barrier(device)
