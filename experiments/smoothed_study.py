@@ -41,6 +41,19 @@ ESTIMATORS: dict[str, dict[str, Any]] = {
     "oracle": {"kind": "oracle", "draws": 1},
     "spsa64": {"kind": "spsa", "n": 64, "perturb": "all"},
 }
+_G10 = ESTIMATORS["fogzo-g10"]
+#: FOGZO's knobs, one at a time from the ‖ĝ‖ = 10 variant (the "knobs" grid).
+KNOBS: dict[str, dict[str, Any]] = {
+    "fogzo-g3": {**_G10, "guide_norm": 3.0},
+    "fogzo-g30": {**_G10, "guide_norm": 30.0},
+    "fogzo-g10-b9999": {**_G10, "beta_min": 0.9999},
+    "fogzo-g10-beta1": {**_G10, "beta": 1.0},
+    "fogzo-g10-tensor": {**_G10, "normalize": "tensor"},
+    "fogzo-g10-quantized": {**_G10, "perturb": "quantized"},
+    "fogzo-g10-n4": {**_G10, "n": 4},
+    "fogzo-g10-n16": {**_G10, "n": 16},
+}
+ESTIMATORS.update(KNOBS)
 
 
 @dataclass(frozen=True)
@@ -309,6 +322,12 @@ GRIDS: dict[str, Grid] = {
         lrs=(1e-3, 3e-3, 1e-2),
         follow={"oracle": ("ste", (0,))},
     ),
+    # FOGZO's knobs where exact smoothed descent beats the STE (ternary) and on the paper's 2-bit MLP.
+    "knobs": Grid(
+        settings=_settings(["mnist"], [("ternary", "identity"), (2, "identity")], ["fixed"]),
+        estimators=("fogzo-g10", *KNOBS),
+        lrs=(1e-3, 3e-3, 1e-2),
+    ),
     # A seconds-long check of every code path.
     "smoke": Grid(
         settings=_settings(["mnist"], [(2, "identity"), (1, "tanh")], ["fixed"], iterations=20),
@@ -499,6 +518,76 @@ def summarize(path: Path, grid_name: str) -> str:
     return header + "\n" + "\n".join(lines)
 
 
+def alignment(bits: int | str, ste: str, variants: list[str], samples: int, draws: int, seed: int,
+              weights: Path | None) -> list[dict[str, Any]]:
+    """How well each estimator's gradient points along the exact smoothed gradient.
+
+    On one MNIST batch of 128 at the initial weights (or at ``weights``, a state dict saved by a
+    run): ``∇L_s`` from ``draws`` oracle draws over every quantized coordinate; then for each
+    estimator ``samples`` independent estimates ``G`` (new noise each) of the quantized weights'
+    gradient, in normalised coordinates. Reported: the mean cosine of one estimate with ``∇L_s``,
+    and the cosine of the average of the ``samples`` estimates (the estimator's expected direction).
+    """
+    import torch
+
+    import fogzo
+    from fogzo.data import MNIST_MEAN, MNIST_STD, load_mnist, to_float
+    from fogzo.models import MLP
+
+    torch.set_num_threads(1)
+    data = load_mnist()
+    generator = torch.Generator().manual_seed(seed)
+    index = torch.randperm(60_000, generator=generator)[:128]
+    x = to_float(data.train_images[index], MNIST_MEAN, MNIST_STD).reshape(-1, 784)
+    y = data.train_labels[index]
+    torch.manual_seed(seed)
+    model = fogzo.quantize(MLP((784, 10, 10)), fogzo.QuantConfig(bits=bits, ste=ste, alpha_init="max"))
+    if weights is not None:
+        model.load_state_dict(torch.load(weights, weights_only=True))
+    closure = lambda: cross_entropy(model(x), y)
+    layers = [layer for _, layer in fogzo.quantized_layers(model)]
+    alphas = [layer.weight_quantizer.coordinate_scale() for layer in layers]
+
+    def gradient_x() -> torch.Tensor:
+        return torch.cat([(layer.weight.grad * alpha).reshape(-1) for layer, alpha in zip(layers, alphas)]).double()
+
+    estimates = []
+    for offset in (1, 2):  # two independent oracle estimates: the reference, and its noise ceiling
+        model.zero_grad(set_to_none=True)
+        fogzo.SmoothedGradient(model, draws=draws, seed=seed + offset).estimate(closure)
+        estimates.append(gradient_x())
+    reference = estimates[0]
+    ceiling = float(torch.nn.functional.cosine_similarity(estimates[0], estimates[1], dim=0))
+    mean_alpha = sum(float(a.mean()) for a in alphas) / len(alphas)
+    eps = fogzo.QuantConfig(bits=bits, ste=ste).smoothing.eps_bar * mean_alpha
+    rows = [{"estimator": f"exact smoothed gradient, {draws} other draws (noise ceiling)", "cosine_single": ceiling,
+             "cosine_mean": ceiling, "samples": 1}]
+    for name in variants:
+        options = {**ESTIMATORS[name]}
+        kind = options.pop("kind", "ste")
+        singles, total = [], None
+        for sample in range(samples):
+            if kind == "ste":
+                estimator = fogzo.STE(model)
+            elif kind == "oracle":
+                estimator = fogzo.SmoothedGradient(model, seed=seed + 100 + sample, **options)
+            else:
+                estimator = fogzo.FOGZO(model, total_steps=2000, seed=seed + 100 + sample, eps=eps, **options)
+                estimator.counter.step = 2000  # β at the end of the schedule (β_min)
+            model.zero_grad(set_to_none=True)
+            estimator.estimate(closure)
+            g = gradient_x()
+            singles.append(float(torch.nn.functional.cosine_similarity(g, reference, dim=0)))
+            total = g if total is None else total + g
+            if kind == "ste":
+                break
+        mean_cos = float(torch.nn.functional.cosine_similarity(total, reference, dim=0))
+        rows.append({"estimator": name, "cosine_single": sum(singles) / len(singles), "cosine_mean": mean_cos,
+                     "samples": len(singles)})
+    model.zero_grad(set_to_none=True)
+    return rows
+
+
 def _beats(a: tuple[float, float], b: tuple[float, float]) -> bool:
     """``a`` lower than ``b`` beyond the seed spread: ``mean_a + std_a < mean_b − std_b``."""
     return all(math.isfinite(v) for v in (*a, *b)) and a[0] + a[1] < b[0] - b[1]
@@ -545,6 +634,14 @@ def main() -> None:
     many.add_argument("--out", type=Path, required=True)
     many.add_argument("--workers", type=int, default=2)
     many.add_argument("--set", default="{}", help="JSON object of Spec fields applied to every run")
+    align = sub.add_parser("alignment", help="cosine of each estimator's gradient with the exact smoothed gradient")
+    align.add_argument("--bits", default="2")
+    align.add_argument("--ste", default="identity")
+    align.add_argument("--estimators", default="ste,fogzo,fogzo-g10," + ",".join(KNOBS))
+    align.add_argument("--samples", type=int, default=32)
+    align.add_argument("--draws", type=int, default=16)
+    align.add_argument("--seed", type=int, default=0)
+    align.add_argument("--weights", type=Path, help="a state dict saved by a run (default: the initial weights)")
     summary = sub.add_parser("summarize", help="Markdown table of a grid's results")
     summary.add_argument("path", type=Path)
     summary.add_argument("--grid", default="question", choices=sorted(GRIDS))
@@ -555,6 +652,10 @@ def main() -> None:
         print(json.dumps(run(spec_from(json.loads(args.spec)))), flush=True)
     elif args.command == "grid":
         run_grid(args.name, args.out, args.workers, json.loads(args.set))
+    elif args.command == "alignment":
+        bits = args.bits if args.bits == "ternary" else int(args.bits)
+        for row in alignment(bits, args.ste, args.estimators.split(","), args.samples, args.draws, args.seed, args.weights):
+            print(json.dumps(row), flush=True)
     elif args.map:
         print(map_table(args.path, args.grid, args.metric))
     else:
