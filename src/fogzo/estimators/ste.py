@@ -42,8 +42,8 @@ class STE:
             loss.backward()
         else:
             self.backward(loss)
-        info = EstimateInfo(
-            loss=float(loss.detach()), forward_passes=1, backward_passes=1, beta=None, seed=None, step=self.counter.step
+        info = EstimateInfo(  # loss: read on the host only when info.loss is (no sync in the step)
+            loss=loss.detach(), forward_passes=1, backward_passes=1, beta=None, seed=None, step=self.counter.step  # type: ignore[arg-type]
         )
         state.commit()
         return info
