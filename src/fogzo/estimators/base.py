@@ -269,10 +269,10 @@ class CallState:
         self.rng = _rng_state()
         self.targets: list[torch.Tensor] = []
         if model is not None:
-            self.targets = state_buffers(model)
-            self.targets += [
-                p for m in model.modules() if isinstance(m, ActivationQuantizer) for p in m.parameters(recurse=False)
-            ]
+            modules = list(model.modules())
+            self.targets = state_buffers(model, modules)
+            self.targets += [p for m in modules if isinstance(m, ActivationQuantizer) for p in m._parameters.values()
+                             if p is not None]
         self.saved = [t.detach().clone() if t.requires_grad else t.clone() for t in self.targets]
         self.params = list(params)
         self.previous = stash_gradients(self.params)

@@ -880,9 +880,10 @@ class StateGuard:
         :meth:`close`, so perturbed passes issue no collective of their own.
         """
         self._rng_after = _rng_state()
-        self._buffers = state_buffers(self._model)
+        modules = list(self._model.modules())
+        self._buffers = state_buffers(self._model, modules)
         self._saved = [b.detach().clone() if b.requires_grad else b.clone() for b in self._buffers]
-        for module in self._model.modules():
+        for module in modules:
             if isinstance(module, nn.parallel.DistributedDataParallel):
                 self._ddp_sync.append((module, module.require_forward_param_sync))
                 module.require_forward_param_sync = False
@@ -907,18 +908,21 @@ class StateGuard:
                 torch._foreach_copy_(self._buffers, self._saved)
 
 
-def state_buffers(model: nn.Module) -> list[torch.Tensor]:
+def state_buffers(model: nn.Module, modules: list[nn.Module] | None = None) -> list[torch.Tensor]:
     """The buffers of ``model`` that a call may change: all but the fixed step sizes ``α`` of
     fogzo's weight quantizers, which a forward pass only reads (their values are the
-    hot path's, see :class:`fogzo.WeightQuantizer`), so snapshots skip them."""
-    fixed = {
-        id(module.alpha)
-        for module in model.modules()
-        if isinstance(module, WeightQuantizer) and not isinstance(module.alpha, nn.Parameter)
-    }
-    if not fixed:
-        return list(model.buffers())
-    return [buffer for buffer in model.buffers() if id(buffer) not in fixed]
+    hot path's, see :class:`fogzo.WeightQuantizer`), so snapshots skip them. One pass over
+    ``modules`` (default ``list(model.modules())``)."""
+    seen: set[int] = set()
+    buffers = []
+    for module in model.modules() if modules is None else modules:
+        fixed = module.alpha if isinstance(module, WeightQuantizer) and not isinstance(module.alpha, nn.Parameter) else None
+        for buffer in module._buffers.values():
+            if buffer is None or buffer is fixed or id(buffer) in seen:
+                continue
+            seen.add(id(buffer))
+            buffers.append(buffer)
+    return buffers
 
 
 def _rng_state() -> tuple:
