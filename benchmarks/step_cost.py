@@ -272,12 +272,12 @@ def count_variants(steps: Steps, variants: Sequence[str]) -> dict[str, dict[str,
 # ------------------------------------------------------------------------------ compile
 
 
-def compiled_factory(device: torch.device) -> Callable[[torch.nn.Module], Callable]:
+def compiled_factory(backend: str = "inductor") -> Callable[[torch.nn.Module], Callable]:
     cache: dict[int, Callable] = {}
 
     def compiled(model: torch.nn.Module) -> Callable:
         if id(model) not in cache:
-            cache[id(model)] = torch.compile(model)
+            cache[id(model)] = torch.compile(model, backend=backend)
         return cache[id(model)]
 
     return compiled
@@ -480,6 +480,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--ops-only", action="store_true", help="operator counts only (no timing, no memory)")
     parser.add_argument("--no-ops", action="store_true", help="skip the operator counts")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile(model) variants")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (aot_eager: no codegen)")
     parser.add_argument("--gpu-suite", action="store_true", help="issue 12's GPU table in one run (see docstring)")
     parser.add_argument("--dry-run", action="store_true", help="with --gpu-suite: on CPU, quick sizes, one round")
     parser.add_argument("--budget-s", type=float, default=None, help="start no new model after this (suite: 270)")
@@ -570,7 +571,7 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device, log: Ca
     variants = list(args.variants)
     if with_compile:
         variants += list(COMPILED_VARIANTS)
-    compiled = compiled_factory(device) if with_compile else None
+    compiled = compiled_factory(args.compile_backend) if with_compile else None
     if with_compile:
         import torch._dynamo
 
@@ -635,7 +636,7 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device, log: Ca
         "quick": args.quick, "repeats": args.repeats, "warmup": args.warmup, "spsa_repeats": args.spsa_repeats,
         "memory_jobs": args.memory_jobs, "memory_mode": args.memory_mode, "spsa_n": args.spsa_n,
         "spsa_report_loss": False, "calls_per_sample": args.calls_per_sample, "ops_only": args.ops_only,
-        "compile": with_compile, "gpu_suite": getattr(args, "gpu_suite", False), "dry_run": args.dry_run,
+        "compile": with_compile, "compile_backend": args.compile_backend if with_compile else None, "gpu_suite": getattr(args, "gpu_suite", False), "dry_run": args.dry_run,
         "fogzo": {"n": 1, "total_steps": FOGZO_TOTAL_STEPS, "beta_min": 0.999, "schedule": "linear"},
         "optimizer": f"AdamW(lr={LEARNING_RATE})", "quant_config": "QuantConfig(bits=2)", "seed": args.seed,
         "limit": "t(ste) + 2 t(forward_inference); one-sided: t(ste) + t(forward_inference)",

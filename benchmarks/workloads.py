@@ -12,8 +12,8 @@ resnet20           CIFAR ResNet-20 (BatchNorm, training mode)  128×3×32×32 / 
 vit_tiny_cifar     DeiT-style ViT, D=96, 6 blocks, patch 4     128×3×32×32 / 8, D=48, 2 blocks
 llama-1m           LLaMA-style LM, 1.0 M parameters            16 × 128 tokens / 4 × 32
 llama-10m          LLaMA-style LM, 10.7 M parameters           16 × 128 tokens / 2 × 32, 1 block
-llama-30m          paper-size LM, 30.4 M, bf16 autocast        8 × 512 tokens / 1 × 32, 2 blocks
-llama-95m          paper-size LM, 95.5 M, bf16 autocast        8 × 512 tokens / 1 × 32, 2 blocks
+llama-30m          paper-size LM, 30.4 M, bf16 autocast        8 × 512 tokens / 1 × 32, 2 blocks, vocab 512
+llama-95m          paper-size LM, 95.5 M, bf16 autocast        8 × 512 tokens / 1 × 32, 2 blocks, vocab 512
 tiny               MLP 32-64-10 (Python/dispatch overhead)     8 / 8
 =================  ==========================================  ==============================
 
@@ -135,8 +135,8 @@ def _llama(name: str) -> Callable[[ModuleType, bool, dict[str, int]], tuple[nn.M
         overrides: dict[str, Any] = {}
         if quick and name == "llama-10m":
             overrides["n_layers"] = 1
-        if quick and paper_size:
-            overrides["n_layers"] = 2
+        if quick and paper_size:  # (bf16 matmuls are slow on most CPUs: a small vocabulary)
+            overrides.update(n_layers=2, vocab_size=512)
         model = _models(lib).build_model(name, **overrides)
         if paper_size:
             batch, seq = (1, 32) if quick else (8, 512)
