@@ -67,7 +67,7 @@ optimizer step) plus two inference-mode forward passes (one for the one-sided va
 
 Operator counts (``op_counts``; ``harness.count_ops``): one profiled call of ``ste``,
 ``float_step``, ``fogzo``, ``fogzo_one_sided`` and ``forward_inference`` after the timing
-(``--ops-only``: after one warm-up round, no timing), as top-level aten operators
+(``--ops-only``: after three warm-up rounds, no timing), as top-level aten operators
 (``ops``), innermost computing operators (``kernels``) and host syncs. They are
 deterministic, so on a shared CPU they are the proxy for launch-bound GPU overhead, with the
 targets of issue 12: ``ste / float_step ≤ 1.2`` and ``fogzo / (ste + 2·forward_inference) ≤
@@ -164,6 +164,7 @@ from workloads import (  # noqa: E402
     FOGZO_TOTAL_STEPS,
     LEARNING_RATE,
     MODELS,
+    NOISE_VARIANTS,
     QUICK_MODELS,
     VARIANTS,
     Steps,
@@ -179,7 +180,7 @@ __all__ = [
 ]
 
 QUICK_MEMORY_VARIANTS = ("ste", "fogzo")
-OP_VARIANTS = ("ste", "forward_inference", "fogzo", "fogzo_one_sided", "float_step")
+OP_VARIANTS = ("ste", "forward_inference", "fogzo", "fogzo_one_sided", "float_step", *NOISE_VARIANTS)
 SUITE_VARIANTS = ("ste", "forward_inference", "fogzo", "fogzo_one_sided", "float_step")
 SUITE_MODELS = ("mlp", "resnet20", "vit_tiny_cifar", "llama-1m", "llama-10m", "llama-30m", "llama-95m", "tiny")
 SUITE_COMPILE_MODELS = ("llama-30m",)
@@ -258,6 +259,9 @@ def op_summary(counts: dict[str, dict[str, Any]]) -> tuple[dict[str, float | Non
         ratios[f"one_sided_over_limit_{key}"] = ratio(
             get("fogzo_one_sided", key), total(get("ste", key), get("forward_inference", key))
         )
+        for variant in NOISE_VARIANTS:
+            if variant in counts:
+                ratios[f"{variant}_over_limit_{key}"] = ratio(get(variant, key), limit)
     targets = {}
     for name, bound in OP_TARGETS.items():
         value = ratios.get(f"{name}_ops")
@@ -369,7 +373,11 @@ def summarize(
             ),
             "fogzo_compiled_over_fogzo": ratio(t("fogzo_compiled"), t("fogzo")),
         },
-        "times_ms": {v: median.get(v) for v in (*VARIANTS, *COMPILED_VARIANTS) if v in samples or v in skipped},
+        "noise_ratios": {
+            f"{v}_over_limit": ratio(t(v), limit) for v in NOISE_VARIANTS if t(v) is not None
+        },
+        "times_ms": {v: median.get(v) for v in (*VARIANTS, *NOISE_VARIANTS, *COMPILED_VARIANTS)
+                     if v in samples or v in skipped},
         "times_ms_iqr": {v: [q * 1e3 for q in quartiles(s)] for v, s in samples.items() if s},
         "times_ms_samples": {v: [x * 1e3 for x in s] for v, s in samples.items()},
         "memory": memory,
@@ -431,6 +439,7 @@ def print_summary(result: dict[str, Any], out: Callable[[str], None]) -> None:
         (f"n-SPSA({n}) looped / batched (speed-up)", result["spsa_batched_speedup"]),
     ]
     rows += [(f"compiled: {key}", value) for key, value in result["compiled_ratios"].items() if value is not None]
+    rows += [(f"noise stream: {key}", value) for key, value in result.get("noise_ratios", {}).items()]
     for label, value in rows:
         out(f"  {label:<44}{_fmt(value):>8}")
     ratios = result["op_ratios"]
@@ -438,7 +447,9 @@ def print_summary(result: dict[str, Any], out: Callable[[str], None]) -> None:
         for key in ("ops", "kernels"):
             out(f"  operator counts ({key}): STE / float {_fmt(ratios[f'ste_over_float_{key}'])}, "
                 f"FOGZO / (STE + 2·fwd) {_fmt(ratios[f'fogzo_over_limit_{key}'])}, "
-                f"one-sided / (STE + fwd) {_fmt(ratios[f'one_sided_over_limit_{key}'])}")
+                f"one-sided / (STE + fwd) {_fmt(ratios[f'one_sided_over_limit_{key}'])}"
+                + "".join(f", {v} / (STE + 2·fwd) {_fmt(ratios[f'{v}_over_limit_{key}'])}"
+                          for v in NOISE_VARIANTS if f"{v}_over_limit_{key}" in ratios))
         for name, target in result["op_targets"].items():
             met = {None: "n/a", True: "met", False: "MISSED"}[target["met"]]
             out(f"  target {name} (ops) <= {target['bound']}: {_fmt(target['value'])} {met}")
@@ -461,7 +472,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--quick", action="store_true", help="tiny sizes, few repeats: under a minute")
     parser.add_argument("--models", default=None, help=f"comma-separated, from {','.join(ALL_MODELS)}")
-    parser.add_argument("--variants", default=None, help=f"comma-separated subset of {','.join(VARIANTS)}")
+    parser.add_argument("--variants", default=None,
+                        help=f"comma-separated, from {','.join(VARIANTS + NOISE_VARIANTS)} (default: the first {len(VARIANTS)})")
     parser.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default cpu (--gpu-suite: cuda)")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds R (default 10; quick 3)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed rounds (default 2; quick 1)")
@@ -524,9 +536,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.models = names
     variants = args.variants.split(",") if isinstance(args.variants, str) else list(args.variants or VARIANTS)
     variants = [v.strip() for v in variants if v.strip()]
-    bad = [v for v in variants if v not in VARIANTS]
+    bad = [v for v in variants if v not in VARIANTS + NOISE_VARIANTS]
     if bad:
-        parser.error(f"unknown variants {bad}; choose from {','.join(VARIANTS)}")
+        parser.error(f"unknown variants {bad}; choose from {','.join(VARIANTS + NOISE_VARIANTS)}")
     args.variants = variants
     args.repeats = args.repeats if args.repeats is not None else (3 if args.quick else 10)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
@@ -589,10 +601,10 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device, log: Ca
             extra["compile"] = {"seconds": compile_warmup(steps, COMPILED_VARIANTS, device)}
     samples: dict[str, list[float]] = {}
     if args.ops_only:
-        log(f"[{name}] operator counts (one warm-up round)")
+        log(f"[{name}] operator counts (after {max(args.warmup, 3)} warm-up rounds)")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            for _ in range(args.warmup):
+            for _ in range(max(args.warmup, 3)):  # (compiled kernels settle in the first rounds)
                 for variant in steps.calls:
                     steps.calls[variant]()
     else:

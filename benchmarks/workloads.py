@@ -55,6 +55,8 @@ VARIANTS = (
     "float_step",
 )
 COMPILED_VARIANTS = ("ste_compiled", "forward_compiled", "fogzo_compiled", "float_compiled")
+NOISE_VARIANTS = ("fogzo_counter", "fogzo_counter_compiled")
+"""Opt-in (``--variants``): FOGZO with ``noise_stream="counter"``, eager or with ``compile_noise=True``."""
 EXPENSIVE = ("spsa_looped", "spsa_batched")
 LEARNING_RATE = 1e-4  # small: the shared model drifts little over the timed steps
 FOGZO_TOTAL_STEPS = 10_000
@@ -272,6 +274,8 @@ def make_steps(
             "forward_no_grad": lambda: forward(torch.no_grad),
             "fogzo": lambda: fogzo_step(closure),
             "fogzo_one_sided": lambda: fogzo_step(closure, one_sided=True),
+            "fogzo_counter": lambda: fogzo_step(closure, noise_stream="counter"),
+            "fogzo_counter_compiled": lambda: fogzo_step(closure, noise_stream="counter", compile_noise=True),
             "spsa_n1": lambda: training_step(lib.SPSA(model, n=1, seed=seed, report_loss=False), closure),
             "spsa_looped": lambda: training_step(lib.SPSA(model, n=spsa_n, seed=seed, report_loss=False), closure),
             "spsa_batched": lambda: training_step(

@@ -40,6 +40,7 @@ from ..quantizers import ActivationQuantizer
 from .perturbation import (
     PerturbedSet,
     PerturbedTensor,
+    Snapshot,
     StateGuard,
     _is_dtensor,
     _rng_state,
@@ -259,21 +260,29 @@ class CallState:
     themselves in their first forward), the global RNG and the step counter, and with
     ``advance=True`` (a skipped step) advances the counter. Cost: one copy of the model's
     buffers (running statistics, not its weights; not the fixed ``α`` of fogzo's weight
-    quantizers, which no forward writes: :func:`~fogzo.estimators.perturbation.state_buffers`)
-    per call; ``model=None`` captures no buffers.
+    quantizers, which no forward writes: :func:`~fogzo.estimators.perturbation.state_buffers`),
+    taken with one operator into a :class:`~fogzo.estimators.perturbation.Snapshot` that the
+    estimator keeps between calls (``snapshot``); ``model=None`` captures no buffers.
     """
 
-    def __init__(self, model: nn.Module | None, params: Sequence[nn.Parameter], counter: StepCounter) -> None:
+    def __init__(
+        self,
+        model: nn.Module | None,
+        params: Sequence[nn.Parameter],
+        counter: StepCounter,
+        snapshot: Snapshot | None = None,
+    ) -> None:
         self.counter = counter
         self.step = counter.step
         self.rng = _rng_state()
-        self.targets: list[torch.Tensor] = []
+        targets: list[torch.Tensor] = []
         if model is not None:
             modules = list(model.modules())
-            self.targets = state_buffers(model, modules)
-            self.targets += [p for m in modules if isinstance(m, ActivationQuantizer) for p in m._parameters.values()
-                             if p is not None]
-        self.saved = [t.detach().clone() if t.requires_grad else t.clone() for t in self.targets]
+            targets = state_buffers(model, modules)
+            targets += [p for m in modules if isinstance(m, ActivationQuantizer) for p in m._parameters.values()
+                        if p is not None]
+        self.snapshot = Snapshot() if snapshot is None else snapshot
+        self.snapshot.take(targets)
         self.params = list(params)
         self.previous = stash_gradients(self.params)
 
@@ -291,9 +300,7 @@ class CallState:
         """Failure (or, with ``advance``, a skipped step): everything back as it was."""
         for param, previous in zip(self.params, self.previous):
             param.grad = previous
-        if self.targets:
-            with torch.no_grad():
-                torch._foreach_copy_(self.targets, self.saved)
+        self.snapshot.restore()
         _set_rng_state(self.rng)
         self.counter.step = self.step + 1 if advance else self.step
 
@@ -598,6 +605,15 @@ class ZerothOrderMeasurement:
         tensors = self.perturbed.tensors
         deltas: list[torch.Tensor | None] = [None] * len(tensors)
         guided = [e.index for e in tensors if guides[e.index] is not None] if direction.guided != 0.0 else []
+        noise_weights: list[torch.Tensor | float] = []
+        if direction.noise != 0.0:
+            weight = eps_bar * direction.noise
+            noise_weights = scales.per_tensor(lambda c: c * weight)
+        # compile_noise: g·a + u·b in one compiled kernel per tensor (tensor coefficients only:
+        # a Python float would be baked into the compiled graph).
+        fused = set()
+        if noise_weights and self.perturbed.compile_noise:
+            fused = {i for i in guided if isinstance(noise_weights[i], torch.Tensor)}
         if guided:
             constant = eps_bar * direction.guided
             ks = [guides[i].scale for i in guided]  # type: ignore[union-attr]
@@ -611,14 +627,24 @@ class ZerothOrderMeasurement:
                     factors[i] = squares[i] * k  # type: ignore[operator]
             gradients = [guides[i].gradient for i in guided]  # type: ignore[union-attr]
             buffers = gradients if reuse_guide else torch._foreach_mul(gradients, 1.0)
-            torch._foreach_mul_(buffers, [factors[i] for i in guided])  # type: ignore[misc]
-            for i, buffer in zip(guided, buffers):
-                deltas[i] = buffer
-        if direction.noise != 0.0:
-            weight = eps_bar * direction.noise
-            noise_weights = scales.per_tensor(lambda c: c * weight)
+            plain = [j for j, i in enumerate(guided) if i not in fused]
+            if plain:
+                torch._foreach_mul_([buffers[j] for j in plain], [factors[guided[j]] for j in plain])  # type: ignore[misc]
+            offsets = None
+            if fused:
+                order = sorted(fused)
+                offsets = dict(zip(order, self.perturbed.noise_offsets([tensors[i] for i in order], step_seed,
+                                                                        direction.sample).unbind()))
+            for j, i in enumerate(guided):
+                deltas[i] = buffers[j]
+                if offsets is not None and i in offsets:
+                    self.perturbed.noise_shift_(tensors[i], offsets[i], buffers[j], factors[i],
+                                                noise_weights[i])  # type: ignore[arg-type]
+        if noise_weights:
             for entry in tensors:
                 i = entry.index
+                if i in fused:
+                    continue
                 noise = self.perturbed.noise(entry, step_seed, direction.sample)
                 if deltas[i] is None:
                     deltas[i] = noise.mul_(noise_weights[i])

@@ -51,7 +51,7 @@ from .base import (
     run_guarded,
     set_gradient,
 )
-from .perturbation import SIGN_STREAM, PerturbedSet, StateGuard, derive_seed, local_part
+from .perturbation import SIGN_STREAM, PerturbedSet, Snapshot, StateGuard, derive_seed, local_part
 from .schedules import BetaSchedule, check_beta, constant_beta, linear_beta
 
 __all__ = ["FOGZO"]
@@ -100,6 +100,9 @@ class FOGZO:
             ``"counter"`` (a counter-based generator of the global coordinate: the same
             numbers on CPU and GPU and for any sharding; slower in eager mode on a CPU, see
             docs/performance.md). Same noise law and equations either way, other numbers.
+        compile_noise: with ``noise_stream="counter"``, generate the noise (and for n = 1
+            the whole shift ``c·ε̄·v``) in kernels made by ``torch.compile`` on first use:
+            the same numbers, no noise tensor, faster than ``"blocks"`` on CPU and GPU.
 
     Example::
 
@@ -128,6 +131,7 @@ class FOGZO:
         vectorize: int | None = None,
         backward: Backward | None = None,
         noise_stream: str = "blocks",
+        compile_noise: bool = False,
     ) -> None:
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"n must be an int >= 1, got {n!r}")
@@ -153,9 +157,12 @@ class FOGZO:
         self.normalize = normalize
         self.guide_norm = float(guide_norm)
         self.backward = backward
-        self.perturbed = PerturbedSet.from_model(model, perturb, eps, smoothing, noise_stream=noise_stream)
+        self.perturbed = PerturbedSet.from_model(
+            model, perturb, eps, smoothing, noise_stream=noise_stream, compile_noise=compile_noise
+        )
         self.measurement = ZerothOrderMeasurement(self.perturbed, one_sided, on_nonfinite, vectorize)
         self.counter = StepCounter(seed)
+        self._snapshots = (Snapshot(), Snapshot())  # reused by every call (CallState, StateGuard)
 
     def estimate(self, closure: Closure) -> EstimateInfo:
         """One step: fills ``.grad`` (see the module docstring); state contract in
@@ -163,12 +170,12 @@ class FOGZO:
         nothing but the step counter."""
         self.perturbed.check_trainable()
         params = [p for p in self.model.parameters() if p.requires_grad]  # the STE backward writes these
-        state = CallState(self.model, params, self.counter)
+        state = CallState(self.model, params, self.counter, self._snapshots[0])
         return run_guarded(state, lambda: self._step(closure, state))
 
     def _step(self, closure: Closure, state: CallState) -> EstimateInfo:
         step, step_seed = self.counter.step, self.counter.step_seed()
-        guard = StateGuard(self.model)
+        guard = StateGuard(self.model, self._snapshots[1])
         keep = self.measurement.on_nonfinite == "keep"
 
         # 1. STE pass: L0 and g_W; ĝ = r·c·g_W/‖c·g_W‖.

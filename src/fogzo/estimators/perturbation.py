@@ -43,7 +43,8 @@ from ..quantizers import WeightQuantizer
 from ..smoothing import Smoothing
 
 __all__ = [
-    "NOISE_BLOCK", "NOISE_STREAMS", "PerturbedSet", "PerturbedTensor", "StateGuard", "block_noise", "counter_bits",
+    "NOISE_BLOCK", "NOISE_STREAMS", "PerturbedSet", "PerturbedTensor", "Snapshot", "StateGuard", "block_noise",
+    "counter_bits",
     "counter_noise", "derive_seed", "state_buffers",
 ]
 
@@ -101,6 +102,11 @@ def block_noise(
             smoothing.fill_(out, generator)
         return out
     flat = out.view(-1)
+    if start == 0 and stop == total:  # the whole tensor: its blocks as views of one split
+        for block, view in enumerate(flat.split(NOISE_BLOCK)):
+            generator.manual_seed(derive_seed(*key, block))
+            smoothing.fill_(view, generator)
+        return out
     block = start // NOISE_BLOCK
     while block * NOISE_BLOCK < stop:
         first, last = block * NOISE_BLOCK, min((block + 1) * NOISE_BLOCK, total)
@@ -142,12 +148,47 @@ def counter_bits(key: int, start: int, count: int, device: torch.device | str | 
     coordinate range, on any device, yields the same bits, and no state is kept.
     """
     z = torch.arange(start, start + count, dtype=torch.int64, device=device)
-    z.mul_(_as_int64(_GAMMA)).add_(_as_int64(key + _GAMMA))
+    return _mix(z.mul_(_as_int64(_GAMMA)).add_(_as_int64(key + _GAMMA)))
+
+
+def _mix(z: torch.Tensor) -> torch.Tensor:
+    """SplitMix64's output function on int64 (in place)."""
     z.bitwise_xor_((z >> 30).bitwise_and_((1 << 34) - 1))
     z.mul_(_as_int64(_MIX1))
     z.bitwise_xor_((z >> 27).bitwise_and_((1 << 37) - 1))
     z.mul_(_as_int64(_MIX2))
     return z.bitwise_xor_((z >> 31).bitwise_and_((1 << 33) - 1))
+
+
+def _counter_sample(offset: torch.Tensor, start: int, count: int, law: str, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`counter_bits` then the law, with ``offset = key + γ`` a device int64 scalar, so that
+    one compiled graph serves every key (:func:`compiled_counter`)."""
+    z = torch.arange(start, start + count, dtype=torch.int64, device=offset.device)
+    return _counter_law(law, _mix(z.mul_(_as_int64(_GAMMA)).add_(offset)), dtype)
+
+
+def _counter_shift(
+    target: torch.Tensor, scale: torch.Tensor | float, weight: torch.Tensor | float, offset: torch.Tensor, start: int,
+    law: str,
+) -> torch.Tensor:
+    """``target·scale + weight·u`` in place, ``u`` the counter noise of ``target``'s coordinates."""
+    noise = _counter_sample(offset, start, target.numel(), law, target.dtype).view(target.shape)
+    return target.mul_(scale).add_(noise.mul_(weight))
+
+
+_COMPILED: dict[str, Callable] = {}
+
+
+def compiled_counter(name: str) -> Callable:
+    """``torch.compile(dynamic=True)`` of ``_counter_sample`` (``"sample"``) or ``_counter_shift``
+    (``"shift"``), made once per process: the hash, the law and the scaling fuse into one
+    kernel (C++ on a CPU, Triton on a GPU) that works for any size."""
+    function = _COMPILED.get(name)
+    if function is None:
+        function = _COMPILED[name] = torch.compile(
+            {"sample": _counter_sample, "shift": _counter_shift}[name], dynamic=True
+        )
+    return function
 
 
 def _counter_law(name: str, bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -183,6 +224,7 @@ def counter_noise(
     dtype: torch.dtype,
     start: int = 0,
     total: int | None = None,
+    compiled: bool = False,
 ) -> torch.Tensor:
     """Elements ``[start, start + prod(shape))`` of the counter-based noise of a tensor of
     ``total`` elements, reshaped to ``shape`` (the ``"counter"`` stream; same contract as
@@ -192,10 +234,10 @@ def counter_noise(
     function of the seed and the global coordinate, so a shard, a chunk or another device
     regenerates exactly its part (bit for bit for the uniform and triangular laws, which
     use integer arithmetic and one exact multiply; the logistic and Gaussian laws go through
-    ``log``/``cos``, whose last bit may differ between CPU and GPU libraries). Being plain
-    tensor operators, it fuses into one kernel under ``torch.compile`` (about 3x faster than
-    ``uniform_`` on a CPU core; in eager mode on a CPU about 8x slower, see
-    docs/performance.md).
+    ``log``/``cos``, whose last bit may differ between CPU and GPU libraries). In eager mode it
+    is about 17 operators (on a CPU core several times slower than ``uniform_``); with
+    ``compiled=True`` they run as one kernel made by ``torch.compile`` (:func:`compiled_counter`;
+    faster than ``uniform_``, see docs/performance.md).
     """
     out = torch.empty(shape, device=device, dtype=dtype)
     count = out.numel()
@@ -204,6 +246,9 @@ def counter_noise(
     if not 0 <= start <= stop <= total:
         raise ValueError(f"noise range [{start}, {stop}) lies outside a tensor of {total} elements")
     seed = derive_seed(*key)
+    if compiled:
+        offset = torch.tensor(_as_int64(seed + _GAMMA), dtype=torch.int64, device=device)
+        return compiled_counter("sample")(offset, start, count, smoothing.noise, dtype).view(shape)
     if count <= COUNTER_CHUNK:
         return _counter_law(smoothing.noise, counter_bits(seed, start, count, device), dtype).view(shape)
     flat = out.view(-1)
@@ -317,6 +362,10 @@ class PerturbedSet:
         noise_stream: ``"blocks"`` (default) or ``"counter"``: how ``u`` is generated
             (:data:`NOISE_STREAMS`); the law and every equation are the same, the numbers
             are not.
+        compile_noise: with ``noise_stream="counter"``, generate ``u`` (and, for the one
+            direction of n = 1, the whole shift ``g·a + u·b``) in kernels made by
+            ``torch.compile`` (:func:`compiled_counter`): the same numbers as eager mode,
+            compiled once per process on first use.
     """
 
     tensors: list[PerturbedTensor]
@@ -327,10 +376,13 @@ class PerturbedSet:
     _plan: _ReadPlan | None = field(default=None, repr=False)
     _generators: dict[torch.device, torch.Generator] = field(default_factory=dict, repr=False)
     noise_stream: str = "blocks"
+    compile_noise: bool = False
 
     def __post_init__(self) -> None:
         if self.noise_stream not in NOISE_STREAMS:
             raise ValueError(f"noise_stream must be one of {NOISE_STREAMS}, got {self.noise_stream!r}")
+        if self.compile_noise and self.noise_stream != "counter":
+            raise ValueError("compile_noise=True needs noise_stream='counter' (torch's generators cannot be compiled)")
         if self._plan is None:
             self._plan = _ReadPlan(self.tensors, self._model)
 
@@ -347,9 +399,12 @@ class PerturbedSet:
         eps: float = 1e-3,
         smoothing: Smoothing | None = None,
         noise_stream: str = "blocks",
+        compile_noise: bool = False,
     ) -> PerturbedSet:
         if noise_stream not in NOISE_STREAMS:
             raise ValueError(f"noise_stream must be one of {NOISE_STREAMS}, got {noise_stream!r}")
+        if compile_noise and noise_stream != "counter":
+            raise ValueError("compile_noise=True needs noise_stream='counter' (torch's generators cannot be compiled)")
         if not eps > 0:
             raise ValueError(f"eps must be > 0, got {eps!r}")
         # Quantized weights and quantizer parameters, whoever quantized them (fogzo.adapters).
@@ -416,7 +471,8 @@ class PerturbedSet:
                 "apply fully_shard so that it covers every perturbed parameter"
             )
         fsdp_modules = [m for m in model.modules() if callable(getattr(m, "reshard", None)) and _is_fsdp(m)]
-        return cls(tensors, smoothing, owners, fsdp_modules, model, noise_stream=noise_stream)
+        return cls(tensors, smoothing, owners, fsdp_modules, model, noise_stream=noise_stream,
+                   compile_noise=compile_noise)
 
     def check_trainable(self) -> None:
         """Raise if a perturbed parameter was frozen (``requires_grad=False``) since."""
@@ -438,7 +494,7 @@ class PerturbedSet:
         if self.noise_stream == "counter":
             return counter_noise(
                 self.smoothing, (step_seed, NOISE_STREAM, entry.index, sample), entry.local_shape, device,
-                entry.param.dtype, start=entry.start, total=entry.param.numel(),
+                entry.param.dtype, start=entry.start, total=entry.param.numel(), compiled=self.compile_noise,
             )
         generator = self._generators.get(device)
         if generator is None:
@@ -453,6 +509,21 @@ class PerturbedSet:
             total=entry.param.numel(),
             generator=generator,
         )
+
+    def noise_offsets(self, entries: list[PerturbedTensor], step_seed: int, sample: int) -> torch.Tensor:
+        """The counter offsets ``key + γ`` of ``entries`` for :meth:`noise_shift_`, one device tensor."""
+        device = entries[0].param.device
+        keys = [_as_int64(derive_seed(step_seed, NOISE_STREAM, e.index, sample) + _GAMMA) for e in entries]
+        return torch.tensor(keys, dtype=torch.int64, device=device)
+
+    def noise_shift_(
+        self, entry: PerturbedTensor, offset: torch.Tensor, target: torch.Tensor, scale: torch.Tensor,
+        weight: torch.Tensor,
+    ) -> torch.Tensor:
+        """``target·scale + weight·u`` in place with :meth:`noise`'s ``u``, as one compiled kernel
+        (``compile_noise=True``: no noise tensor is made); ``offset``: from :meth:`noise_offsets`."""
+        assert self.compile_noise
+        return compiled_counter("shift")(target, scale, weight, offset, entry.start, self.smoothing.noise)
 
     @contextlib.contextmanager
     def shifted(
@@ -857,20 +928,51 @@ def _is_fsdp(module: nn.Module) -> bool:
     return isinstance(module, FSDPModule)
 
 
+class Snapshot:
+    """A copy of some tensors, taken with one ``_foreach_copy_`` into storage that is kept
+    between calls (reallocated when the tensors change), and put back with another.
+
+    Bit-exact (a copy), one operator each way whatever the number of tensors (running
+    statistics of every BatchNorm, say); memory: one copy of the tensors, held by the owner
+    (an estimator) between steps.
+    """
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._storage: list[torch.Tensor] = []
+        self.tensors: list[torch.Tensor] = []
+
+    def take(self, tensors: list[torch.Tensor]) -> None:
+        key = tuple((id(t), t.shape, t.dtype, t.device) for t in tensors)
+        if key != self._key:
+            self._storage = [torch.empty_like(t, requires_grad=False) for t in tensors]
+            self._key = key
+        self.tensors = tensors
+        if tensors:
+            with torch.no_grad():
+                torch._foreach_copy_(self._storage, tensors)
+
+    def restore(self) -> None:
+        if self.tensors:
+            with torch.no_grad():
+                torch._foreach_copy_(self.tensors, self._storage)
+
+
 class StateGuard:
     """Keeps perturbed passes from changing the model's buffers or the global RNG.
 
     ``rewind()`` before a pass puts the global RNG back where it was before the STE pass
     (same dropout masks) and restores any buffer a previous pass wrote; ``close()`` leaves
     buffers as the STE pass left them and the RNG as it was after the STE pass.
+    ``snapshot``: a :class:`Snapshot` to reuse (an estimator keeps one between steps).
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, snapshot: Snapshot | None = None) -> None:
         self._model = model
         self._rng_before = _rng_state()
         self._rng_after: tuple | None = None
-        self._buffers: list[torch.Tensor] = []
-        self._saved: list[torch.Tensor] = []
+        self._snapshot = Snapshot() if snapshot is None else snapshot
+        self._taken = False
         self._ddp_sync: list[tuple[nn.Module, bool]] = []
 
     def after_first_pass(self) -> None:
@@ -881,8 +983,8 @@ class StateGuard:
         """
         self._rng_after = _rng_state()
         modules = list(self._model.modules())
-        self._buffers = state_buffers(self._model, modules)
-        self._saved = [b.detach().clone() if b.requires_grad else b.clone() for b in self._buffers]
+        self._snapshot.take(state_buffers(self._model, modules))
+        self._taken = True
         for module in modules:
             if isinstance(module, nn.parallel.DistributedDataParallel):
                 self._ddp_sync.append((module, module.require_forward_param_sync))
@@ -903,9 +1005,8 @@ class StateGuard:
     def _restore_buffers(self) -> None:
         # Always copy: kernels such as batch_norm update running statistics in place
         # without bumping the tensor's version counter, so a "changed?" check is unreliable.
-        if self._buffers:
-            with torch.no_grad():
-                torch._foreach_copy_(self._buffers, self._saved)
+        if self._taken:
+            self._snapshot.restore()
 
 
 def state_buffers(model: nn.Module, modules: list[nn.Module] | None = None) -> list[torch.Tensor]:

@@ -21,7 +21,7 @@ from .base import (
     run_guarded,
     set_gradient,
 )
-from .perturbation import PerturbedSet, StateGuard
+from .perturbation import PerturbedSet, Snapshot, StateGuard
 
 __all__ = ["SPSA"]
 
@@ -54,7 +54,8 @@ class SPSA:
     parameter contributes to, only to learn the factor ``k`` it scales gradients by, and
     ``G_W`` is multiplied by ``k`` (see :data:`~fogzo.estimators.base.Backward`).
 
-    ``noise_stream``: ``"blocks"`` (default) or ``"counter"``, as for :class:`~fogzo.FOGZO`.
+    ``noise_stream``: ``"blocks"`` (default) or ``"counter"``, and ``compile_noise``, as for
+    :class:`~fogzo.FOGZO`.
 
     Example::
 
@@ -77,6 +78,7 @@ class SPSA:
         vectorize: int | None = None,
         backward: Backward | None = None,
         noise_stream: str = "blocks",
+        compile_noise: bool = False,
     ) -> None:
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be an int >= 1, got {n!r}")
@@ -86,21 +88,25 @@ class SPSA:
         self.n = n
         self.report_loss = report_loss
         self.backward = backward
-        self.perturbed = PerturbedSet.from_model(model, perturb, eps, smoothing, noise_stream=noise_stream)
+        self.perturbed = PerturbedSet.from_model(
+            model, perturb, eps, smoothing, noise_stream=noise_stream, compile_noise=compile_noise
+        )
         self.measurement = ZerothOrderMeasurement(self.perturbed, one_sided, on_nonfinite, vectorize)
         self.counter = StepCounter(seed)
+        self._snapshots = (Snapshot(), Snapshot())  # reused by every call (CallState, StateGuard)
 
     def estimate(self, closure: Closure) -> EstimateInfo:
         """One step: fills the perturbed parameters' ``.grad``; state contract in
         :mod:`fogzo.estimators.base`: on failure nothing changes, a skipped step changes
         nothing but the step counter."""
         self.perturbed.check_trainable()
-        state = CallState(self.model, [entry.param for entry in self.perturbed.tensors], self.counter)
+        params = [entry.param for entry in self.perturbed.tensors]
+        state = CallState(self.model, params, self.counter, self._snapshots[0])
         return run_guarded(state, lambda: self._step(closure, state))
 
     def _step(self, closure: Closure, state: CallState) -> EstimateInfo:
         step, step_seed = self.counter.step, self.counter.step_seed()
-        guard = StateGuard(self.model)
+        guard = StateGuard(self.model, self._snapshots[1])
         forward_passes = int(self.report_loss) + self.n * self.measurement.passes_per_sample
         loss0 = None
         if self.report_loss:
