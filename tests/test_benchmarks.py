@@ -172,3 +172,19 @@ def test_compare_trees_runs_two_packages_side_by_side(tmp_path):
     timing = result["time"]["tiny"]
     assert set(timing["after_over_before"]) == set(module.VARIANTS)
     assert all(value > 0 for value in timing["median_us"].values())
+
+
+def test_noise_speed_compares_the_three_generators(tmp_path):
+    """noise_speed.py times block noise, the eager and the compiled counter stream, and checks
+    that the compiled counter noise is the eager one (uniform law: bit for bit)."""
+    spec = importlib.util.spec_from_file_location("noise_speed", SCRIPT.with_name("noise_speed.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    try:
+        result = module.main(["--sizes", "1000", "--laws", "uniform", "--repeats", "2", "--json", str(tmp_path / "n.json")])
+    except Exception as error:  # inductor needs a C++ compiler
+        pytest.skip(f"torch.compile does not work here: {type(error).__name__}")
+    (row,) = result["rows"]
+    assert row["counter_compiled_equals_eager"] is True and row["elements"] == 1000
+    assert set(row["ns_per_element"]) == {"blocks", "counter_eager", "counter_compiled"}
+    assert all(value > 0 for value in row["ns_per_element"].values())

@@ -101,8 +101,9 @@ class FOGZO:
             numbers on CPU and GPU and for any sharding; slower in eager mode on a CPU, see
             docs/performance.md). Same noise law and equations either way, other numbers.
         compile_noise: with ``noise_stream="counter"``, generate the noise (and for n = 1
-            the whole shift ``c·ε̄·v``) in kernels made by ``torch.compile`` on first use:
-            the same numbers, no noise tensor, faster than ``"blocks"`` on CPU and GPU.
+            the whole shift ``c·ε̄·v``) in kernels made by ``torch.compile`` on first use
+            (the eager numbers for the uniform and triangular laws; no noise tensor; faster
+            than ``"blocks"``, see docs/performance.md).
 
     Example::
 

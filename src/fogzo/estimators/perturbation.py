@@ -237,7 +237,8 @@ def counter_noise(
     ``log``/``cos``, whose last bit may differ between CPU and GPU libraries). In eager mode it
     is about 17 operators (on a CPU core several times slower than ``uniform_``); with
     ``compiled=True`` they run as one kernel made by ``torch.compile`` (:func:`compiled_counter`;
-    faster than ``uniform_``, see docs/performance.md).
+    faster than ``uniform_``, see docs/performance.md; bit for bit the eager numbers for the
+    uniform and triangular laws, within the last bit of ``log``/``cos`` for the others).
     """
     out = torch.empty(shape, device=device, dtype=dtype)
     count = out.numel()
@@ -364,8 +365,9 @@ class PerturbedSet:
             are not.
         compile_noise: with ``noise_stream="counter"``, generate ``u`` (and, for the one
             direction of n = 1, the whole shift ``g·a + u·b``) in kernels made by
-            ``torch.compile`` (:func:`compiled_counter`): the same numbers as eager mode,
-            compiled once per process on first use.
+            ``torch.compile`` (:func:`compiled_counter`), compiled once per process on first
+            use: the same numbers as eager mode for the uniform and triangular laws (the
+            compiled ``log``/``cos`` of the logistic and Gaussian laws may differ in the last bit).
     """
 
     tensors: list[PerturbedTensor]
