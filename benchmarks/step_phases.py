@@ -44,7 +44,7 @@ from fogzo.estimators import fogzo as fogzo_module  # noqa: E402
 
 PHASES = {
     "guides": (fogzo_module.FOGZO, "_guides"),
-    "delta": (base.ZerothOrderMeasurement, "_delta"),
+    "delta": (base.ZerothOrderMeasurement, ("_deltas", "_delta")),
     "gradients": (base.ZerothOrderMeasurement, "gradients"),
     "noise": (perturbation.PerturbedSet, "noise"),
     "guard": (perturbation.StateGuard, ("after_first_pass", "rewind", "close")),

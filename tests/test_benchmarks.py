@@ -112,3 +112,79 @@ def test_step_phases_reports_every_phase(step_cost, capsys):
     import fogzo.estimators.base as base
 
     assert base.ZerothOrderMeasurement._delta.__name__ == "_delta"
+
+
+def test_operator_counts_and_targets_in_the_json(step_cost, tmp_path):
+    """--ops-only: deterministic operator counts per variant, their ratios and issue 12's targets."""
+    path = tmp_path / "ops.json"
+    step_cost.main(["--ops-only", "--models", "tiny", "--json", str(path)])
+    (result,) = json.loads(path.read_text())
+    counts = result["op_counts"]
+    assert set(counts) == set(step_cost.OP_VARIANTS) & set(step_cost.VARIANTS)  # the noise-stream variants are opt-in
+    for variant, count in counts.items():
+        assert count["ops"] >= count["kernels"] > 0 and count["estimator_syncs"] >= 0, variant
+    # The float step reads nothing on the host; FOGZO reads its step's values once.
+    assert counts["float_step"]["estimator_syncs"] == 0 and counts["fogzo"]["estimator_syncs"] == 1
+    assert counts["fogzo"]["ops"] > counts["ste"]["ops"] + 2 * counts["forward_inference"]["ops"]
+    ratios, targets = result["op_ratios"], result["op_targets"]
+    assert ratios["ste_over_float_ops"] == pytest.approx(counts["ste"]["ops"] / counts["float_step"]["ops"])
+    for name, target in targets.items():
+        assert target["met"] == (target["value"] <= target["bound"]), name
+    assert result["times_ms"] == {} and result["memory"] == {}
+
+
+def test_gpu_suite_dry_run_exercises_every_path(step_cost, tmp_path):
+    """The --gpu-suite preset on a CPU (--dry-run): quick sizes, one round, op counts, in-process
+    memory, kernel/wall profiles and, for llama-30m, the compiled variants (aot_eager here: no
+    code generation, which takes minutes on a CPU); JSON after each model."""
+    path = tmp_path / "suite.json"
+    results = step_cost.main(["--gpu-suite", "--dry-run", "--models", "tiny,llama-30m", "--compile-backend",
+                              "aot_eager", "--json", str(path)])
+    assert [r["model"] for r in json.loads(path.read_text())] == ["tiny", "llama-30m"] == [r["model"] for r in results]
+    tiny, lm = results
+    assert tiny["settings"]["gpu_suite"] and tiny["settings"]["dry_run"] and tiny["machine"]["device"] == "cpu"
+    assert set(tiny["times_ms"]) == set(step_cost.SUITE_VARIANTS)
+    assert set(tiny["memory"]) == {"ste", "fogzo"} and tiny["memory"]["fogzo"]["delta_mb"] >= 0
+    assert set(tiny["kernel_profile"]) == {"ste", "fogzo"} and tiny["kernel_profile"]["fogzo"]["wall_ms_per_step"] > 0
+    assert lm["workload"]["autocast"] == "bfloat16" and lm["workload"]["n_layers"] == 2
+    compiled = lm["compile"]
+    assert set(compiled["seconds"]) == {"ste_compiled", "forward_compiled", "fogzo_compiled", "float_compiled"}
+    assert compiled["graph_breaks"] == 0 and compiled["explain"]["graph_break_count"] == 0
+    assert lm["times_ms"]["fogzo_compiled"] > 0 and lm["op_counts"]["fogzo_compiled"]["ops"] > 0
+
+
+def test_compare_trees_runs_two_packages_side_by_side(tmp_path):
+    """compare_trees.py imports another tree's fogzo as fogzo_before (here: this tree again, so
+    the two sets of operator counts must be equal) and times both in one interleaved run."""
+    spec = importlib.util.spec_from_file_location("compare_trees", SCRIPT.with_name("compare_trees.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    src = Path(__file__).resolve().parents[1] / "src"
+    try:
+        result = module.main(["--before", str(src), "--ops-models", "tiny", "--time-models", "tiny", "--repeats", "2",
+                              "--warmup", "1", "--json", str(tmp_path / "trees.json")])
+        assert sys.modules["fogzo_before"].__name__ == "fogzo_before"
+    finally:
+        for name in [n for n in sys.modules if n == "fogzo_before" or n.startswith("fogzo_before.")]:
+            del sys.modules[name]
+    ops = result["ops"]["tiny"]
+    assert ops["before"]["counts"] == ops["after"]["counts"]
+    timing = result["time"]["tiny"]
+    assert set(timing["after_over_before"]) == set(module.VARIANTS)
+    assert all(value > 0 for value in timing["median_us"].values())
+
+
+def test_noise_speed_compares_the_three_generators(tmp_path):
+    """noise_speed.py times block noise, the eager and the compiled counter stream, and checks
+    that the compiled counter noise is the eager one (uniform law: bit for bit)."""
+    spec = importlib.util.spec_from_file_location("noise_speed", SCRIPT.with_name("noise_speed.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    try:
+        result = module.main(["--sizes", "1000", "--laws", "uniform", "--repeats", "2", "--json", str(tmp_path / "n.json")])
+    except Exception as error:  # inductor needs a C++ compiler
+        pytest.skip(f"torch.compile does not work here: {type(error).__name__}")
+    (row,) = result["rows"]
+    assert row["counter_compiled_equals_eager"] is True and row["elements"] == 1000
+    assert set(row["ns_per_element"]) == {"blocks", "counter_eager", "counter_compiled"}
+    assert all(value > 0 for value in row["ns_per_element"].values())

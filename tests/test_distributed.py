@@ -58,8 +58,13 @@ CASES = {
     "fogzo_one_sided": {"n": N, "beta": 0.5, "one_sided": True},
 }
 ZO_CASES = [name for name in CASES if name != "ste"]
-# FSDP-only cases: per-channel α, 13 hidden rows (uneven shards 7 + 6), FOGZO β = 0.5.
-PER_CHANNEL_CASES = {"per_channel_n1": {"n": 1, "beta": 0.5}, "per_channel_n2": {"n": 2, "beta": 0.5}}
+# FSDP-only cases: per-channel α, 13 hidden rows (uneven shards 7 + 6), FOGZO β = 0.5; the
+# counter-based noise stream too (each shard generates its own coordinates' noise).
+PER_CHANNEL_CASES = {
+    "per_channel_n1": {"n": 1, "beta": 0.5},
+    "per_channel_n2": {"n": 2, "beta": 0.5},
+    "per_channel_counter": {"n": 1, "beta": 0.5, "noise_stream": "counter"},
+}
 
 
 @contextlib.contextmanager
@@ -307,9 +312,11 @@ def _fsdp_cases(rank: int, out_dir: str) -> None:
     for name in CASES:
         model = _fsdp_model()
         results[name] = _train(name, model, model, x, y, CollectiveLog(), grads=_full_grads)
-    for n in (1, 2):  # n = 1: the shift built in the gradient's shard; n = 2: regenerated
+    # per_channel_n1: the shift built in the gradient's shard; _n2: regenerated; _counter: the
+    # counter-based noise stream (each shard generates the noise of its own coordinates).
+    for name in PER_CHANNEL_CASES:
         model = _fsdp_model(per_channel=True, hidden=13)  # 13 rows: shards of 7 and 6
-        results[f"per_channel_n{n}"] = _train(f"per_channel_n{n}", model, model, x, y, CollectiveLog(), grads=_full_grads)
+        results[name] = _train(name, model, model, x, y, CollectiveLog(), grads=_full_grads)
     results["shard_rows"] = [(e.first_row, e.rows, e.start) for e in fogzo.PerturbedSet.from_model(model).tensors]
     results["mesh_device"] = model[0].weight.device_mesh.device_type
     torch.save(results, os.path.join(out_dir, f"fsdp{rank}.pt"))

@@ -539,10 +539,13 @@ def test_perturb_all_covers_every_trainable_tensor_except_step_sizes():
 # ------------------------------------------------- the step against its equations
 
 
-def _reference_fogzo(model, x, y, *, n, beta, one_sided, seed, guide_norm=1.0):
-    """G_W of SPEC §3 computed from scratch: explicit v_i, weights written, losses, d_i."""
-    estimator = fogzo.FOGZO(model, total_steps=10, n=n, beta=beta, seed=seed, perturb="all", eps=1e-2,
-                            one_sided=one_sided, guide_norm=guide_norm)
+def _reference_fogzo(model, x, y, *, n, beta, one_sided, seed, guide_norm=1.0, step=0, noise_stream="blocks",
+                     perturb="all"):
+    """G_W of SPEC §3 computed from scratch: explicit v_i, weights written, losses, d_i (the
+    noise u_i from the eager generator of the stream)."""
+    estimator = fogzo.FOGZO(model, total_steps=10, n=n, beta=beta, seed=seed, perturb=perturb, eps=1e-2,
+                            one_sided=one_sided, guide_norm=guide_norm, noise_stream=noise_stream)
+    estimator.load_state_dict({"seed": seed, "step": step})
     perturbed = estimator.perturbed
     eps_bar = perturbed.smoothing.eps_bar
     step_seed = estimator.counter.step_seed()
@@ -582,14 +585,16 @@ def _reference_fogzo(model, x, y, *, n, beta, one_sided, seed, guide_norm=1.0):
 @pytest.mark.parametrize("n", [1, 3])  # n = 1: shift built once in the gradient buffer; n = 3: regenerated
 @pytest.mark.parametrize("one_sided", [False, True])
 @pytest.mark.parametrize("per_channel", [False, True])
-def test_fogzo_gradient_matches_the_equations(n, one_sided, per_channel):
+@pytest.mark.parametrize("noise_stream", ["blocks", "counter"])
+def test_fogzo_gradient_matches_the_equations(n, one_sided, per_channel, noise_stream):
     x, y = _batch(seed=3)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 4))
     fogzo.quantize(model, fogzo.QuantConfig(bits=2, per_channel=per_channel))
-    expected = _reference_fogzo(model, x, y, n=n, beta=0.6, one_sided=one_sided, seed=11, guide_norm=3.0)
+    expected = _reference_fogzo(model, x, y, n=n, beta=0.6, one_sided=one_sided, seed=11, guide_norm=3.0,
+                                noise_stream=noise_stream)
     estimator = fogzo.FOGZO(model, total_steps=10, n=n, beta=0.6, seed=11, perturb="all", eps=1e-2,
-                            one_sided=one_sided, guide_norm=3.0)
+                            one_sided=one_sided, guide_norm=3.0, noise_stream=noise_stream)
     estimator.estimate(lambda: F.cross_entropy(model(x), y))
     for name, param in model.named_parameters():
         if name in expected:
@@ -597,6 +602,117 @@ def test_fogzo_gradient_matches_the_equations(n, one_sided, per_channel):
             # order (e.g. d·δ/(ε̄c²)), so agreement is to a few float32 ulps of the loss
             # differences, which ε̄ divides: rtol 1e-4 on d·v, atol for entries near 0.
             torch.testing.assert_close(param.grad, expected[name], rtol=1e-4, atol=1e-5 * expected[name].abs().max().item())
+
+
+class _TokenNet(nn.Module):
+    """Embedding -> Conv1d -> Linear: fogzo's three kinds of single-weight layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(12, 8)
+        self.conv = nn.Conv1d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, tokens):
+        h = torch.relu(self.conv(self.embed(tokens).transpose(1, 2)))
+        return self.head(h.mean(dim=2))
+
+
+@pytest.mark.parametrize("one_sided", [False, True])
+@pytest.mark.parametrize("normalize", ["global", "tensor"])
+def test_steady_state_shift_inside_the_layers_matches_the_equations(one_sided, normalize, monkeypatch):
+    """From the second step on, QuantLinear/Conv/Embedding add the shift in their own forward
+    (no forward hooks; the embedding gathers rows of W and of δ): same G_W as writing W + δ."""
+    torch.manual_seed(0)
+    model = fogzo.quantize(_TokenNet(), fogzo.QuantConfig(bits=2))
+    tokens = torch.randint(0, 12, (16, 5), generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 4, (16,), generator=torch.Generator().manual_seed(2))
+    kwargs = dict(total_steps=10, beta=0.6, seed=5, one_sided=one_sided, guide_norm=2.0)
+    estimator = fogzo.FOGZO(model, normalize=normalize, **kwargs)
+    estimator.estimate(lambda: F.cross_entropy(model(tokens), y))  # step 0: the read check
+    if normalize == "global":
+        expected = _reference_fogzo(model, tokens, y, n=1, beta=0.6, one_sided=one_sided, seed=5, guide_norm=2.0,
+                                    step=1, perturb="quantized")
+    hooks = []
+    original = nn.Module.register_forward_pre_hook
+    monkeypatch.setattr(nn.Module, "register_forward_pre_hook",
+                        lambda self, *a, **k: hooks.append(self) or original(self, *a, **k))
+    model.zero_grad(set_to_none=True)
+    estimator.estimate(lambda: F.cross_entropy(model(tokens), y))
+    assert hooks == []
+    assert all(layer._weight_shift is None for layer in (model.embed, model.conv, model.head))
+    if normalize == "global":
+        for name, param in model.named_parameters():
+            if name in expected:
+                torch.testing.assert_close(param.grad, expected[name], rtol=1e-4,
+                                           atol=1e-5 * expected[name].abs().max().item())
+    # "tensor" normalisation: each tensor's guided part has norm r/√K (K = 3 tensors here)
+    # and a zero STE gradient gives no guided direction; checked against the hook path.
+    reference = copy.deepcopy(model)
+    reference_estimator = fogzo.FOGZO(reference, normalize=normalize, **kwargs)
+    reference_estimator.load_state_dict({"seed": 5, "step": 1})
+    reference_estimator.perturbed._plan.fast = []
+    reference_estimator.perturbed._plan.checked_mode = reference.training  # steady state, hook path
+    reference.zero_grad(set_to_none=True)
+    reference_estimator.estimate(lambda: F.cross_entropy(reference(tokens), y))
+    for (name, a), b in zip(model.named_parameters(), reference.parameters()):
+        assert torch.equal(a.grad, b.grad), name
+
+
+def _host_syncs(call):
+    """Host reads of tensor values during ``call``: aten::_local_scalar_dense (item, float(),
+    bool()) and Tensor.tolist (which dispatches no aten operator on a CPU)."""
+    calls = []
+    original = torch.Tensor.tolist
+
+    def tolist(self):
+        calls.append(1)
+        return original(self)
+
+    torch.Tensor.tolist = tolist
+    try:
+        with torch.profiler.profile() as prof:
+            call()
+    finally:
+        torch.Tensor.tolist = original
+    return len(calls) + sum(e.name == "aten::_local_scalar_dense" for e in prof.events())
+
+
+@pytest.mark.parametrize("make, syncs", [
+    (lambda m: fogzo.STE(m), 0),
+    (lambda m: fogzo.FOGZO(m, total_steps=10, beta=0.5), 1),
+    (lambda m: fogzo.FOGZO(m, total_steps=10, beta=0.5, one_sided=True, perturb="all"), 1),
+    (lambda m: fogzo.FOGZO(m, total_steps=10, n=3, beta=0.5), 1),
+    (lambda m: fogzo.SPSA(m, n=2), 1),
+    (lambda m: fogzo.FOGZO(m, total_steps=10, beta=0.5, on_nonfinite="keep"), 3),  # checks before the passes
+])
+def test_host_syncs_per_step(make, syncs):
+    """Losses, norms and differences stay on the device until one read at the end of the step
+    (the STE step reads nothing: info.loss is read when asked for)."""
+    x, y = _batch()
+    model = _mlp()
+    estimator = make(model)
+    estimator.estimate(lambda: F.cross_entropy(model(x), y))
+    model.zero_grad(set_to_none=True)
+    infos = []
+    assert _host_syncs(lambda: infos.append(estimator.estimate(lambda: F.cross_entropy(model(x), y)))) == syncs
+    loss = infos[0].loss  # materialised on first read
+    assert isinstance(loss, float) and loss == pytest.approx(F.cross_entropy(model(x), y).item(), rel=1e-6)
+
+
+def test_keep_mode_keeps_the_ste_gradient_when_a_perturbed_loss_is_not_finite():
+    """on_nonfinite="keep" with a non-finite perturbed loss: .grad is the STE pass's gradient
+    (the shift is not built in its buffer), so a loss scaler can apply it or skip."""
+    x, y = _batch()
+    model = nn.Sequential(_mlp(), _Trap())
+    reference = copy.deepcopy(model)
+    F.cross_entropy(reference(x), y).backward()
+    info = fogzo.FOGZO(model, total_steps=10, perturb="all", on_nonfinite="keep").estimate(
+        lambda: F.cross_entropy(model(x), y)
+    )
+    assert info.skipped and info.skip_reason == "perturbed_loss"
+    for (name, a), b in zip(model.named_parameters(), reference.parameters()):
+        assert torch.equal(a.grad, b.grad), name
 
 
 @pytest.mark.parametrize("n,draws_per_tensor", [(1, 1), (3, 9)])
@@ -642,6 +758,87 @@ def test_block_noise_of_any_range_is_the_slice_of_the_whole(law, monkeypatch):
     assert not torch.equal(whole, other)
     with pytest.raises(ValueError, match="outside"):
         perturbation.block_noise(smoothing, key, (10,), torch.device("cpu"), torch.float32, 475, 481)
+
+
+
+def test_counter_noise_is_splitmix64_of_the_global_coordinate():
+    """counter_bits(key, j) is the (j+1)-th SplitMix64 output seeded with key (wrapping int64)."""
+    from fogzo.estimators import perturbation
+
+    key = perturbation.derive_seed(7, 0, 3, 1)
+    bits = perturbation.counter_bits(key, 1000, 300)
+    expected = [perturbation._as_int64(perturbation._splitmix64(key + j * perturbation._GAMMA))
+                for j in range(1000, 1300)]
+    assert bits.tolist() == expected
+
+
+@pytest.mark.parametrize("law", ["uniform", "gaussian", "logistic", "triangular"])
+def test_counter_noise_of_any_range_is_the_slice_of_the_whole_and_has_the_law(law, monkeypatch):
+    from fogzo.estimators import perturbation
+    from fogzo.smoothing import NOISE_LAWS
+
+    smoothing = Smoothing(law, 0.5)
+    monkeypatch.setattr(perturbation, "COUNTER_CHUNK", 64)  # chunked generation of a small tensor
+    whole = perturbation.counter_noise(smoothing, (7, 0, 3, 1), (13, 37), torch.device("cpu"), torch.float32)
+    flat = whole.view(-1)
+    for start, stop in [(0, 481), (37, 74), (150, 199), (455, 481), (5, 6), (200, 200)]:
+        part = perturbation.counter_noise(smoothing, (7, 0, 3, 1), (stop - start,), torch.device("cpu"),
+                                          torch.float32, start, 481)
+        assert torch.equal(part, flat[start:stop]), (start, stop)
+    with pytest.raises(ValueError, match="outside"):
+        perturbation.counter_noise(smoothing, (7, 0, 3, 1), (10,), torch.device("cpu"), torch.float32, 475, 481)
+    # Zero mean, unit variance: 5 standard errors (Var of u² is E[u⁴] − 1: at most 5 here).
+    count = 200_000
+    u = perturbation.counter_noise(smoothing, (1, 2), (count,), torch.device("cpu"), torch.float64)
+    assert abs(u.mean().item()) < 5 / math.sqrt(count)
+    assert abs(u.square().mean().item() - 1) < 5 * math.sqrt(5 / count)
+    support = NOISE_LAWS[law].support
+    assert u.abs().max().item() <= support
+    # The uniform law's half-open support [−√3, √3), like uniform_: its lowest point is −√3.
+    if law == "uniform":
+        assert u.min().item() >= -math.sqrt(3) and u.max().item() < math.sqrt(3)
+
+
+@pytest.mark.parametrize("n", [1, 2])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_compiled_counter_noise_gives_the_equations_gradient(n, per_channel):
+    """compile_noise=True: u (and for n = 1 the shift g·a + u·b) from kernels made by
+    torch.compile; the same noise as eager mode, so the same G_W as the from-scratch reference."""
+    from fogzo.estimators import perturbation
+
+    x, y = _batch(seed=3)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 4))
+    fogzo.quantize(model, fogzo.QuantConfig(bits=2, per_channel=per_channel))
+    smoothing = fogzo.smoothing_for("identity")
+    eager = perturbation.counter_noise(smoothing, (5, 0, 0, 1), (40, 3), torch.device("cpu"), torch.float32)
+    try:
+        compiled = perturbation.counter_noise(smoothing, (5, 0, 0, 1), (40, 3), torch.device("cpu"), torch.float32,
+                                              compiled=True)
+    except Exception as error:  # inductor needs a C++ compiler
+        pytest.skip(f"torch.compile does not work here: {type(error).__name__}")
+    assert torch.equal(eager, compiled)
+    expected = _reference_fogzo(model, x, y, n=n, beta=0.6, one_sided=False, seed=11, noise_stream="counter",
+                                perturb="quantized")
+    estimator = fogzo.FOGZO(model, total_steps=10, n=n, beta=0.6, seed=11, noise_stream="counter", compile_noise=True)
+    estimator.estimate(lambda: F.cross_entropy(model(x), y))
+    for name, param in model.named_parameters():
+        if name in expected:
+            torch.testing.assert_close(param.grad, expected[name], rtol=1e-4, atol=1e-5 * expected[name].abs().max().item())
+    with pytest.raises(ValueError, match="compile_noise"):
+        fogzo.SPSA(model, compile_noise=True)
+
+
+def test_counter_noise_stream_is_used_and_reproducible():
+    x, y = _batch()
+    grads = []
+    for stream in ("counter", "counter", "blocks"):
+        model = _mlp()
+        fogzo.SPSA(model, n=2, seed=4, noise_stream=stream).estimate(lambda: F.cross_entropy(model(x), y))
+        grads.append(model[0].weight.grad)
+    assert torch.equal(grads[0], grads[1]) and not torch.equal(grads[0], grads[2])
+    with pytest.raises(ValueError, match="noise_stream"):
+        fogzo.FOGZO(_mlp(), total_steps=10, noise_stream="philox")
 
 
 # ------------------------------------------- weights read outside their owner's forward

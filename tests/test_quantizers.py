@@ -171,3 +171,71 @@ def test_largest_weight_under_max_rule_gets_a_gradient():
     assert (weight.detach() / quantizer.alpha).max().item() == 1.0
     quantizer(weight).sum().backward()
     assert weight.grad[0, 2].item() == 1.0
+
+
+# ------------------------------------------------------------------- the hot path
+
+
+def _neighbours(x):
+    """``x`` and the next representable numbers below and above it, in ``x``'s dtype (finite ones)."""
+    if x.dtype in (torch.bfloat16, torch.float16):
+        bits = x.view(torch.int16).int()
+        step = torch.where(x >= 0, 1, -1)
+        moved = [((bits + sign * step) & 0xFFFF).to(torch.int32) for sign in (1, -1)]
+        out = torch.cat([x, *[torch.where(m >= 2**15, m - 2**16, m).to(torch.int16).view(x.dtype) for m in moved]])
+    else:
+        out = torch.cat([x, torch.nextafter(x, torch.full_like(x, math.inf)),
+                         torch.nextafter(x, torch.full_like(x, -math.inf))])
+    return out[torch.isfinite(out)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bits", [1, "ternary", 2, 4, 8])
+def test_one_operator_ste_backward_equals_grad_times_slope_at_every_edge(bits, dtype):
+    """The identity STE's backward is one hardtanh_backward with its upper bound just above the
+    last ramp's end: the same numbers as grad · h_s'(x), on the half-open edges too (for every
+    finite x; a NaN weight passes its gradient through instead of zeroing it)."""
+    levels, smoothing = level_set(bits), smoothing_for("identity")
+    low_edge = levels.first_threshold - 0.5
+    edges = torch.tensor([low_edge + k / 2 for k in range(-3, 2 * levels.num_thresholds + 4)], dtype=torch.float64)
+    x = _neighbours(torch.cat([torch.linspace(-300, 300, 6001, dtype=torch.float64), edges]).to(dtype))
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(dtype)
+    args = (levels.first_threshold, levels.num_thresholds, levels.jump)
+    fast = smoothing.surrogate_gradient(grad, x, *args)
+    assert torch.equal(fast, grad * smoothing.surrogate_slope(x, *args))
+    assert fast.dtype == dtype
+    # At the ends of the range: x = low gets no gradient, x = high does (left derivatives).
+    ends = torch.tensor([levels.first_threshold - 0.5, levels.first_threshold + levels.num_thresholds - 0.5], dtype=dtype)
+    assert smoothing.surrogate_gradient(torch.ones(2, dtype=dtype), ends, *args).tolist() == [0.0, levels.jump]
+
+
+def test_fixed_step_size_is_read_as_is_and_clamped_when_loaded():
+    """A fixed α is the buffer itself in the forward (no clamp per call); loading a state dict
+    clamps it as the forward's clamp did; a learned α is still clamped in every forward."""
+    levels, smoothing = level_set(2), smoothing_for("identity")
+    weight = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    fixed = WeightQuantizer(weight, levels, smoothing)
+    assert fixed.step_size() is fixed.alpha and fixed.coordinate_scale() is fixed.alpha
+    fixed.load_state_dict({"alpha": torch.tensor(-1.0)})
+    assert fixed.alpha.item() == pytest.approx(1e-8)
+    learned = WeightQuantizer(weight, levels, smoothing, learned=True)
+    with torch.no_grad():
+        learned.alpha.fill_(-1.0)
+    assert learned.step_size().item() == pytest.approx(1e-8) and learned.coordinate_scale().item() == pytest.approx(1e-8)
+
+
+def test_activation_quantizer_reads_its_flag_on_the_host_once():
+    """After the first forward the initialised flag is a Python attribute (no host sync, no graph
+    break); a loaded state dict is read again at the next forward."""
+    quantizer = ActivationQuantizer(level_set(4), smoothing_for("identity"))
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
+    quantizer(x)
+    alpha = quantizer.alpha.detach().clone()
+    state = quantizer.state_dict()
+    fresh = ActivationQuantizer(level_set(4), smoothing_for("identity"))
+    fresh.load_state_dict(state)
+    fresh(2 * x)  # initialised: α stays the loaded one
+    torch.testing.assert_close(fresh.alpha.detach(), alpha)
+    with torch.profiler.profile() as prof:
+        quantizer(x)
+    assert not [e for e in prof.events() if e.name in ("aten::item", "aten::_local_scalar_dense", "aten::is_nonzero")]

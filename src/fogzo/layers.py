@@ -8,8 +8,11 @@ pass with ``Q(W) = α·h(W/α)`` from a :class:`~fogzo.quantizers.WeightQuantize
 Estimators see these layers through :class:`fogzo.adapters.FogzoAdapter`:
 ``quantized_weights()`` (the names of the latent parameters and their quantizers), and per
 quantizer ``coordinate_scale()`` (``α``) and ``smoothing``. Perturbations for zeroth-order
-passes are put in place of the latent parameters by the estimator; the layers themselves
-know nothing about them.
+passes are put in place of the latent parameters by the estimator, or, for the
+single-weight layers (Linear, Conv, Embedding) in the steady state of a FOGZO/n-SPSA step,
+handed to the layer as a shift ``(t, a)`` that its forward adds, ``W + a·t``, just before
+quantizing (:meth:`QuantizedLayer.latent_weight`): no forward hooks, so a compiled model
+keeps its graphs, and under ``torch.compile`` the add fuses with the quantizer.
 """
 
 from __future__ import annotations
@@ -35,21 +38,32 @@ class QuantizedLayer(nn.Module):
     weight_quantizer: WeightQuantizer
     input_quantizer: ActivationQuantizer | None
     quantization_enabled: bool
+    _weight_shift: tuple[torch.Tensor, float] | None = None
+    """Set by an estimator for one perturbed pass: the forward computes with ``W + a·t``."""
 
     def _attach(self, weight_quantizer: WeightQuantizer, input_quantizer: ActivationQuantizer | None) -> None:
         self.weight_quantizer = weight_quantizer
         self.input_quantizer = input_quantizer
         self.quantization_enabled = True
+        self._weight_shift = None  # an instance attribute from the start: compiled graphs guard on it
+
+    def latent_weight(self) -> torch.Tensor:
+        """``W``, or ``W + a·t`` while an estimator's perturbed pass shifts this layer."""
+        shift = self._weight_shift
+        if shift is None:
+            return self.weight
+        return torch.add(self.weight, shift[0], alpha=shift[1])
 
     def quantized_weights(self) -> list[tuple[str, WeightQuantizer]]:
         """``(parameter name, quantizer)`` for each weight this layer fake-quantizes itself."""
         return [("weight", self.weight_quantizer)]
 
     def quantized_weight(self) -> torch.Tensor:
-        """``Q(W)``, or the latent ``W`` inside :func:`fogzo.full_precision`."""
+        """``Q(W)``, or the latent ``W`` inside :func:`fogzo.full_precision` (shifted in a perturbed pass)."""
+        weight = self.latent_weight()
         if not self.quantization_enabled:
-            return self.weight
-        return self.weight_quantizer(self.weight)
+            return weight
+        return self.weight_quantizer(weight)
 
     def _quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_quantizer is None or not self.quantization_enabled:
@@ -87,6 +101,9 @@ class QuantEmbedding(nn.Embedding, QuantizedLayer):
 
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
         rows = F.embedding(indices, self.weight, self.padding_idx)
+        shift = self._weight_shift
+        if shift is not None:  # rows of W + a·t, without building the shifted table
+            rows = torch.add(rows, F.embedding(indices, shift[0], self.padding_idx), alpha=shift[1])
         if not self.quantization_enabled:
             return rows
         alpha = self.weight_quantizer.step_size()

@@ -114,20 +114,31 @@ class _FakeQuantize(torch.autograd.Function):
     def forward(ctx, weight, alpha, levels, smoothing, alpha_grad_scale):  # type: ignore[override]
         ctx.save_for_backward(weight, alpha)
         ctx.levels, ctx.smoothing, ctx.alpha_grad_scale = levels, smoothing, alpha_grad_scale
-        return levels.round(weight / alpha).mul_(alpha)
+        return _quantize(weight, alpha, levels)
 
     @staticmethod
     def backward(ctx, grad_output):  # type: ignore[override]
         weight, alpha = ctx.saved_tensors
         levels, smoothing = ctx.levels, ctx.smoothing
         x = weight / alpha
-        slope = smoothing.surrogate_slope(x, levels.first_threshold, levels.num_thresholds, levels.jump)
-        grad_weight = grad_output * slope if ctx.needs_input_grad[0] else None
-        grad_alpha = None
+        grad_weight = grad_alpha = None
         if ctx.needs_input_grad[1]:
+            slope = smoothing.surrogate_slope(x, levels.first_threshold, levels.num_thresholds, levels.jump)
+            grad_weight = grad_output * slope if ctx.needs_input_grad[0] else None
             per_element = grad_output * (levels.round(x) - x * slope)
             grad_alpha = _sum_to_shape(per_element, alpha.shape) * ctx.alpha_grad_scale
+        elif ctx.needs_input_grad[0]:
+            grad_weight = smoothing.surrogate_gradient(
+                grad_output, x, levels.first_threshold, levels.num_thresholds, levels.jump
+            )
         return grad_weight, grad_alpha, None, None, None
+
+
+def _quantize(weight: torch.Tensor, alpha: torch.Tensor, levels: LevelSet) -> torch.Tensor:
+    """``α·h(W/α)`` as four element-wise operators (two of them in place)."""
+    if levels.is_sign:
+        return levels.round(weight / alpha).mul_(alpha)
+    return torch.div(weight, alpha).round_().clamp(levels.low, levels.high).mul_(alpha)  # (clamp_: no vmap rule)
 
 
 def _sum_to_shape(tensor: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -156,7 +167,7 @@ def fake_quantize(
     """
     if torch.is_grad_enabled() and (weight.requires_grad or alpha.requires_grad):
         return _FakeQuantize.apply(weight, alpha, levels, smoothing, alpha_grad_scale)
-    return levels.round(weight / alpha) * alpha
+    return _quantize(weight, alpha, levels)
 
 
 def initial_step_size(
@@ -222,8 +233,10 @@ class WeightQuantizer(nn.Module):
     """Fake-quantizes a latent weight: ``Q(W) = α·h(W/α)``.
 
     ``α`` is a buffer (``learned=False``: fixed at initialisation) or a parameter
-    (``learned=True``: LSQ, gradient scaled by ``1/√(N·Q_p)``). It is kept positive by
-    clamping at 1e-8 in the forward pass.
+    (``learned=True``: LSQ, gradient scaled by ``1/√(N·Q_p)``), kept at 1e-8 or more: a
+    learned ``α`` is clamped in every forward pass (differentiably); a fixed one is clamped
+    where it is set (initialisation, ``load_state_dict``), so the hot path reads the buffer
+    as it is (write a positive value if you set it by hand).
     """
 
     def __init__(
@@ -254,12 +267,23 @@ class WeightQuantizer(nn.Module):
         return isinstance(self.alpha, nn.Parameter)
 
     def step_size(self) -> torch.Tensor:
-        """``α`` clamped positive (differentiable where ``α`` is learned)."""
-        return self.alpha.clamp_min(_MIN_STEP)
+        """``α`` clamped positive (differentiable where ``α`` is learned; a fixed ``α`` is the buffer)."""
+        if isinstance(self.alpha, nn.Parameter):
+            return self.alpha.clamp_min(_MIN_STEP)
+        return self.alpha
 
     def coordinate_scale(self) -> torch.Tensor:
-        """The scale ``c`` of the normalised coordinates ``x = W/c`` (detached ``α``)."""
-        return self.alpha.detach().clamp_min(_MIN_STEP)
+        """The scale ``c`` of the normalised coordinates ``x = W/c`` (detached ``α``; a fixed
+        ``α`` is the buffer itself: read it, do not write it)."""
+        if isinstance(self.alpha, nn.Parameter):
+            return self.alpha.detach().clamp_min(_MIN_STEP)
+        return self.alpha
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if not isinstance(self.alpha, nn.Parameter):
+            with torch.no_grad():
+                self.alpha.clamp_(min=_MIN_STEP)  # what the forward's clamp did before
 
     def forward(self, weight: torch.Tensor, alpha: torch.Tensor | None = None) -> torch.Tensor:
         alpha = self.step_size() if alpha is None else alpha
@@ -290,15 +314,25 @@ class ActivationQuantizer(nn.Module):
         self.smoothing = smoothing
         self.alpha = nn.Parameter(torch.tensor(1.0))
         self.register_buffer("initialized", torch.tensor(False))
+        self._seen_initialized = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not bool(self.initialized):
-            with torch.no_grad():
-                self.alpha.copy_(2 * x.detach().abs().mean() / math.sqrt(self.levels.top_level))
-                self.alpha.clamp_(min=_MIN_STEP)
-                self.initialized.fill_(True)
-        scale = 1.0 / math.sqrt(max(x[0].numel(), 1) * self.levels.top_level)
+        # ``initialized`` is read on the host until it is seen True once (a Python flag
+        # remembers it), so later forwards have no host sync and compile without a graph break.
+        if not self._seen_initialized:
+            if not bool(self.initialized):
+                with torch.no_grad():
+                    self.alpha.copy_(2 * x.detach().abs().mean() / math.sqrt(self.levels.top_level))
+                    self.alpha.clamp_(min=_MIN_STEP)
+                    self.initialized.fill_(True)
+            self._seen_initialized = True
+        per_example = x.numel() // x.shape[0] if x.dim() and x.shape[0] else x.numel()
+        scale = 1.0 / math.sqrt(max(per_example, 1) * self.levels.top_level)
         return fake_quantize(x, self.alpha.clamp_min(_MIN_STEP), self.levels, self.smoothing, scale)
+
+    def _load_from_state_dict(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        super()._load_from_state_dict(*args, **kwargs)
+        self._seen_initialized = False  # read the loaded flag at the next forward
 
     def extra_repr(self) -> str:
         return f"levels={self.levels.name}, smoothing={self.smoothing}"

@@ -182,6 +182,25 @@ class Smoothing:
         """Distance beyond which a threshold no longer contributes to the slope."""
         return self.law.tail * self.eps_bar
 
+    def surrogate_gradient(
+        self, grad: torch.Tensor, x: torch.Tensor, first_threshold: float, num_thresholds: int, jump: float
+    ) -> torch.Tensor:
+        """``grad · h_s'(x)``: the STE backward (same numbers as ``grad * surrogate_slope(x, ...)``).
+
+        For the clipped identity (uniform noise, ``a = ε̄√3 = ½``, the default STE) the slope
+        is ``J`` on ``(first − ½, last + ½]`` and 0 elsewhere, so the product is one
+        ``hardtanh_backward`` (which passes ``grad`` where ``lower < x < upper``) with
+        ``upper`` just above ``last + ½`` in ``x``'s dtype: one operator instead of five (the
+        same numbers for every finite ``x``; where ``x`` is NaN the gradient passes).
+        """
+        if self.noise == "uniform" and self.half_width == 0.5 and x.dtype in _MANTISSA_BITS:
+            lower = first_threshold - 0.5
+            upper = first_threshold + num_thresholds - 0.5
+            if upper > 0:
+                masked = torch.ops.aten.hardtanh_backward(grad, x, lower, _just_above(upper, x.dtype))
+                return masked if jump == 1.0 else masked.mul_(jump)
+        return grad * self.surrogate_slope(x, first_threshold, num_thresholds, jump)
+
     def surrogate_slope(
         self, x: torch.Tensor, first_threshold: float, num_thresholds: int, jump: float
     ) -> torch.Tensor:
@@ -222,6 +241,19 @@ class Smoothing:
             valid = (threshold >= first_threshold) & (threshold <= last_threshold)
             slope += torch.where(valid, self.density(threshold - x), 0.0)
         return slope * jump
+
+
+_MANTISSA_BITS = {torch.float64: 52, torch.float32: 23, torch.float16: 10, torch.bfloat16: 7}
+
+
+def _just_above(value: float, dtype: torch.dtype) -> float:
+    """A float in ``(value, next(value)]`` that rounds to ``next(value)`` in ``dtype`` (``value > 0``).
+
+    ``next(value)`` is the next representable number of ``dtype`` above ``value``; the
+    result is ``value`` plus three quarters of ``dtype``'s spacing at ``value``, so a kernel
+    comparing in ``dtype`` or in float32/64 sees the same open bound.
+    """
+    return value + 0.75 * 2.0 ** (math.floor(math.log2(value)) - _MANTISSA_BITS[dtype])
 
 
 def smoothing_for(ste: str, noise: str | None = None, eps_bar: float | None = None) -> Smoothing:

@@ -26,6 +26,7 @@ Cost accounting (docs/method.md §5): a forward pass is 1 unit, a backward pass 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -39,12 +40,15 @@ from ..quantizers import ActivationQuantizer
 from .perturbation import (
     PerturbedSet,
     PerturbedTensor,
+    Snapshot,
     StateGuard,
     _is_dtensor,
     _rng_state,
     _set_rng_state,
     _shift_by,
     derive_seed,
+    eager_compiled_code,
+    state_buffers,
 )
 
 __all__ = [
@@ -56,7 +60,9 @@ __all__ = [
     "Estimator",
     "Guide",
     "Measured",
+    "ScaleSet",
     "SKIP_REASONS",
+    "Verdict",
     "ZerothOrderMeasurement",
     "run_backward",
 ]
@@ -99,6 +105,10 @@ class EstimateInfo:
         skipped: ``on_nonfinite="skip"`` skipped this step: ``.grad``, parameters and
             buffers are as before the call (only the step counter advanced).
         skip_reason: why (one of :data:`SKIP_REASONS`), ``None`` for a step not skipped.
+
+    ``loss`` and ``ste_grad_norm`` may be filled in lazily: an estimator that had no reason
+    to read them on the host (the STE step) stores the device scalar, and the first read of
+    the attribute turns it into a float (one host sync then, none in the step).
     """
 
     loss: float
@@ -117,6 +127,16 @@ class EstimateInfo:
     def compute_units(self) -> int:
         """Forward = 1 unit, backward = 2 units."""
         return self.forward_passes + 2 * self.backward_passes
+
+    def __getattribute__(self, name: str) -> object:
+        value = object.__getattribute__(self, name)
+        if name in _LAZY_FIELDS and isinstance(value, torch.Tensor):
+            value = float(value)
+            object.__setattr__(self, name, value)
+        return value
+
+
+_LAZY_FIELDS = frozenset({"loss", "ste_grad_norm"})
 
 
 @runtime_checkable
@@ -175,7 +195,14 @@ def checked_loss(value: object) -> torch.Tensor:
     if not isinstance(value, torch.Tensor) or value.numel() != 1:
         shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
         raise ValueError(f"the closure must return a scalar loss tensor, got {shape}")
-    return value.reshape(())
+    return value if value.dim() == 0 else value.reshape(())
+
+
+def loss_value(loss: torch.Tensor) -> torch.Tensor:
+    """``loss`` detached, in float32 (no operator where it already is)."""
+    if loss.requires_grad:
+        loss = loss.detach()
+    return loss if loss.dtype == torch.float32 else loss.float()
 
 
 class StepCounter:
@@ -232,23 +259,30 @@ class CallState:
     gradients, buffers (and the step sizes of activation quantizers, which initialise
     themselves in their first forward), the global RNG and the step counter, and with
     ``advance=True`` (a skipped step) advances the counter. Cost: one copy of the model's
-    buffers (running statistics, not its weights) per call; ``model=None`` captures no
-    buffers.
+    buffers (running statistics, not its weights; not the fixed ``α`` of fogzo's weight
+    quantizers, which no forward writes: :func:`~fogzo.estimators.perturbation.state_buffers`),
+    taken with one operator into a :class:`~fogzo.estimators.perturbation.Snapshot` that the
+    estimator keeps between calls (``snapshot``); ``model=None`` captures no buffers.
     """
 
-    def __init__(self, model: nn.Module | None, params: Sequence[nn.Parameter], counter: StepCounter) -> None:
+    def __init__(
+        self,
+        model: nn.Module | None,
+        params: Sequence[nn.Parameter],
+        counter: StepCounter,
+        snapshot: Snapshot | None = None,
+    ) -> None:
         self.counter = counter
         self.step = counter.step
         self.rng = _rng_state()
-        self.saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+        targets: list[torch.Tensor] = []
         if model is not None:
-            self.saved = [(b, b.detach().clone()) for b in model.buffers()]
-            self.saved += [
-                (p, p.detach().clone())
-                for m in model.modules()
-                if isinstance(m, ActivationQuantizer)
-                for p in m.parameters(recurse=False)
-            ]
+            modules = list(model.modules())
+            targets = state_buffers(model, modules)
+            targets += [p for m in modules if isinstance(m, ActivationQuantizer) for p in m._parameters.values()
+                        if p is not None]
+        self.snapshot = Snapshot() if snapshot is None else snapshot
+        self.snapshot.take(targets)
         self.params = list(params)
         self.previous = stash_gradients(self.params)
 
@@ -266,9 +300,7 @@ class CallState:
         """Failure (or, with ``advance``, a skipped step): everything back as it was."""
         for param, previous in zip(self.params, self.previous):
             param.grad = previous
-        with torch.no_grad():
-            for tensor, saved in self.saved:
-                tensor.copy_(saved)
+        self.snapshot.restore()
         _set_rng_state(self.rng)
         self.counter.step = self.step + 1 if advance else self.step
 
@@ -301,25 +333,81 @@ class Direction:
 
 @dataclass(frozen=True)
 class Guide:
-    """The STE direction of one tensor: ``ĝ = scale · c · gradient`` (``gradient = g_W``)."""
+    """The STE direction of one tensor: ``ĝ = scale · c · gradient`` (``gradient = g_W``).
+
+    ``scale`` is a device scalar (``r/‖g_x‖``, 0 where ``g_x = 0``): no host sync."""
 
     gradient: torch.Tensor
-    scale: float
+    scale: torch.Tensor | float
+
+
+class ScaleSet:
+    """The coordinate scales ``c`` of the perturbed tensors for one step, arranged so that a
+    per-tensor coefficient ``f(c)`` costs a few operators for all tensors together.
+
+    ``values[k]`` is ``c`` of tensor ``k``: a 0-d tensor (one ``α`` per tensor), a tensor
+    broadcastable to the weight (per-channel/per-group ``α``) or a Python float
+    (``c = ε/ε̄``). The 0-d ones are stacked into one vector, so :meth:`per_tensor` evaluates
+    ``f`` once on the vector (one kernel per operator of ``f``, whatever the number of
+    tensors) and hands each tensor a view of its element; the others get ``f(c)`` one by one.
+    """
+
+    def __init__(self, perturbed: PerturbedSet) -> None:
+        eps_bar = perturbed.smoothing.eps_bar
+        self.values: list[torch.Tensor | float] = [entry.coordinate_scale(eps_bar) for entry in perturbed.tensors]
+        self.stacked = [i for i, c in enumerate(self.values) if isinstance(c, torch.Tensor) and c.dim() == 0]
+        self.others = [i for i in range(len(self.values)) if i not in set(self.stacked)]
+        self.vector = torch.stack([self.values[i] for i in self.stacked]) if self.stacked else None  # type: ignore[misc]
+        self._squares: ScaleSet | None = None
+
+    def squares(self) -> ScaleSet:
+        """``c²`` per tensor, as a :class:`ScaleSet` (computed once per step)."""
+        if self._squares is None:
+            squares = ScaleSet.__new__(ScaleSet)
+            squares.stacked, squares.others, squares._squares = self.stacked, self.others, None
+            squares.vector = None if self.vector is None else self.vector * self.vector
+            squares.values = [0.0 if i in set(self.stacked) else c * c for i, c in enumerate(self.values)]  # type: ignore[operator]
+            self._squares = squares
+        return self._squares
+
+    def per_tensor(self, f: Callable[[torch.Tensor | float], torch.Tensor | float]) -> list[torch.Tensor | float]:
+        """``[f(c_k) for every tensor k]`` (elementwise ``f``; the stacked scales in one call)."""
+        out: list[torch.Tensor | float] = [0.0] * len(self.values)
+        if self.vector is not None:
+            for i, value in zip(self.stacked, f(self.vector).unbind()):  # type: ignore[union-attr]
+                out[i] = value
+        for i in self.others:
+            out[i] = f(self.values[i])
+        return out
 
 
 @dataclass(frozen=True)
 class Measured:
-    """What :meth:`ZerothOrderMeasurement.measure` returns.
+    """What :meth:`ZerothOrderMeasurement.measure` returns, on the device (no host sync).
 
-    ``differences``: the ``d_i`` (``None`` when a loss was non-finite and the call skips,
-    then ``reason`` is one of :data:`SKIP_REASONS` and ``message`` says which pass);
-    ``losses``: the perturbed losses in pass order; ``deltas``: the shifts ``δ = c·ε̄·v``
-    per tensor on the one-direction path (``None`` on the regenerated path).
+    ``differences``: the ``d_i`` (device scalars); ``losses``: the perturbed losses in pass
+    order (float32 device scalars); ``deltas``: the shifts ``δ = c·ε̄·v`` per tensor on the one-direction path
+    (``None`` on the regenerated path); ``scales``: the step's :class:`ScaleSet`.
     """
 
-    differences: list[float] | None
-    losses: torch.Tensor
+    differences: list[torch.Tensor]
+    losses: list[torch.Tensor]
     deltas: list[torch.Tensor] | None
+    scales: ScaleSet | None = None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A step as the host sees it after its one sync (:meth:`ZerothOrderMeasurement.resolve`).
+
+    ``reason`` is ``None`` when every value is finite, else one of :data:`SKIP_REASONS`
+    (``message`` says which pass); ``loss`` is ``L(W)`` (``None`` without a loss pass),
+    ``norm`` the STE gradient's ``‖g_x‖`` in loss units (``None`` without one)."""
+
+    loss: float | None
+    norm: float | None
+    losses: list[float]
+    differences: tuple[float, ...]
     reason: str | None = None
     message: str | None = None
 
@@ -339,7 +427,10 @@ class ZerothOrderMeasurement:
 
         d_i = (L(x + ε̄v_i) − L(x − ε̄v_i)) / 2ε̄        or        (L(x + ε̄v_i) − L0) / ε̄.
 
-    ``gradients`` turns them into ``G_W = (1/n) Σ_i d_i v_i / c`` for every tensor.
+    ``gradients`` turns them into ``G_W = (1/n) Σ_i d_i v_i / c`` for every tensor, and
+    ``resolve`` reads the step's losses on the host (the step's only host sync) and says
+    whether they were finite. Everything before ``resolve`` stays on the device, so a GPU
+    runs the whole step from one queue of kernels.
 
     Two ways to get the perturbation, same numbers up to float rounding:
 
@@ -348,11 +439,13 @@ class ZerothOrderMeasurement:
       buffer when there is one (``g_W`` is not needed afterwards: ``G_W = d·δ/(ε̄·c²)``
       contains the guided part, and a skipped step discards this call's gradients). One
       noise draw per step and no extra memory; each pass only adds ``W ± δ`` where the
-      parameter is read (:meth:`PerturbedSet.swapped`).
-
-    Under FSDP every tensor here is the rank's shard (see :meth:`PerturbedSet.shifted`).
+      parameter is read (:meth:`PerturbedSet.shifted`, with the layers of :mod:`fogzo.layers`
+      adding it in their own forward). Per-tensor coefficients are formed with ``torch._foreach_*``
+      operators, one operator for all tensors.
     * **regenerated** (n > 1 or vectorized): ``u_i`` is drawn again in every pass and once
       more for the gradient, so the extra memory stays one tensor at a time whatever n is.
+
+    Under FSDP every tensor here is the rank's shard (see :meth:`PerturbedSet.shifted`).
     """
 
     def __init__(
@@ -381,23 +474,27 @@ class ZerothOrderMeasurement:
         directions: Sequence[Direction],
         guides: Sequence[Guide | None],
         loss0: torch.Tensor | None,
+        reuse_guide: bool = True,
+        scales: ScaleSet | None = None,
     ) -> Measured:
-        """The ``d_i`` (``None`` when a loss was non-finite and we skip), losses and shifts."""
+        """The ``d_i``, the perturbed losses and the shifts, all on the device.
+
+        ``reuse_guide=False`` builds the one-direction shifts in new buffers and leaves the
+        guides' gradients as they are (``on_nonfinite="keep"`` may still need them).
+        ``scales``: the step's :class:`ScaleSet` if the caller already made one.
+        """
         eps_bar = self.perturbed.smoothing.eps_bar
-        scales = [entry.coordinate_scale(eps_bar) for entry in self.perturbed.tensors]
+        scales = ScaleSet(self.perturbed) if scales is None else scales
         passes = [(direction, sign) for direction in directions for sign in (1.0, -1.0)[: self.passes_per_sample]]
         deltas: list[torch.Tensor] | None = None
         if self.vectorize is None and len(directions) == 1:
-            deltas = [
-                self._delta(entry, scales[entry.index], guides[entry.index], step_seed, directions[0], True)
-                for entry in self.perturbed.tensors
-            ]
+            deltas = self._deltas(scales, guides, step_seed, directions[0], reuse_guide)
 
         def shift(entry: PerturbedTensor, direction: Direction, sign: float) -> tuple[torch.Tensor, float]:
             """``(t, a)`` with ``a·t = sign·c·ε̄·v`` for this entry (its local part)."""
             if deltas is not None:
                 return deltas[entry.index], sign
-            delta = self._delta(entry, scales[entry.index], guides[entry.index], step_seed, direction, False)
+            delta = self._delta(entry, scales.values[entry.index], guides[entry.index], step_seed, direction)
             return delta, sign
 
         # FSDP's forward sets version counters, which inference tensors do not have.
@@ -405,10 +502,13 @@ class ZerothOrderMeasurement:
         losses: list[torch.Tensor] = []
         try:
             if self.vectorize is None:
+                ready = deltas is not None
                 for direction, sign in passes:
                     guard.rewind()
-                    with no_autograd(), self.perturbed.shifted(lambda e: shift(e, direction, sign)):
-                        losses.append(checked_loss(closure()).detach().float())
+                    # A pass with hooks or the read check runs a compiled model eagerly.
+                    compiled = contextlib.nullcontext() if self.perturbed.hook_free(ready) else eager_compiled_code()
+                    with no_autograd(), compiled, self.perturbed.shifted(lambda e: shift(e, direction, sign), ready=ready):
+                        losses.append(loss_value(checked_loss(closure())))
             else:
                 for start in range(0, len(passes), self.vectorize):
                     chunk = passes[start : start + self.vectorize]
@@ -420,36 +520,53 @@ class ZerothOrderMeasurement:
                     losses.extend(self._vectorized_losses(closure, stacks).float().unbind())
         finally:
             guard.close()
-        values = torch.stack(losses)
         if self.one_sided:
             assert loss0 is not None
-            differences = (values - loss0.detach().float()) / eps_bar
+            reference = loss_value(loss0)
+            differences = [torch.sub(loss, reference).div_(eps_bar) for loss in losses]
         else:
-            differences = (values[0::2] - values[1::2]) / (2 * eps_bar)
-        bad_loss = loss0 is not None and not bool(torch.isfinite(loss0.detach()))
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            if bad_loss:  # every rank must skip or raise together: NaN spreads in the sum
-                differences = torch.full_like(differences, float("nan"))
+            differences = [torch.sub(plus, minus).div_(2 * eps_bar) for plus, minus in zip(losses[0::2], losses[1::2])]
+        if is_distributed():
+            stacked = torch.stack(differences)
+            if loss0 is not None:  # every rank must skip or raise together: NaN spreads in the sum
+                stacked = torch.where(torch.isfinite(loss0), stacked, float("nan"))
             # The only communication of the ZO part: one all-reduce of n scalars. Averaging
             # the differences equals differencing the rank-averaged losses.
-            dist.all_reduce(differences, op=dist.ReduceOp.SUM)
-            differences /= dist.get_world_size()
-        if bad_loss or not bool(torch.isfinite(differences).all()):
-            loss_text = "" if loss0 is None else f"L(W) = {float(loss0.detach())}"
-            if bad_loss:
-                reason = "loss"
-                message = f"non-finite loss in the unperturbed (STE) forward pass: {loss_text}"
-            else:
-                reason = "perturbed_loss"
-                where = "" if not bool(torch.isfinite(values).all()) else " of another rank (here finite)"
-                message = (
-                    f"non-finite loss in a perturbed forward pass{where} (losses {values.tolist()}"
-                    f"{'; the unperturbed ' + loss_text + ' is finite' if loss_text else ''})"
-                )
-            if self.on_nonfinite == "raise":
-                raise FloatingPointError(f"{message}; {NONFINITE_ADVICE}")
-            return Measured(None, values, deltas, reason, message)
-        return Measured(differences.tolist(), values, deltas)
+            dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
+            differences = list(stacked.div_(dist.get_world_size()).unbind())
+        return Measured(differences, losses, deltas, scales)
+
+    def resolve(
+        self, measured: Measured, loss0: torch.Tensor | None, norm: torch.Tensor | None = None
+    ) -> Verdict:
+        """Read ``L0``, ``‖g_x‖``, the losses and the ``d_i`` on the host (one sync) and check
+        them; raises ``FloatingPointError`` for ``on_nonfinite="raise"``."""
+        head = [loss_value(t) for t in (loss0, norm) if t is not None]
+        host = torch.stack([*head, *measured.losses, *measured.differences]).tolist()
+        loss = host.pop(0) if loss0 is not None else None
+        norm_value = host.pop(0) if norm is not None else None
+        count = len(measured.losses)
+        losses, differences = host[:count], tuple(host[count:])
+        verdict = Verdict(loss, norm_value, losses, differences)
+        loss_text = "" if loss is None else f"L(W) = {loss}"
+        if loss is not None and not math.isfinite(loss):
+            reason = "loss"
+            message = f"non-finite loss in the unperturbed {'(STE) ' if norm is not None else ''}forward pass: {loss_text}"
+        elif norm_value is not None and not math.isfinite(norm_value):
+            reason = "ste_gradient"
+            message = f"non-finite STE gradient (‖g_x‖ = {norm_value}) with {loss_text}"
+        elif not all(math.isfinite(d) for d in differences):
+            reason = "perturbed_loss"
+            where = "" if not all(math.isfinite(value) for value in losses) else " of another rank (here finite)"
+            message = (
+                f"non-finite loss in a perturbed forward pass{where} (losses {losses}"
+                f"{'; the unperturbed ' + loss_text + ' is finite' if loss_text else ''})"
+            )
+        else:
+            return verdict
+        if self.on_nonfinite == "raise":
+            raise FloatingPointError(f"{message}; {NONFINITE_ADVICE}")
+        return Verdict(loss, norm_value, losses, differences, reason, message)
 
     def _vectorized_losses(self, closure: Closure, stacks: list[torch.Tensor]) -> torch.Tensor:
         """Losses of a stack of perturbed weight sets in one ``torch.func.vmap`` forward."""
@@ -468,6 +585,76 @@ class ZerothOrderMeasurement:
                 "use vectorize=None"
             ) from error
 
+    def _deltas(
+        self,
+        scales: ScaleSet,
+        guides: Sequence[Guide | None],
+        step_seed: int,
+        direction: Direction,
+        reuse_guide: bool,
+    ) -> list[torch.Tensor]:
+        """``δ = c·ε̄·v`` for every tensor, ``v = guided·k·(c·g_W) + noise·u``.
+
+        The guided part ``g_W·c²·ε̄·guided·k`` is formed in the guides' buffers
+        (``reuse_guide``) or new ones; the noise is drawn tensor by tensor and added in
+        place (one draw per tensor, never more than one noise tensor alive). The
+        per-tensor coefficients come from :meth:`ScaleSet.per_tensor` (a few kernels for
+        all tensors).
+        """
+        eps_bar = self.perturbed.smoothing.eps_bar
+        tensors = self.perturbed.tensors
+        deltas: list[torch.Tensor | None] = [None] * len(tensors)
+        guided = [e.index for e in tensors if guides[e.index] is not None] if direction.guided != 0.0 else []
+        noise_weights: list[torch.Tensor | float] = []
+        if direction.noise != 0.0:
+            weight = eps_bar * direction.noise
+            noise_weights = scales.per_tensor(lambda c: c * weight)
+        # compile_noise: g·a + u·b in one compiled kernel per tensor (tensor coefficients only:
+        # a Python float would be baked into the compiled graph).
+        fused = set()
+        if noise_weights and self.perturbed.compile_noise:
+            fused = {i for i in guided if isinstance(noise_weights[i], torch.Tensor)}
+        if guided:
+            constant = eps_bar * direction.guided
+            ks = [guides[i].scale for i in guided]  # type: ignore[union-attr]
+            if all(k is ks[0] for k in ks):  # one k (global normalisation): c²·(ε̄·guided·k)
+                shared = ks[0] * constant
+                factors = scales.squares().per_tensor(lambda square: square * shared)
+            else:
+                squares = scales.squares().per_tensor(lambda square: square * constant)
+                factors = [None] * len(tensors)  # type: ignore[list-item]
+                for i, k in zip(guided, ks):
+                    factors[i] = squares[i] * k  # type: ignore[operator]
+            gradients = [guides[i].gradient for i in guided]  # type: ignore[union-attr]
+            buffers = gradients if reuse_guide else torch._foreach_mul(gradients, 1.0)
+            plain = [j for j, i in enumerate(guided) if i not in fused]
+            if plain:
+                torch._foreach_mul_([buffers[j] for j in plain], [factors[guided[j]] for j in plain])  # type: ignore[misc]
+            offsets = None
+            if fused:
+                order = sorted(fused)
+                offsets = dict(zip(order, self.perturbed.noise_offsets([tensors[i] for i in order], step_seed,
+                                                                        direction.sample).unbind()))
+            for j, i in enumerate(guided):
+                deltas[i] = buffers[j]
+                if offsets is not None and i in offsets:
+                    self.perturbed.noise_shift_(tensors[i], offsets[i], buffers[j], factors[i],
+                                                noise_weights[i])  # type: ignore[arg-type]
+        if noise_weights:
+            for entry in tensors:
+                i = entry.index
+                if i in fused:
+                    continue
+                noise = self.perturbed.noise(entry, step_seed, direction.sample)
+                if deltas[i] is None:
+                    deltas[i] = noise.mul_(noise_weights[i])
+                else:
+                    _add_scaled(deltas[i], noise, noise_weights[i])  # type: ignore[arg-type]
+        for entry in tensors:
+            if deltas[entry.index] is None:
+                deltas[entry.index] = torch.zeros(entry.local_shape, device=entry.param.device, dtype=entry.param.dtype)
+        return deltas  # type: ignore[return-value]
+
     def _delta(
         self,
         entry: PerturbedTensor,
@@ -475,28 +662,18 @@ class ZerothOrderMeasurement:
         guide: Guide | None,
         step_seed: int,
         direction: Direction,
-        reuse_guide: bool,
     ) -> torch.Tensor:
-        """``δ = c·ε̄·v`` with ``v = guided·k·(c·g_W) + noise·u``: one noise draw, one buffer.
-
-        With ``reuse_guide`` the buffer is ``guide.gradient`` (overwritten); otherwise the
-        freshly drawn noise's, so no weight-sized temporary is made either way.
-        """
+        """``δ = c·ε̄·v`` for one tensor in a new buffer (the regenerated path)."""
         eps_bar = self.perturbed.smoothing.eps_bar
         guided = direction.guided != 0.0 and guide is not None
-        noise_weight = scale * (eps_bar * direction.noise)
-        guide_factor = scale * scale * (eps_bar * direction.guided * guide.scale) if guided else 0.0
-        if guided and reuse_guide:
-            delta = guide.gradient.mul_(guide_factor)
-            if direction.noise != 0.0:
-                _add_scaled(delta, self.perturbed.noise(entry, step_seed, direction.sample), noise_weight)
-            return delta
         if direction.noise != 0.0:
-            delta = self.perturbed.noise(entry, step_seed, direction.sample).mul_(noise_weight)
+            delta = self.perturbed.noise(entry, step_seed, direction.sample).mul_(scale * (eps_bar * direction.noise))
         else:
-            delta = torch.zeros_like(entry.local_param())
+            delta = torch.zeros(entry.local_shape, device=entry.param.device, dtype=entry.param.dtype)
         if guided:
-            _add_scaled(delta, guide.gradient, guide_factor)
+            assert guide is not None
+            factor = guide.scale * (scale * scale * (eps_bar * direction.guided))
+            _add_scaled(delta, guide.gradient, factor)
         return delta
 
     def gradients(
@@ -506,46 +683,55 @@ class ZerothOrderMeasurement:
         measured: Measured,
         guides: Sequence[Guide | None],
     ) -> list[torch.Tensor]:
-        """``G_W = (1/n) Σ_i d_i·v_i / c`` for every perturbed tensor (consumes ``guides``).
+        """``G_W = (1/n) Σ_i d_i·v_i / c`` for every perturbed tensor (consumes ``guides``), on the device.
 
         One direction: ``G_W = d·δ/(ε̄·c²)``, in δ's buffer. Regenerated: the guided part
         ``[(1/n) Σ_i d_i·guided_i·k]·g_W`` (the ``c`` cancels) plus the noise part
         ``(1/n) Σ_i d_i·noise_i·u_i / c`` with ``u_i`` drawn again.
         """
-        assert measured.differences is not None
         eps_bar = self.perturbed.smoothing.eps_bar
-        result = []
+        tensors = self.perturbed.tensors
         if measured.deltas is not None:
-            (difference,) = measured.differences
-            for entry, delta in zip(self.perturbed.tensors, measured.deltas):
-                scale = entry.coordinate_scale(eps_bar)
-                if isinstance(scale, torch.Tensor):  # one pass: d/(ε̄c²) is a tensor of α's shape
-                    result.append(delta.mul_(scale.reciprocal().square_().mul_(difference / eps_bar)))
-                else:
-                    result.append(delta.mul_(difference / (eps_bar * scale * scale)))
-            return result
+            assert measured.scales is not None
+            deltas = measured.deltas
+            factor = measured.differences[0] / eps_bar  # d/ε̄, a device scalar
+            coefficients = measured.scales.squares().per_tensor(lambda square: factor / square)  # d/(ε̄c²)
+            torch._foreach_mul_(deltas, coefficients)  # type: ignore[arg-type]
+            return list(deltas)
         count = len(directions)
-        guided = sum(d * direction.guided for d, direction in zip(measured.differences, directions)) / count
-        for entry, guide in zip(self.perturbed.tensors, guides):
-            gradient = self.noise_gradient(entry, step_seed, directions, measured.differences)
-            if guide is not None and guided != 0.0:
+        differences = measured.differences
+        guided = None
+        for d, direction in zip(differences, directions):  # Σ d_i·guided_i / n
+            if direction.guided != 0.0:
+                term = d * (direction.guided / count)
+                guided = term if guided is None else guided.add_(term)
+        result = []
+        for entry, guide in zip(tensors, guides):
+            gradient = self.noise_gradient(entry, step_seed, directions, differences)
+            if guide is not None and guided is not None:
                 guided_part = guide.gradient.mul_(guided * guide.scale)
                 gradient = guided_part if gradient is None else gradient.add_(guided_part)
-            result.append(torch.zeros_like(entry.local_param()) if gradient is None else gradient)
+            if gradient is None:
+                gradient = torch.zeros(entry.local_shape, device=entry.param.device, dtype=entry.param.dtype)
+            result.append(gradient)
         return result
 
     def noise_gradient(
-        self, entry: PerturbedTensor, step_seed: int, directions: Sequence[Direction], differences: Sequence[float]
+        self,
+        entry: PerturbedTensor,
+        step_seed: int,
+        directions: Sequence[Direction],
+        differences: torch.Tensor | Sequence[float],
     ) -> torch.Tensor | None:
         """``(1/n) Σ_i d_i · noise_i · u_i / c`` for one tensor (noise regenerated)."""
         total = None
         count = len(directions)
-        for direction, difference in zip(directions, differences):
-            weight = difference * direction.noise / count
-            if weight == 0.0:
+        for i, direction in enumerate(directions):
+            if direction.noise == 0.0:
                 continue
+            weight = differences[i] * (direction.noise / count)
             noise = self.perturbed.noise(entry, step_seed, direction.sample)
-            total = noise.mul_(weight) if total is None else total.add_(noise, alpha=weight)
+            total = noise.mul_(weight) if total is None else _add_scaled(total, noise, weight)
         if total is None:
             return None
         return total.div_(entry.coordinate_scale(self.perturbed.smoothing.eps_bar))

@@ -42,6 +42,7 @@ from .base import (
     Direction,
     EstimateInfo,
     Guide,
+    ScaleSet,
     StepCounter,
     ZerothOrderMeasurement,
     checked_loss,
@@ -50,7 +51,7 @@ from .base import (
     run_guarded,
     set_gradient,
 )
-from .perturbation import SIGN_STREAM, PerturbedSet, StateGuard, derive_seed, local_part
+from .perturbation import SIGN_STREAM, PerturbedSet, Snapshot, StateGuard, derive_seed, local_part
 from .schedules import BetaSchedule, check_beta, constant_beta, linear_beta
 
 __all__ = ["FOGZO"]
@@ -95,6 +96,14 @@ class FOGZO:
             the same ``k``; a non-finite STE gradient (a loss-scaling overflow) then follows
             ``on_nonfinite`` — use ``"keep"`` with a loss scaler (see
             :data:`~fogzo.estimators.base.Backward`).
+        noise_stream: ``"blocks"`` (default: torch generators seeded per block) or
+            ``"counter"`` (a counter-based generator of the global coordinate: the same
+            numbers on CPU and GPU and for any sharding; slower in eager mode on a CPU, see
+            docs/performance.md). Same noise law and equations either way, other numbers.
+        compile_noise: with ``noise_stream="counter"``, generate the noise (and for n = 1
+            the whole shift ``c·ε̄·v``) in kernels made by ``torch.compile`` on first use
+            (the eager numbers for the uniform and triangular laws; no noise tensor; faster
+            than ``"blocks"``, see docs/performance.md).
 
     Example::
 
@@ -122,6 +131,8 @@ class FOGZO:
         on_nonfinite: str = "raise",
         vectorize: int | None = None,
         backward: Backward | None = None,
+        noise_stream: str = "blocks",
+        compile_noise: bool = False,
     ) -> None:
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"n must be an int >= 1, got {n!r}")
@@ -147,9 +158,12 @@ class FOGZO:
         self.normalize = normalize
         self.guide_norm = float(guide_norm)
         self.backward = backward
-        self.perturbed = PerturbedSet.from_model(model, perturb, eps, smoothing)
+        self.perturbed = PerturbedSet.from_model(
+            model, perturb, eps, smoothing, noise_stream=noise_stream, compile_noise=compile_noise
+        )
         self.measurement = ZerothOrderMeasurement(self.perturbed, one_sided, on_nonfinite, vectorize)
         self.counter = StepCounter(seed)
+        self._snapshots = (Snapshot(), Snapshot())  # reused by every call (CallState, StateGuard)
 
     def estimate(self, closure: Closure) -> EstimateInfo:
         """One step: fills ``.grad`` (see the module docstring); state contract in
@@ -157,33 +171,43 @@ class FOGZO:
         nothing but the step counter."""
         self.perturbed.check_trainable()
         params = [p for p in self.model.parameters() if p.requires_grad]  # the STE backward writes these
-        state = CallState(self.model, params, self.counter)
+        state = CallState(self.model, params, self.counter, self._snapshots[0])
         return run_guarded(state, lambda: self._step(closure, state))
 
     def _step(self, closure: Closure, state: CallState) -> EstimateInfo:
         step, step_seed = self.counter.step, self.counter.step_seed()
-        guard = StateGuard(self.model)
+        guard = StateGuard(self.model, self._snapshots[1])
+        keep = self.measurement.on_nonfinite == "keep"
 
         # 1. STE pass: L0 and g_W; ĝ = r·c·g_W/‖c·g_W‖.
         loss0 = checked_loss(closure())
-        keep = self.measurement.on_nonfinite == "keep"
-        if not keep and not is_distributed() and not bool(torch.isfinite(loss0.detach())):
-            # (Distributed: every rank runs on, and the flags of measure() decide together.)
+        if keep and not is_distributed() and not bool(torch.isfinite(loss0.detach())):
+            # (keep: a loss scaler's overflow is common, so check before any more work;
+            # otherwise the one host sync at the end of the step checks everything.)
             return self._nonfinite(state, step_seed, step, loss0, "loss", "non-finite loss in the unperturbed (STE) "
                                    f"forward pass: L(W) = {float(loss0.detach())}")
         scale = run_backward(loss0, self.backward)  # k: .grad holds k·g_W (k = 1 without a hook)
         if step < self.ste_steps:
+            loss: float | torch.Tensor = loss0.detach()
+            if not keep and not is_distributed():
+                loss = float(loss)  # the step's one host sync
+                if not math.isfinite(loss):
+                    return self._nonfinite(state, step_seed, step, loss0, "loss", "non-finite loss in the unperturbed "
+                                           f"(STE) forward pass: L(W) = {loss}")
             state.commit()
-            return EstimateInfo(float(loss0.detach()), 1, 1, None, step_seed, step)
-        guides, norm = self._guides([entry.param.grad for entry in self.perturbed.tensors])
-        norm /= abs(scale)
-        if not math.isfinite(norm):
-            # E.g. an fp16 loss-scaling overflow: no direction to follow.
-            finite_loss = bool(torch.isfinite(loss0.detach()))
-            return self._nonfinite(
-                state, step_seed, step, loss0, "ste_gradient" if finite_loss else "loss",
-                f"non-finite STE gradient (‖g_x‖ = {norm}) with L(W) = {float(loss0.detach())}", norm,
-            )
+            return EstimateInfo(loss, 1, 1, None, step_seed, step)  # type: ignore[arg-type]
+        scales = ScaleSet(self.perturbed)
+        guides, total = self._guides([entry.param.grad for entry in self.perturbed.tensors], scales)
+        norm = total if scale == 1.0 else total / abs(scale)  # ‖g_x‖ in loss units, a device scalar
+        if keep:
+            host_norm = float(norm)
+            if not math.isfinite(host_norm):
+                # E.g. an fp16 loss-scaling overflow: no direction to follow.
+                finite_loss = bool(torch.isfinite(loss0.detach()))
+                return self._nonfinite(
+                    state, step_seed, step, loss0, "ste_gradient" if finite_loss else "loss",
+                    f"non-finite STE gradient (‖g_x‖ = {host_norm}) with L(W) = {float(loss0.detach())}", host_norm,
+                )
 
         # 2. β_t.
         beta = check_beta(self.schedule(step), f"beta at step {step}")
@@ -194,36 +218,41 @@ class FOGZO:
             Direction(sample, guided=math.sqrt(beta) * self._sign(step_seed, sample), noise=math.sqrt(1.0 - beta))
             for sample in range(self.n)
         ]
-        measured = self.measurement.measure(closure, guard, step_seed, directions, guides, loss0)
-        differences = measured.differences
+        measured = self.measurement.measure(
+            closure, guard, step_seed, directions, guides, loss0, reuse_guide=not keep, scales=scales
+        )
         forward_passes = 1 + self.n * self.measurement.passes_per_sample
-        if differences is None:  # on_nonfinite="skip" or "keep"
-            assert measured.reason is not None
+
+        # 4. G_W = (1/n) Σ_i d_i·v_i / c  =  guided·g_W  +  (1/n) Σ_i d_i·√(1−β)·u_i / c, queued
+        # on the device before the step's one host sync (resolve), which checks every value.
+        gradients = None if keep else self.measurement.gradients(step_seed, directions, measured, guides)
+        verdict = self.measurement.resolve(measured, loss0, norm)  # raises for on_nonfinite="raise"
+        if verdict.reason is not None:  # on_nonfinite="skip" or "keep"
             if keep:
                 state.commit()  # the STE pass's gradient stays
             else:
                 state.restore(advance=True)
-            return EstimateInfo(float(loss0.detach()), forward_passes, 1, beta, step_seed, step, skipped=True,
-                                skip_reason=measured.reason)
-
-        # 4. G_W = (1/n) Σ_i d_i·v_i / c  =  guided·g_W  +  (1/n) Σ_i d_i·√(1−β)·u_i / c.
-        gradients = self.measurement.gradients(step_seed, directions, measured, guides)
+            return EstimateInfo(verdict.loss, forward_passes, 1, beta, step_seed, step, ste_grad_norm=verdict.norm,
+                                skipped=True, skip_reason=verdict.reason)
+        if gradients is None:
+            gradients = self.measurement.gradients(step_seed, directions, measured, guides)
+        if scale != 1.0:
+            torch._foreach_mul_(gradients, scale)
         for entry, gradient in zip(self.perturbed.tensors, gradients):
-            if scale != 1.0:
-                gradient.mul_(scale)
             entry.param.grad = None
             set_gradient(entry.param, gradient, None)  # replaces this call's STE gradient
         state.commit()  # adds the gradients from before the call, as backward would
+        differences = verdict.differences
         return EstimateInfo(
-            loss=float(loss0.detach()),
+            loss=verdict.loss,  # type: ignore[arg-type]
             forward_passes=forward_passes,
             backward_passes=1,
             beta=beta,
             seed=step_seed,
             step=step,
-            differences=tuple(differences),
+            differences=differences,
             zero_differences=sum(d == 0.0 for d in differences),
-            ste_grad_norm=norm,
+            ste_grad_norm=verdict.norm,
         )
 
     def _nonfinite(
@@ -250,39 +279,70 @@ class FOGZO:
             skip_reason=reason,
         )
 
-    def _guides(self, gradients: list[torch.Tensor | None]) -> tuple[list[Guide | None], float]:
-        """Per tensor, the factor k with ``ĝ = k·c·g_W``; and the global ``‖g_x‖``."""
-        eps_bar = self.perturbed.smoothing.eps_bar
+    def _guides(
+        self, gradients: list[torch.Tensor | None], scales: ScaleSet
+    ) -> tuple[list[Guide | None], torch.Tensor]:
+        """Per tensor the guide ``ĝ = k·c·g_W`` (``k`` a device scalar); and ``‖g_x‖`` (device).
+
+        No host sync: a tensor whose ``g_x`` is zero gets ``k = 0`` (no guided direction), as
+        does every tensor when ``g_x = 0`` altogether. The norms of the tensors with one
+        ``c`` each are one ``_foreach_norm`` times the stacked scales."""
+        tensors = self.perturbed.tensors
         gradients = [None if g is None else local_part(g) for g in gradients]  # FSDP: this rank's shard
-        squared_norms = []
-        for entry, gradient in zip(self.perturbed.tensors, gradients):
+        device = tensors[0].param.device
+        parts: list[torch.Tensor] = []
+        order: list[int] = []  # entry index of each norm in the concatenated parts
+        stacked = [i for i in scales.stacked if gradients[i] is not None]
+        if stacked:
+            plain = torch.stack(torch._foreach_norm([gradients[i] for i in stacked], 2, dtype=torch.float32))  # type: ignore[misc]
+            assert scales.vector is not None
+            weights = scales.vector if len(stacked) == len(scales.stacked) else torch.stack(
+                [scales.values[i] for i in stacked]  # type: ignore[misc]
+            )
+            parts.append(plain * weights)  # ‖c·g‖ = c·‖g‖
+            order += stacked
+        singles = []
+        for i in scales.others:
+            gradient, c = gradients[i], scales.values[i]
             if gradient is None:
-                squared_norms.append(torch.zeros((), device=entry.local_param().device))
                 continue
-            scale = entry.coordinate_scale(eps_bar)
-            if isinstance(scale, torch.Tensor) and scale.numel() == gradient.shape[0] > 1:  # per-channel c
-                rows = gradient.reshape(gradient.shape[0], -1).float().square().sum(dim=1)  # Σ_rows c²·‖g_row‖²
-                squared_norms.append((rows * scale.reshape(-1).float().square()).sum().reshape(()))
-            elif isinstance(scale, torch.Tensor) and scale.numel() > 1:  # per group (torchao): c of W's shape
-                squared_norms.append(torch.linalg.vector_norm(gradient.float() * scale.float()).square().reshape(()))
-            else:  # one pass over the gradient: ‖c·g‖² = c²·‖g‖²
-                squared_norms.append((torch.linalg.vector_norm(gradient.float()).square() * (scale * scale)).reshape(()))
-        stacked = torch.stack([s.to(squared_norms[0].device) for s in squared_norms])
+            if not isinstance(c, torch.Tensor):
+                singles.append(torch.linalg.vector_norm(gradient, dtype=torch.float32) * abs(c))
+            elif c.numel() == 1:
+                singles.append(torch.linalg.vector_norm(gradient, dtype=torch.float32) * c.reshape(()))
+            elif c.numel() == gradient.shape[0]:  # per-channel c: √Σ_rows (c_r·‖g_r‖)²
+                rows = torch.linalg.vector_norm(gradient.reshape(gradient.shape[0], -1), dim=1, dtype=torch.float32)
+                singles.append(torch.linalg.vector_norm(rows * c.reshape(-1)))
+            else:  # per group (torchao): c of W's shape
+                singles.append(torch.linalg.vector_norm(gradient * c, dtype=torch.float32))
+            order.append(i)
+        if singles:
+            parts.append(torch.stack([n if n.device == device else n.to(device) for n in singles]))
+        norms = parts[0] if len(parts) == 1 else torch.cat(parts) if parts else torch.zeros(0, device=device)
         if self.perturbed.sharded and dist.is_initialized():
             # Squared norms of the shards add up to those of the tensors: one all-reduce of
             # K scalars (K perturbed tensors), the only collective FSDP adds to the ZO part.
-            dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
-        norms = stacked.sqrt().tolist()
-        total = math.sqrt(sum(n * n for n in norms))
-        nonzero = sum(n > 0 for n in norms)
-        guides: list[Guide | None] = []
-        for gradient, norm in zip(gradients, norms):
-            if gradient is None or norm == 0.0:
-                guides.append(None)  # a zero STE gradient gives no guided direction
-            elif self.normalize == "global":
-                guides.append(Guide(gradient, self.guide_norm / total))
-            else:
-                guides.append(Guide(gradient, self.guide_norm / (norm * math.sqrt(nonzero))))
+            squared = norms.square()
+            dist.all_reduce(squared, op=dist.ReduceOp.SUM)
+            norms = squared.sqrt()
+        total = torch.linalg.vector_norm(norms)
+        # k = r/‖·‖, and 0 where the norm is 0 (1/0 = inf becomes 0: no guided direction).
+        factors: list[torch.Tensor | None] = [None] * len(tensors)
+        if self.normalize == "global":
+            factor = torch.nan_to_num_(total.reciprocal(), posinf=0.0)
+            if self.guide_norm != 1.0:
+                factor.mul_(self.guide_norm)
+            for i in order:
+                factors[i] = factor
+        else:
+            nonzero = (norms > 0).sum()
+            per_tensor = torch.nan_to_num_((norms * nonzero.sqrt()).reciprocal_(), posinf=0.0).mul_(self.guide_norm)
+            for i, factor in zip(order, per_tensor.unbind()):
+                factors[i] = factor
+        guides: list[Guide | None] = [
+            None if gradient is None or factor is None else Guide(gradient, factor)
+            for gradient, factor in zip(gradients, factors)
+        ]
         return guides, total
 
     @staticmethod

@@ -27,6 +27,7 @@ same dropout masks as the STE pass.
 from __future__ import annotations
 
 import contextlib
+import math
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -37,11 +38,20 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..adapters import QuantizerView, quantizer_parameters, quantizer_views
+from ..layers import QuantConv1d, QuantConv2d, QuantEmbedding, QuantLinear
+from ..quantizers import WeightQuantizer
 from ..smoothing import Smoothing
 
-__all__ = ["NOISE_BLOCK", "PerturbedSet", "PerturbedTensor", "StateGuard", "block_noise", "derive_seed"]
+__all__ = [
+    "NOISE_BLOCK", "NOISE_STREAMS", "PerturbedSet", "PerturbedTensor", "Snapshot", "StateGuard", "block_noise",
+    "counter_bits",
+    "counter_noise", "derive_seed", "state_buffers",
+]
 
 _MASK64 = (1 << 64) - 1
+_SQRT3 = math.sqrt(3.0)
+_SQRT6 = math.sqrt(6.0)
+_LOGISTIC_SCALE = _SQRT3 / math.pi
 NOISE_STREAM = 0
 SIGN_STREAM = 1
 
@@ -66,6 +76,7 @@ def block_noise(
     dtype: torch.dtype,
     start: int = 0,
     total: int | None = None,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Elements ``[start, start + prod(shape))`` of the flattened noise of a tensor of
     ``total`` elements (default: the whole tensor, ``start = 0``), reshaped to ``shape``.
@@ -74,16 +85,28 @@ def block_noise(
     ``smoothing.fill_`` of a fresh tensor of that length, from a generator seeded with
     ``derive_seed(*key, b)``. Blocks that the range covers entirely are drawn in place; a
     block cut by the range (a shard boundary) is drawn whole and sliced, so every range of
-    every tensor sees the same numbers whatever the kernel's draw order.
+    every tensor sees the same numbers whatever the kernel's draw order. ``generator``: a
+    private generator on ``device`` to reseed (default: a new one).
     """
     out = torch.empty(shape, device=device, dtype=dtype)
-    flat = out.view(-1)
-    count = flat.numel()
+    count = out.numel()
     total = count if total is None else total
     stop = start + count
     if not 0 <= start <= stop <= total:
         raise ValueError(f"noise range [{start}, {stop}) lies outside a tensor of {total} elements")
-    generator = torch.Generator(device=device)
+    if generator is None:
+        generator = torch.Generator(device=device)
+    if start == 0 and stop == total <= NOISE_BLOCK:  # one whole block: drawn in place, no views
+        if count:
+            generator.manual_seed(derive_seed(*key, 0))
+            smoothing.fill_(out, generator)
+        return out
+    flat = out.view(-1)
+    if start == 0 and stop == total:  # the whole tensor: its blocks as views of one split
+        for block, view in enumerate(flat.split(NOISE_BLOCK)):
+            generator.manual_seed(derive_seed(*key, block))
+            smoothing.fill_(view, generator)
+        return out
     block = start // NOISE_BLOCK
     while block * NOISE_BLOCK < stop:
         first, last = block * NOISE_BLOCK, min((block + 1) * NOISE_BLOCK, total)
@@ -95,6 +118,144 @@ def block_noise(
             whole = smoothing.fill_(torch.empty(last - first, device=device, dtype=dtype), generator)
             flat[low - start : high - start].copy_(whole[low - first : high - first])
         block += 1
+    return out
+
+
+NOISE_STREAMS = ("blocks", "counter")
+"""How ``u`` is generated: ``"blocks"`` (default): :func:`block_noise`, torch's generators
+seeded per block of ``NOISE_BLOCK`` elements; ``"counter"``: :func:`counter_noise`, a
+counter-based generator, a pure function of (seed, global coordinate)."""
+
+_GAMMA = 0x9E3779B97F4A7C15
+_MIX1 = 0xBF58476D1CE4E5B9
+_MIX2 = 0x94D049BB133111EB
+COUNTER_CHUNK = 1 << 22
+"""Elements generated per chunk by :func:`counter_noise` (bounds its int64 temporaries)."""
+
+
+def _as_int64(value: int) -> int:
+    """``value mod 2^64`` as a two's-complement int64."""
+    value &= _MASK64
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def counter_bits(key: int, start: int, count: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """64 random bits per coordinate ``j`` in ``[start, start + count)``: ``mix(key + (j+1)·γ)``.
+
+    This is the ``(j+1)``-th output of SplitMix64 (Steele, Lea & Flood 2014) seeded with
+    ``key``, i.e. :func:`_splitmix64` of ``key + j·γ``, as int64 (two's complement) computed
+    with wrapping int64 arithmetic and masked right shifts; a counter-based generator: any
+    coordinate range, on any device, yields the same bits, and no state is kept.
+    """
+    z = torch.arange(start, start + count, dtype=torch.int64, device=device)
+    return _mix(z.mul_(_as_int64(_GAMMA)).add_(_as_int64(key + _GAMMA)))
+
+
+def _mix(z: torch.Tensor) -> torch.Tensor:
+    """SplitMix64's output function on int64 (in place)."""
+    z.bitwise_xor_((z >> 30).bitwise_and_((1 << 34) - 1))
+    z.mul_(_as_int64(_MIX1))
+    z.bitwise_xor_((z >> 27).bitwise_and_((1 << 37) - 1))
+    z.mul_(_as_int64(_MIX2))
+    return z.bitwise_xor_((z >> 31).bitwise_and_((1 << 33) - 1))
+
+
+def _counter_sample(offset: torch.Tensor, start: int, count: int, law: str, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`counter_bits` then the law, with ``offset = key + γ`` a device int64 scalar, so that
+    one compiled graph serves every key (:func:`compiled_counter`)."""
+    z = torch.arange(start, start + count, dtype=torch.int64, device=offset.device)
+    return _counter_law(law, _mix(z.mul_(_as_int64(_GAMMA)).add_(offset)), dtype)
+
+
+def _counter_shift(
+    target: torch.Tensor, scale: torch.Tensor | float, weight: torch.Tensor | float, offset: torch.Tensor, start: int,
+    law: str,
+) -> torch.Tensor:
+    """``target·scale + weight·u`` in place, ``u`` the counter noise of ``target``'s coordinates."""
+    noise = _counter_sample(offset, start, target.numel(), law, target.dtype).view(target.shape)
+    return target.mul_(scale).add_(noise.mul_(weight))
+
+
+_COMPILED: dict[str, Callable] = {}
+
+
+def compiled_counter(name: str) -> Callable:
+    """``torch.compile(dynamic=True)`` of ``_counter_sample`` (``"sample"``) or ``_counter_shift``
+    (``"shift"``), made once per process: the hash, the law and the scaling fuse into one
+    kernel (C++ on a CPU, Triton on a GPU) that works for any size."""
+    function = _COMPILED.get(name)
+    if function is None:
+        function = _COMPILED[name] = torch.compile(
+            {"sample": _counter_sample, "shift": _counter_shift}[name], dynamic=True
+        )
+    return function
+
+
+def _counter_law(name: str, bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Unit-variance noise of law ``name`` from 64 random bits per element.
+
+    ``s1`` = bits 40..63 and ``s2`` = bits 16..39, each a signed 24-bit integer, so
+    ``s·2⁻²⁴ + ½`` is uniform on the 2²⁴-point grid of ``[0, 1)`` (torch's ``uniform_``
+    resolution). uniform: ``√3·s1·2⁻²³`` on ``[−√3, √3)``; triangular: ``√6·(s1 + s2)·2⁻²⁴``
+    (the sum of two uniforms); logistic: ``s·logit(U)`` with ``U = (2·s3 + 1)·2⁻²⁴ + ½`` in
+    ``(0, 1)`` (``s3`` = bits 41..63); Gaussian: Box–Muller, ``√(−2 ln U1)·cos(2π·s2·2⁻²⁴)``
+    with ``U1 = (s1 + 2²³ + 1)·2⁻²⁴`` in ``(0, 1]``.
+    """
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    if name == "uniform":
+        return (bits >> 40).to(compute).mul_(_SQRT3 * 2.0**-23).to(dtype)
+    if name == "triangular":
+        return ((bits >> 40) + ((bits << 24) >> 40)).to(compute).mul_(_SQRT6 * 2.0**-24).to(dtype)
+    if name == "logistic":
+        uniform = ((bits >> 41) * 2 + 1).to(compute).mul_(2.0**-24).add_(0.5)
+        return uniform.logit_().mul_(_LOGISTIC_SCALE).to(dtype)
+    if name == "gaussian":
+        radius = ((bits >> 40) + (2**23 + 1)).to(compute).mul_(2.0**-24).log_().mul_(-2.0).sqrt_()
+        angle = ((bits << 24) >> 40).to(compute).mul_(2.0 * math.pi * 2.0**-24)
+        return radius.mul_(angle.cos_()).to(dtype)
+    raise AssertionError(name)
+
+
+def counter_noise(
+    smoothing: Smoothing,
+    key: tuple[int, ...],
+    shape: torch.Size | tuple[int, ...],
+    device: torch.device,
+    dtype: torch.dtype,
+    start: int = 0,
+    total: int | None = None,
+    compiled: bool = False,
+) -> torch.Tensor:
+    """Elements ``[start, start + prod(shape))`` of the counter-based noise of a tensor of
+    ``total`` elements, reshaped to ``shape`` (the ``"counter"`` stream; same contract as
+    :func:`block_noise`).
+
+    Element ``j`` is ``_counter_law(law, counter_bits(derive_seed(*key), j, 1))``: a pure
+    function of the seed and the global coordinate, so a shard, a chunk or another device
+    regenerates exactly its part (bit for bit for the uniform and triangular laws, which
+    use integer arithmetic and one exact multiply; the logistic and Gaussian laws go through
+    ``log``/``cos``, whose last bit may differ between CPU and GPU libraries). In eager mode it
+    is about 17 operators (on a CPU core several times slower than ``uniform_``); with
+    ``compiled=True`` they run as one kernel made by ``torch.compile`` (:func:`compiled_counter`;
+    faster than ``uniform_``, see docs/performance.md; bit for bit the eager numbers for the
+    uniform and triangular laws, within the last bit of ``log``/``cos`` for the others).
+    """
+    out = torch.empty(shape, device=device, dtype=dtype)
+    count = out.numel()
+    total = count if total is None else total
+    stop = start + count
+    if not 0 <= start <= stop <= total:
+        raise ValueError(f"noise range [{start}, {stop}) lies outside a tensor of {total} elements")
+    seed = derive_seed(*key)
+    if compiled:
+        offset = torch.tensor(_as_int64(seed + _GAMMA), dtype=torch.int64, device=device)
+        return compiled_counter("sample")(offset, start, count, smoothing.noise, dtype).view(shape)
+    if count <= COUNTER_CHUNK:
+        return _counter_law(smoothing.noise, counter_bits(seed, start, count, device), dtype).view(shape)
+    flat = out.view(-1)
+    for first in range(0, count, COUNTER_CHUNK):
+        size = min(COUNTER_CHUNK, count - first)
+        flat[first : first + size] = _counter_law(smoothing.noise, counter_bits(seed, start + first, size, device), dtype)
     return out
 
 
@@ -162,6 +323,13 @@ class PerturbedTensor:
         """The (local part of the) detached parameter."""
         return local_part(self.param.detach())
 
+    @property
+    def local_shape(self) -> torch.Size:
+        """Shape of :meth:`local_param` (no tensor is made)."""
+        if not self.sharded:
+            return self.param.shape
+        return torch.Size((self.rows, *self.param.shape[1:]))
+
     def coordinate_scale(self, eps_bar: float) -> torch.Tensor | float:
         """``c``: the quantizer's scale (fogzo's ``α``, torchao's ``s``; see :mod:`fogzo.adapters`)
         for a quantized weight, ``ε/ε̄`` otherwise (rows of the shard under FSDP)."""
@@ -192,6 +360,14 @@ class PerturbedSet:
         smoothing: the noise law and ``ε̄``; by default the one of the quantized layers
             (they must agree). A model without quantized layers defaults to Gaussian noise
             with ``ε̄ = 1`` (then ``ε̄`` cancels and each tensor moves by ``ε·u``).
+        noise_stream: ``"blocks"`` (default) or ``"counter"``: how ``u`` is generated
+            (:data:`NOISE_STREAMS`); the law and every equation are the same, the numbers
+            are not.
+        compile_noise: with ``noise_stream="counter"``, generate ``u`` (and, for the one
+            direction of n = 1, the whole shift ``g·a + u·b``) in kernels made by
+            ``torch.compile`` (:func:`compiled_counter`), compiled once per process on first
+            use: the same numbers as eager mode for the uniform and triangular laws (the
+            compiled ``log``/``cos`` of the logistic and Gaussian laws may differ in the last bit).
     """
 
     tensors: list[PerturbedTensor]
@@ -200,8 +376,15 @@ class PerturbedSet:
     _fsdp_modules: list[nn.Module] = field(default_factory=list, repr=False)
     _model: nn.Module | None = field(default=None, repr=False)
     _plan: _ReadPlan | None = field(default=None, repr=False)
+    _generators: dict[torch.device, torch.Generator] = field(default_factory=dict, repr=False)
+    noise_stream: str = "blocks"
+    compile_noise: bool = False
 
     def __post_init__(self) -> None:
+        if self.noise_stream not in NOISE_STREAMS:
+            raise ValueError(f"noise_stream must be one of {NOISE_STREAMS}, got {self.noise_stream!r}")
+        if self.compile_noise and self.noise_stream != "counter":
+            raise ValueError("compile_noise=True needs noise_stream='counter' (torch's generators cannot be compiled)")
         if self._plan is None:
             self._plan = _ReadPlan(self.tensors, self._model)
 
@@ -217,7 +400,13 @@ class PerturbedSet:
         perturb: str | Iterable[nn.Parameter] = "quantized",
         eps: float = 1e-3,
         smoothing: Smoothing | None = None,
+        noise_stream: str = "blocks",
+        compile_noise: bool = False,
     ) -> PerturbedSet:
+        if noise_stream not in NOISE_STREAMS:
+            raise ValueError(f"noise_stream must be one of {NOISE_STREAMS}, got {noise_stream!r}")
+        if compile_noise and noise_stream != "counter":
+            raise ValueError("compile_noise=True needs noise_stream='counter' (torch's generators cannot be compiled)")
         if not eps > 0:
             raise ValueError(f"eps must be > 0, got {eps!r}")
         # Quantized weights and quantizer parameters, whoever quantized them (fogzo.adapters).
@@ -284,7 +473,8 @@ class PerturbedSet:
                 "apply fully_shard so that it covers every perturbed parameter"
             )
         fsdp_modules = [m for m in model.modules() if callable(getattr(m, "reshard", None)) and _is_fsdp(m)]
-        return cls(tensors, smoothing, owners, fsdp_modules, model)
+        return cls(tensors, smoothing, owners, fsdp_modules, model, noise_stream=noise_stream,
+                   compile_noise=compile_noise)
 
     def check_trainable(self) -> None:
         """Raise if a perturbed parameter was frozen (``requires_grad=False``) since."""
@@ -302,29 +492,84 @@ class PerturbedSet:
 
     def noise(self, entry: PerturbedTensor, step_seed: int, sample: int) -> torch.Tensor:
         """Unit-variance noise ``u`` for ``entry`` and ``sample``, regenerated on demand."""
-        local = entry.local_param()
+        device = entry.param.device
+        if self.noise_stream == "counter":
+            return counter_noise(
+                self.smoothing, (step_seed, NOISE_STREAM, entry.index, sample), entry.local_shape, device,
+                entry.param.dtype, start=entry.start, total=entry.param.numel(), compiled=self.compile_noise,
+            )
+        generator = self._generators.get(device)
+        if generator is None:
+            generator = self._generators[device] = torch.Generator(device=device)
         return block_noise(
             self.smoothing,
             (step_seed, NOISE_STREAM, entry.index, sample),
-            local.shape,
-            local.device,
-            local.dtype,
+            entry.local_shape,
+            device,
+            entry.param.dtype,
             start=entry.start,
             total=entry.param.numel(),
+            generator=generator,
         )
 
+    def noise_offsets(self, entries: list[PerturbedTensor], step_seed: int, sample: int) -> torch.Tensor:
+        """The counter offsets ``key + γ`` of ``entries`` for :meth:`noise_shift_`, one device tensor."""
+        device = entries[0].param.device
+        keys = [_as_int64(derive_seed(step_seed, NOISE_STREAM, e.index, sample) + _GAMMA) for e in entries]
+        return torch.tensor(keys, dtype=torch.int64, device=device)
+
+    def noise_shift_(
+        self, entry: PerturbedTensor, offset: torch.Tensor, target: torch.Tensor, scale: torch.Tensor,
+        weight: torch.Tensor,
+    ) -> torch.Tensor:
+        """``target·scale + weight·u`` in place with :meth:`noise`'s ``u``, as one compiled kernel
+        (``compile_noise=True``: no noise tensor is made); ``offset``: from :meth:`noise_offsets`."""
+        assert self.compile_noise
+        return compiled_counter("shift")(target, scale, weight, offset, entry.start, self.smoothing.noise)
+
     @contextlib.contextmanager
-    def shifted(self, shift: Callable[[PerturbedTensor], tuple[torch.Tensor, float]]) -> Iterator[None]:
+    def shifted(
+        self, shift: Callable[[PerturbedTensor], tuple[torch.Tensor, float]], *, ready: bool = False
+    ) -> Iterator[None]:
         """Inside the block the model computes with ``W + a·t`` for ``(t, a) = shift(entry)``.
 
-        Unsharded: through :meth:`swapped` (no parameter is written). FSDP: ``t`` is the
-        rank's local part; it is added to the local shard in place (after a copy of the
-        shard is kept) and FSDP modules are resharded, so the forward all-gathers the
-        shifted shards; on exit each shard is copied back bit for bit and resharded again.
+        Unsharded: through :meth:`swapped` (no parameter is written). With ``ready=True``
+        (``shift`` returns tensors that already exist, so calling it for every entry up front
+        costs nothing) the weights of fogzo's single-weight layers (``QuantLinear``,
+        ``QuantConv1d/2d``, ``QuantEmbedding``) that are read only inside their own forward
+        are handed to the layer as the shift ``(t, a)`` instead: the layer adds it just
+        before quantizing (:meth:`fogzo.QuantizedLayer.latent_weight`), the same ``W + a·t``
+        with no forward hooks (a compiled model keeps its graphs). Passes whose reads are
+        still being checked (:meth:`swapped`) always use the hooks.
+
+        FSDP: ``t`` is the rank's local part; it is added to the local shard in place (after
+        a copy of the shard is kept) and FSDP modules are resharded, so the forward
+        all-gathers the shifted shards; on exit each shard is copied back bit for bit and
+        resharded again.
         """
         if not self.sharded:
-            with self.swapped(lambda entry: _shift_by(entry.local_param(), shift(entry))):
-                yield
+            plan = self._plan
+            assert plan is not None
+            fast = plan.fast if ready and not plan.needs_check() else []
+            if not fast:
+                with self.swapped(lambda entry: _shift_by(entry.local_param(), shift(entry))):
+                    yield
+                return
+            layers = []
+            try:
+                for entry in fast:
+                    layer = entry.owners[0][0]
+                    layer._weight_shift = shift(entry)  # type: ignore[assignment]
+                    layers.append(layer)
+                if len(fast) == len(self.tensors):
+                    yield
+                else:
+                    skip = frozenset(entry.index for entry in fast)
+                    with self.swapped(lambda entry: _shift_by(entry.local_param(), shift(entry)), _skip=skip):
+                        yield
+            finally:
+                for layer in layers:
+                    layer._weight_shift = None  # type: ignore[assignment]
             return
         saved: list[tuple[torch.Tensor, torch.Tensor]] = []
         records = _fsdp_forward_records(self._fsdp_modules)
@@ -348,12 +593,21 @@ class PerturbedSet:
             for log, length in records:
                 del log[length:]
 
+    def hook_free(self, ready: bool) -> bool:
+        """True when a :meth:`shifted` pass with ``ready`` registers no hook and no function mode:
+        every tensor is added inside its own layer (what a compiled model can run as is)."""
+        plan = self._plan
+        assert plan is not None
+        return self.sharded or (ready and not plan.needs_check() and len(plan.fast) == len(self.tensors))
+
     def _reshard(self) -> None:
         for module in self._fsdp_modules:
             module.reshard()  # type: ignore[operator]
 
     @contextlib.contextmanager
-    def swapped(self, replacement: Callable[[PerturbedTensor], torch.Tensor]) -> Iterator[None]:
+    def swapped(
+        self, replacement: Callable[[PerturbedTensor], torch.Tensor], *, _skip: frozenset[int] = frozenset()
+    ) -> Iterator[None]:
         """Inside the block, the model computes with ``replacement(entry)`` for every entry,
         wherever the parameter is read; the original ``Parameter`` objects are never written.
 
@@ -388,6 +642,9 @@ class PerturbedSet:
         check = _ReadCheck(plan, replacement) if plan.needs_check() else None
         depth = [0] * len(self.tensors)
         handles = []
+        hooked = plan.hooked
+        if _skip:  # entries another mechanism shifts (see shifted): no hooks for them
+            hooked = {m: kept for m, entries in hooked.items() if (kept := [e for e in entries if e.index not in _skip])}
 
         def put(entry: PerturbedTensor, tensor: torch.Tensor) -> None:
             for module, name in entry.owners:
@@ -405,19 +662,19 @@ class PerturbedSet:
             return tensor
 
         def enter(module: nn.Module, args: object) -> None:
-            for entry in plan.hooked[module]:
+            for entry in hooked[module]:
                 if depth[entry.index] == 0:
                     put(entry, build(entry))
                 depth[entry.index] += 1
 
         def leave(module: nn.Module, args: object, output: object) -> None:
-            for entry in plan.hooked[module]:
+            for entry in hooked[module]:
                 depth[entry.index] -= 1
                 if depth[entry.index] == 0:
                     put(entry, entry.param)
 
         try:
-            for module in plan.hooked:
+            for module in hooked:
                 handles.append(module.register_forward_pre_hook(enter, prepend=True))
                 handles.append(module.register_forward_hook(leave, always_call=True))
             if check is not None:
@@ -434,7 +691,8 @@ class PerturbedSet:
             for handle in handles:
                 handle.remove()
             for entry in self.tensors:
-                put(entry, entry.param)
+                if entry.index not in _skip:
+                    put(entry, entry.param)
 
 
 class _ReadPlan:
@@ -463,16 +721,19 @@ class _ReadPlan:
         self._containing: dict[nn.Module, set[int]] | None = None
         self.hooked: dict[nn.Module, list[PerturbedTensor]] = {}
         self.eager: list[PerturbedTensor] = []
+        self.fast: list[PerturbedTensor] = []
         self._index()
 
     def _index(self) -> None:
-        self.hooked, self.eager = {}, []
+        self.hooked, self.eager, self.fast = {}, [], []
         for entry, scope in zip(self.tensors, self.scopes):
             if scope is None:
                 self.eager.append(entry)
             else:
                 for module in scope:
                     self.hooked.setdefault(module, []).append(entry)
+                if len(entry.owners) == 1 and scope == [entry.owners[0][0]] and _shifts_itself(*entry.owners[0]):
+                    self.fast.append(entry)
 
     def _mode(self) -> bool:
         return bool(self.model.training) if self.model is not None else True
@@ -520,6 +781,14 @@ class _ReadPlan:
             self._index()
         else:
             self.checked_mode = self._mode()
+
+
+_SELF_SHIFTING = (QuantLinear, QuantConv1d, QuantConv2d, QuantEmbedding)
+
+
+def _shifts_itself(module: nn.Module, name: str) -> bool:
+    """fogzo's single-weight layers (exact types) add ``_weight_shift`` to ``weight`` themselves."""
+    return name == "weight" and type(module) in _SELF_SHIFTING
 
 
 _VALUE_PROPERTIES = frozenset({"T", "mT", "H", "mH", "data", "real", "imag"})
@@ -620,6 +889,15 @@ class _ReadCheck(TorchFunctionMode):
         self.plan.update(self.outside)
 
 
+def eager_compiled_code() -> contextlib.AbstractContextManager:
+    """Run code compiled with ``torch.compile`` eagerly inside the block (``torch.compiler.set_stance``;
+    torch >= 2.6, else a no-op): for perturbed passes that register hooks or a function mode,
+    which a compiled graph would otherwise be recompiled for (and then guard on tensors that
+    live for one pass only)."""
+    set_stance = getattr(torch.compiler, "set_stance", None) if hasattr(torch, "compiler") else None
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
+
+
 def _shift_by(weight: torch.Tensor, shift: tuple[torch.Tensor, float]) -> torch.Tensor:
     """``weight + alpha·tensor`` in a new tensor."""
     tensor, alpha = shift
@@ -652,19 +930,51 @@ def _is_fsdp(module: nn.Module) -> bool:
     return isinstance(module, FSDPModule)
 
 
+class Snapshot:
+    """A copy of some tensors, taken with one ``_foreach_copy_`` into storage that is kept
+    between calls (reallocated when the tensors change), and put back with another.
+
+    Bit-exact (a copy), one operator each way whatever the number of tensors (running
+    statistics of every BatchNorm, say); memory: one copy of the tensors, held by the owner
+    (an estimator) between steps.
+    """
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._storage: list[torch.Tensor] = []
+        self.tensors: list[torch.Tensor] = []
+
+    def take(self, tensors: list[torch.Tensor]) -> None:
+        key = tuple((id(t), t.shape, t.dtype, t.device) for t in tensors)
+        if key != self._key:
+            self._storage = [torch.empty_like(t, requires_grad=False) for t in tensors]
+            self._key = key
+        self.tensors = tensors
+        if tensors:
+            with torch.no_grad():
+                torch._foreach_copy_(self._storage, tensors)
+
+    def restore(self) -> None:
+        if self.tensors:
+            with torch.no_grad():
+                torch._foreach_copy_(self.tensors, self._storage)
+
+
 class StateGuard:
     """Keeps perturbed passes from changing the model's buffers or the global RNG.
 
     ``rewind()`` before a pass puts the global RNG back where it was before the STE pass
     (same dropout masks) and restores any buffer a previous pass wrote; ``close()`` leaves
     buffers as the STE pass left them and the RNG as it was after the STE pass.
+    ``snapshot``: a :class:`Snapshot` to reuse (an estimator keeps one between steps).
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, snapshot: Snapshot | None = None) -> None:
         self._model = model
         self._rng_before = _rng_state()
         self._rng_after: tuple | None = None
-        self._buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._snapshot = Snapshot() if snapshot is None else snapshot
+        self._taken = False
         self._ddp_sync: list[tuple[nn.Module, bool]] = []
 
     def after_first_pass(self) -> None:
@@ -674,8 +984,10 @@ class StateGuard:
         :meth:`close`, so perturbed passes issue no collective of their own.
         """
         self._rng_after = _rng_state()
-        self._buffers = [(b, b.detach().clone()) for b in self._model.buffers()]
-        for module in self._model.modules():
+        modules = list(self._model.modules())
+        self._snapshot.take(state_buffers(self._model, modules))
+        self._taken = True
+        for module in modules:
             if isinstance(module, nn.parallel.DistributedDataParallel):
                 self._ddp_sync.append((module, module.require_forward_param_sync))
                 module.require_forward_param_sync = False
@@ -695,9 +1007,25 @@ class StateGuard:
     def _restore_buffers(self) -> None:
         # Always copy: kernels such as batch_norm update running statistics in place
         # without bumping the tensor's version counter, so a "changed?" check is unreliable.
-        with torch.no_grad():
-            for buffer, saved in self._buffers:
-                buffer.copy_(saved)
+        if self._taken:
+            self._snapshot.restore()
+
+
+def state_buffers(model: nn.Module, modules: list[nn.Module] | None = None) -> list[torch.Tensor]:
+    """The buffers of ``model`` that a call may change: all but the fixed step sizes ``α`` of
+    fogzo's weight quantizers, which a forward pass only reads (their values are the
+    hot path's, see :class:`fogzo.WeightQuantizer`), so snapshots skip them. One pass over
+    ``modules`` (default ``list(model.modules())``)."""
+    seen: set[int] = set()
+    buffers = []
+    for module in model.modules() if modules is None else modules:
+        fixed = module.alpha if isinstance(module, WeightQuantizer) and not isinstance(module.alpha, nn.Parameter) else None
+        for buffer in module._buffers.values():
+            if buffer is None or buffer is fixed or id(buffer) in seen:
+                continue
+            seen.add(id(buffer))
+            buffers.append(buffer)
+    return buffers
 
 
 def _rng_state() -> tuple:

@@ -9,7 +9,6 @@ from torch import nn
 
 from ..smoothing import Smoothing
 from .base import (
-    NONFINITE_ADVICE,
     Backward,
     CallState,
     Closure,
@@ -19,11 +18,10 @@ from .base import (
     ZerothOrderMeasurement,
     checked_loss,
     gradient_scale,
-    is_distributed,
     run_guarded,
     set_gradient,
 )
-from .perturbation import PerturbedSet, StateGuard
+from .perturbation import PerturbedSet, Snapshot, StateGuard
 
 __all__ = ["SPSA"]
 
@@ -56,6 +54,9 @@ class SPSA:
     parameter contributes to, only to learn the factor ``k`` it scales gradients by, and
     ``G_W`` is multiplied by ``k`` (see :data:`~fogzo.estimators.base.Backward`).
 
+    ``noise_stream``: ``"blocks"`` (default) or ``"counter"``, and ``compile_noise``, as for
+    :class:`~fogzo.FOGZO`.
+
     Example::
 
         estimator = fogzo.SPSA(model, n=64, seed=0)
@@ -76,6 +77,8 @@ class SPSA:
         on_nonfinite: str = "raise",
         vectorize: int | None = None,
         backward: Backward | None = None,
+        noise_stream: str = "blocks",
+        compile_noise: bool = False,
     ) -> None:
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be an int >= 1, got {n!r}")
@@ -85,50 +88,50 @@ class SPSA:
         self.n = n
         self.report_loss = report_loss
         self.backward = backward
-        self.perturbed = PerturbedSet.from_model(model, perturb, eps, smoothing)
+        self.perturbed = PerturbedSet.from_model(
+            model, perturb, eps, smoothing, noise_stream=noise_stream, compile_noise=compile_noise
+        )
         self.measurement = ZerothOrderMeasurement(self.perturbed, one_sided, on_nonfinite, vectorize)
         self.counter = StepCounter(seed)
+        self._snapshots = (Snapshot(), Snapshot())  # reused by every call (CallState, StateGuard)
 
     def estimate(self, closure: Closure) -> EstimateInfo:
         """One step: fills the perturbed parameters' ``.grad``; state contract in
         :mod:`fogzo.estimators.base`: on failure nothing changes, a skipped step changes
         nothing but the step counter."""
         self.perturbed.check_trainable()
-        state = CallState(self.model, [entry.param for entry in self.perturbed.tensors], self.counter)
+        params = [entry.param for entry in self.perturbed.tensors]
+        state = CallState(self.model, params, self.counter, self._snapshots[0])
         return run_guarded(state, lambda: self._step(closure, state))
 
     def _step(self, closure: Closure, state: CallState) -> EstimateInfo:
         step, step_seed = self.counter.step, self.counter.step_seed()
-        guard = StateGuard(self.model)
+        guard = StateGuard(self.model, self._snapshots[1])
         forward_passes = int(self.report_loss) + self.n * self.measurement.passes_per_sample
         loss0 = None
         if self.report_loss:
             with torch.no_grad():
                 loss0 = checked_loss(closure())
-            if not is_distributed() and not bool(torch.isfinite(loss0)):
-                message = f"non-finite loss in the unperturbed forward pass: L(W) = {float(loss0)}"
-                if self.measurement.on_nonfinite == "raise":
-                    raise FloatingPointError(f"{message}; {NONFINITE_ADVICE}")
-                state.restore(advance=True)
-                return EstimateInfo(float(loss0), 1, 0, 0.0, step_seed, step, skipped=True, skip_reason="loss")
         guard.after_first_pass()
         directions = [Direction(sample, guided=0.0, noise=1.0) for sample in range(self.n)]
         guides = [None] * len(self.perturbed.tensors)
         measured = self.measurement.measure(closure, guard, step_seed, directions, guides, loss0)
-        differences = measured.differences
-        if differences is None:
-            state.restore(advance=True)
-            loss = float("nan") if loss0 is None else float(loss0)
-            return EstimateInfo(loss, forward_passes, 0, 0.0, step_seed, step, skipped=True,
-                                skip_reason=measured.reason)
+        # G_W is queued on the device before the step's one host sync (resolve).
         gradients = self.measurement.gradients(step_seed, directions, measured, guides)
-        scale = gradient_scale(self.backward, self.perturbed.tensors[0].local_param().device)
+        verdict = self.measurement.resolve(measured, loss0)  # raises for on_nonfinite="raise"
+        if verdict.reason is not None:
+            state.restore(advance=True)
+            loss = verdict.loss if verdict.loss is not None else float("nan")
+            return EstimateInfo(loss, forward_passes, 0, 0.0, step_seed, step, skipped=True,
+                                skip_reason=verdict.reason)
+        scale = gradient_scale(self.backward, self.perturbed.tensors[0].param.device)
+        if scale != 1.0:
+            torch._foreach_mul_(gradients, scale)
         for entry, gradient in zip(self.perturbed.tensors, gradients):
-            if scale != 1.0:
-                gradient.mul_(scale)
             set_gradient(entry.param, gradient, None)
         state.commit()  # adds the gradients from before the call
-        loss = float(loss0) if loss0 is not None else float(measured.losses.mean())
+        loss = verdict.loss if verdict.loss is not None else sum(verdict.losses) / len(verdict.losses)
+        differences = verdict.differences
         return EstimateInfo(
             loss=loss,
             forward_passes=forward_passes,
@@ -136,7 +139,7 @@ class SPSA:
             beta=0.0,
             seed=step_seed,
             step=step,
-            differences=tuple(differences),
+            differences=differences,
             zero_differences=sum(d == 0.0 for d in differences),
         )
 

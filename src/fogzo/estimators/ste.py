@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from .base import Backward, CallState, Closure, EstimateInfo, StepCounter, checked_loss, run_guarded
+from .perturbation import Snapshot
 
 __all__ = ["STE"]
 
@@ -26,6 +27,7 @@ class STE:
         self.model = model
         self.backward = backward
         self.counter = StepCounter(0)
+        self._snapshots = (Snapshot(),)  # reused by every call
 
     def estimate(self, closure: Closure) -> EstimateInfo:
         """``closure().backward()``; on failure (an exception in the closure or the backward,
@@ -33,7 +35,7 @@ class STE:
         are as before the call (``.grad`` and buffers only when ``model`` was given). A
         non-finite loss is not checked: it back-propagates as with plain ``backward``."""
         params = [] if self.model is None else [p for p in self.model.parameters() if p.requires_grad]
-        state = CallState(self.model, params, self.counter)
+        state = CallState(self.model, params, self.counter, self._snapshots[0])
         return run_guarded(state, lambda: self._step(closure, state))
 
     def _step(self, closure: Closure, state: CallState) -> EstimateInfo:
@@ -42,8 +44,8 @@ class STE:
             loss.backward()
         else:
             self.backward(loss)
-        info = EstimateInfo(
-            loss=float(loss.detach()), forward_passes=1, backward_passes=1, beta=None, seed=None, step=self.counter.step
+        info = EstimateInfo(  # loss: read on the host only when info.loss is (no sync in the step)
+            loss=loss.detach(), forward_passes=1, backward_passes=1, beta=None, seed=None, step=self.counter.step  # type: ignore[arg-type]
         )
         state.commit()
         return info
