@@ -222,8 +222,8 @@ def _interrupt_at(monkeypatch, step: int) -> None:
     original = StepRunner.step
     calls = {"n": 0}
 
-    def step_then_interrupt(self):
-        result = original(self)
+    def step_then_interrupt(self, batch=None):
+        result = original(self, batch)
         calls["n"] += 1
         if calls["n"] == step:
             signal.raise_signal(signal.SIGINT)
@@ -510,7 +510,7 @@ def test_deterministic_turns_on_deterministic_algorithms_for_the_run(tiny_config
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
     seen = []
     original = StepRunner.step
-    monkeypatch.setattr(StepRunner, "step", lambda self: seen.append(torch.are_deterministic_algorithms_enabled()) or original(self))
+    monkeypatch.setattr(StepRunner, "step", lambda self, batch=None: seen.append(torch.are_deterministic_algorithms_enabled()) or original(self, batch))
     before = torch.are_deterministic_algorithms_enabled()
     assert run_train(tiny_config, tmp_path / "run", "--deterministic") == 0
     assert seen == [True] * 4 and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
