@@ -7,8 +7,13 @@ and the learning-rate procedure of experiments/tuning.py decides what runs next 
 of the shared grid with seed 0, an extension beyond a winning edge, then the best rate with
 seeds 1 and 2). One run per core: ``--workers 2`` on the 2-core development machine.
 
+Run folders are scratch (``results/`` is not tracked, and a fresh checkout starts without
+them): every finished run is also appended to the tracked archive ``--archive``
+(docs/data/deep.jsonl: the run's results and its evaluation curve), which the driver reads
+first, so a finished run is never repeated in a later session. Commit the archive.
+
     python experiments/deep_study.py run resnet --out results/deep --workers 2
-    python experiments/deep_study.py summarize results/deep
+    python experiments/deep_study.py summarize
 
 Families (sized so that one family's table costs a few core-hours on this CPU; docs/results.md
 says what was cut against the configs in experiments/configs/):
@@ -45,6 +50,8 @@ import tuning
 
 ROOT = Path(__file__).resolve().parent
 CONFIGS = ROOT / "configs"
+ARCHIVE = ROOT.parent / "docs" / "data" / "deep.jsonl"
+_archive: dict[str, dict[str, Any]] = {}  # run name -> archived record (read_archive)
 STEPS = 2000
 SEEDS = (0, 1, 2)
 LRS = (1e-3, 3e-3, 1e-2)
@@ -110,9 +117,40 @@ def command(run: Run, out: Path) -> list[str]:
     return args
 
 
-def result(run: Run, out: Path) -> dict[str, Any] | None:
-    path = out / run.name / "results.json"
-    return json.loads(path.read_text()) if path.exists() else None
+def result(run: Run, out: Path | None) -> dict[str, Any] | None:
+    """The finished run's results: from the archive, else from its folder under ``out``."""
+    if run.name in _archive:
+        return _archive[run.name]["results"]
+    path = None if out is None else out / run.name / "results.json"
+    return json.loads(path.read_text()) if path is not None and path.exists() else None
+
+
+def read_archive(path: Path) -> None:
+    _archive.clear()
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                _archive[record["name"]] = record
+
+
+def archive(run: Run, out: Path, path: Path) -> None:
+    """Append the finished run (results, evaluation curve, command) to the tracked archive."""
+    folder = out / run.name
+    results = json.loads((folder / "results.json").read_text())
+    curve = []
+    metrics = folder / "metrics.jsonl"
+    if metrics.exists():
+        for line in metrics.read_text().splitlines():
+            event = json.loads(line) if line.strip() else {}
+            if event.get("event") in ("eval", "train") and (event["event"] == "eval" or event.get("step", 0) % 100 == 0):
+                curve.append({k: v for k, v in event.items() if isinstance(v, (int, float, str)) or v is None})
+    record = {"name": run.name, "run": {"family": run.family, "row": run.row, "estimator": run.estimator,
+              "lr": run.lr, "seed": run.seed, "steps": STEPS}, "results": results, "curve": curve}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
+    _archive[run.name] = record
 
 
 def score(record: dict[str, Any]) -> float:
@@ -138,19 +176,24 @@ def needed(family: str, out: Path) -> list[Run]:
     return runs
 
 
-def run_family(families: list[str], out: Path, workers: int) -> None:
+def run_family(families: list[str], out: Path, workers: int, archive_path: Path = ARCHIVE) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    started, running = time.time(), {}
+    read_archive(archive_path)
+    started, running, todo_all = time.time(), {}, {}
     with ThreadPoolExecutor(workers) as pool:
         while True:
             todo = [run for family in families for run in needed(family, out) if run.name not in running]
             for run in todo[: max(0, workers - len(running))]:
                 running[run.name] = pool.submit(_execute, run, out)
+                todo_all[run.name] = run
             if not running:
                 break
             done, _ = wait(list(running.values()), return_when=FIRST_COMPLETED)
             for name in [n for n, f in running.items() if f in done]:
+                run = todo_all[name]
                 code, wall = running.pop(name).result()
+                if (out / name / "results.json").exists() and name not in _archive:
+                    archive(run, out, archive_path)
                 print(f"[{(time.time() - started) / 60:6.1f} min] {name}: exit {code} ({wall:.0f} s)", file=sys.stderr, flush=True)
                 if code not in (0, 1):  # 1: a clean "diverged" stop, which has results
                     raise SystemExit(f"deep_study: {name} failed (exit {code}); see {out / name}.log")
@@ -163,7 +206,8 @@ def _execute(run: Run, out: Path) -> tuple[int, float]:
     return code, time.time() - started
 
 
-def summarize(out: Path) -> str:
+def summarize(out: Path | None, archive_path: Path = ARCHIVE) -> str:
+    read_archive(archive_path)
     lines = ["| family | row | estimator | best lr | seeds | metric | mean ± std | wall s / run | tried lrs |",
              "|---|---|---|---|---|---|---|---|---|"]
     for family in FAMILIES:
@@ -198,9 +242,11 @@ def main() -> None:
     go.add_argument("families", help="comma-separated: resnet, vit, lm")
     go.add_argument("--out", type=Path, default=Path("results/deep"))
     go.add_argument("--workers", type=int, default=2)
-    go.add_argument("--steps", type=int, default=2000, help="steps per run (a smoke test: a few, in another --out)")
+    go.add_argument("--steps", type=int, default=2000, help="steps per run (a smoke test: a few, with another --out and --archive)")
+    go.add_argument("--archive", type=Path, default=ARCHIVE, help="tracked record of finished runs (default: docs/data/deep.jsonl)")
     show = sub.add_parser("summarize", help="Markdown table of what has finished")
-    show.add_argument("out", type=Path)
+    show.add_argument("out", type=Path, nargs="?", default=None, help="also read run folders here (default: the archive only)")
+    show.add_argument("--archive", type=Path, default=ARCHIVE)
     args = parser.parse_args()
     if args.command == "run":
         families = [f for f in args.families.split(",") if f]
@@ -208,9 +254,9 @@ def main() -> None:
         if unknown:
             raise SystemExit(f"deep_study: unknown family {unknown}; choose from {sorted(FAMILIES)}")
         STEPS = args.steps
-        run_family(families, args.out, args.workers)
+        run_family(families, args.out, args.workers, args.archive)
     else:
-        print(summarize(args.out))
+        print(summarize(args.out, args.archive))
 
 
 if __name__ == "__main__":
