@@ -8,7 +8,7 @@ import math
 import pytest
 
 from fogzo.cli import main
-from fogzo.experiments.common import (
+from fogzo.reproduce.common import (
     Curve,
     apply_overrides,
     compute_ratio,
@@ -21,7 +21,7 @@ from fogzo.experiments.common import (
     read_jsonl,
     select_best,
 )
-from fogzo.experiments.mnist import OUTPUT_FILES, FogzoOptions, MnistConfig, analyze, quick_config
+from fogzo.reproduce.mnist import OUTPUT_FILES, FogzoOptions, MnistConfig, analyze, quick_config
 
 
 @pytest.fixture(scope="module")

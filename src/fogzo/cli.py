@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_mnist(experiments: argparse._SubParsersAction) -> None:
-    from .experiments.mnist import DEFAULT_BITS
+    from .reproduce.mnist import DEFAULT_BITS
 
     mnist = experiments.add_parser(
         "mnist",
@@ -117,8 +117,8 @@ def _add_mnist(experiments: argparse._SubParsersAction) -> None:
 
 
 def _run_mnist(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from .experiments.common import ConfigError, RunInterrupted, apply_overrides, format_config
-    from .experiments.mnist import MnistConfig, plan_runs, quick_config, reproduce, resummarize, validate
+    from .reproduce.common import ConfigError, RunInterrupted, apply_overrides, format_config
+    from .reproduce.mnist import MnistConfig, plan_runs, quick_config, reproduce, resummarize, validate
 
     def error(message: str) -> int:
         print(f"fogzo reproduce mnist: error: {message}", file=sys.stderr)

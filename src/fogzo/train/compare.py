@@ -23,7 +23,7 @@ starts everything afresh. Outputs: ``summary.md`` (tables: mean ± std over seed
 estimator and lr, and each estimator at its best lr of the grid; the command),
 ``loss_vs_iterations.png``, ``loss_vs_wall_time.png`` and ``loss_vs_compute.png`` (training
 loss at each estimator's best lr, mean ± std over seeds), ``runs.jsonl`` (one results record
-per run). Tables, statistics and plots use :mod:`fogzo.experiments.common`.
+per run). Tables, statistics and plots use :mod:`fogzo.reproduce.common`.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, load_config, parse_overrides
-from ..experiments.common import (
+from ..reproduce.common import (
     Curve,
     format_mean_std,
     format_number,

@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..experiments import common
-from ..experiments.common import ConfigError  # a config file or override is wrong (unknown key, bad type, bad value)
+from ..reproduce import common
+from ..reproduce.common import ConfigError  # a config file or override is wrong (unknown key, bad type, bad value)
 
 __all__ = [
     "ConfigError",
@@ -210,7 +210,7 @@ def _normalise_key(key: str) -> str:
 
 
 # ---------------------------------------------------------------------------- values
-# Type coercion is :mod:`fogzo.experiments.common`'s (shared with ``fogzo reproduce``).
+# Type coercion is :mod:`fogzo.reproduce.common`'s (shared with ``fogzo reproduce``).
 
 
 def _members(hint: Any) -> tuple[Any, ...]:

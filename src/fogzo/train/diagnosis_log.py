@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..diagnostics import Diagnosis
-from ..experiments.common import Curve, markdown_table, plot_curves, read_jsonl, write_text_atomic
+from ..reproduce.common import Curve, markdown_table, plot_curves, read_jsonl, write_text_atomic
 
 __all__ = ["DIAGNOSE_STREAM", "diagnosis_record", "write_diagnostics_report"]
 

@@ -271,7 +271,7 @@ def validate(config: MnistConfig) -> None:
     The device, and every estimator of the plan constructed exactly as the runs will
     construct it (FOGZO with ``config.fogzo``, n-SPSA with each ``spsa_n``), on the seed-0
     model: ``--set fogzo.n=0`` fails here with the estimator's own message, not after
-    the STE runs. Raises :class:`~fogzo.experiments.common.ConfigError`.
+    the STE runs. Raises :class:`~fogzo.reproduce.common.ConfigError`.
     """
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={config.device!r} but CUDA is not available here (torch.cuda.is_available() is False)")
@@ -969,7 +969,7 @@ def reproduce(
     :func:`validate` and :func:`prepare_output` run first: a bad option or an output folder
     that holds files (without ``resume`` or ``overwrite``) is a ``ConfigError`` before any
     data is read or file written. With ``resume`` the finished runs of ``runs.jsonl`` are
-    kept and only the others are run. Ctrl-C raises :class:`~fogzo.experiments.common.RunInterrupted`
+    kept and only the others are run. Ctrl-C raises :class:`~fogzo.reproduce.common.RunInterrupted`
     (the finished runs are in ``runs.jsonl``; ``resume`` continues).
     """
     out = Path(out)

@@ -1,8 +1,8 @@
-"""Reproduction experiments behind ``fogzo reproduce ...``.
+"""Reproductions of the paper's studies behind ``fogzo reproduce ...``.
 
-* :mod:`fogzo.experiments.mnist`: the paper's shallow-network study (784-10-10 MLP on MNIST):
+* :mod:`fogzo.reproduce.mnist`: the paper's shallow-network study (784-10-10 MLP on MNIST):
   STE vs FOGZO vs the n-SPSA ladder, learning rates tuned per estimator on one grid.
-* :mod:`fogzo.experiments.common`: config round trips and overrides, JSON-lines logs,
+* :mod:`fogzo.reproduce.common`: config round trips and overrides, JSON-lines logs,
   Markdown tables, plots, progress bars and the compute-ratio helper, shared by experiments.
 """
 
