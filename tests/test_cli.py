@@ -148,7 +148,7 @@ def test_divergence_is_a_clean_stop_for_every_estimator(tiny_config, tmp_path, c
     assert records[-1]["event"] == "final" and records[-1]["diverged"] is True
     if estimator != "ste":  # the estimator refused the step: its message is kept
         assert "non-finite loss" in results["error"]
-    from fogzo.reproduce.common import read_jsonl
+    from fogzo.train.records import read_jsonl
 
     restored = [r for r in read_jsonl(out / "metrics.jsonl") if r["event"] == "train"][-1]["loss"]
     assert not math.isfinite(restored)  # read_jsonl puts the float back

@@ -8,19 +8,9 @@ import math
 import pytest
 
 from fogzo.cli import main
-from fogzo.reproduce.common import (
-    Curve,
-    apply_overrides,
-    compute_ratio,
-    config_from_dict,
-    config_to_dict,
-    first_reach,
-    is_png,
-    markdown_table,
-    mean_curve,
-    read_jsonl,
-    select_best,
-)
+from fogzo.train.config_io import apply_overrides, config_from_dict, config_to_dict
+from fogzo.train.records import read_jsonl
+from fogzo.train.summaries import Curve, compute_ratio, first_reach, is_png, markdown_table, mean_curve, select_best
 from fogzo.reproduce.mnist import OUTPUT_FILES, FogzoOptions, MnistConfig, analyze, quick_config
 
 

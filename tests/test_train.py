@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fogzo.data import write_idx
-from fogzo.reproduce.common import is_png
+from fogzo.train.summaries import is_png
 from fogzo.train import ConfigError, load_config, parse_overrides, plan_model, train
 from fogzo.train import data as train_data
 from fogzo.train.cli import main as train_main

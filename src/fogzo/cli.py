@@ -117,7 +117,8 @@ def _add_mnist(experiments: argparse._SubParsersAction) -> None:
 
 
 def _run_mnist(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from .reproduce.common import ConfigError, RunInterrupted, apply_overrides, format_config
+    from .train.config_io import ConfigError, apply_overrides, format_config
+    from .train.records import RunInterrupted
     from .reproduce.mnist import MnistConfig, plan_runs, quick_config, reproduce, resummarize, validate
 
     def error(message: str) -> int:

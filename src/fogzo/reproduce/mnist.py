@@ -42,27 +42,20 @@ from .. import FOGZO, SPSA, STE, QuantConfig, quantize
 from ..data import MNIST_MEAN, MNIST_STD, batches, load_mnist, to_float
 from ..models.mlp import MLP
 from ..quantizers import level_set
-from .common import (
-    ConfigError,
+from ..train.config_io import ConfigError, config_from_dict, config_to_dict, format_config
+from ..train.records import JsonlLogger, RunInterrupted, progress, read_jsonl, write_text_atomic
+from ..train.summaries import (
     Curve,
-    JsonlLogger,
-    RunInterrupted,
     Ratio,
     compute_ratio,
-    config_from_dict,
-    config_to_dict,
     first_reach,
-    format_config,
     format_mean_std,
     format_number,
     markdown_table,
     mean_curve,
     mean_std,
     plot_curves,
-    progress,
-    read_jsonl,
     select_best,
-    write_text_atomic,
 )
 
 __all__ = [
@@ -271,7 +264,7 @@ def validate(config: MnistConfig) -> None:
     The device, and every estimator of the plan constructed exactly as the runs will
     construct it (FOGZO with ``config.fogzo``, n-SPSA with each ``spsa_n``), on the seed-0
     model: ``--set fogzo.n=0`` fails here with the estimator's own message, not after
-    the STE runs. Raises :class:`~fogzo.reproduce.common.ConfigError`.
+    the STE runs. Raises :class:`~fogzo.train.config_io.ConfigError`.
     """
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={config.device!r} but CUDA is not available here (torch.cuda.is_available() is False)")
@@ -969,7 +962,7 @@ def reproduce(
     :func:`validate` and :func:`prepare_output` run first: a bad option or an output folder
     that holds files (without ``resume`` or ``overwrite``) is a ``ConfigError`` before any
     data is read or file written. With ``resume`` the finished runs of ``runs.jsonl`` are
-    kept and only the others are run. Ctrl-C raises :class:`~fogzo.reproduce.common.RunInterrupted`
+    kept and only the others are run. Ctrl-C raises :class:`~fogzo.train.records.RunInterrupted`
     (the finished runs are in ``runs.jsonl``; ``resume`` continues).
     """
     out = Path(out)

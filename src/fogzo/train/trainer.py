@@ -15,7 +15,7 @@ Outputs in the run folder (``config.output_dir()``):
 
 Every JSON file is strict JSON: a NaN or infinite value (a diverged loss) is written as
 ``null`` and named in the record's ``"nonfinite"`` field (``{"loss": "nan"}``);
-:func:`fogzo.reproduce.common.read_jsonl` / ``read_json`` restore the floats.
+:func:`fogzo.train.records.read_jsonl` / ``read_json`` restore the floats.
 ``config.json``, ``results.json`` and ``checkpoint.pt`` are written to a temporary file and
 renamed, so a crash never leaves half a file.
 
@@ -79,7 +79,7 @@ from torch import nn
 from .. import FOGZO, SPSA, STE, QuantConfig, quantize, quantized_layers
 from .. import distributed as fd
 from ..estimators import derive_seed
-from ..reproduce.common import JsonlLogger, RunInterrupted, progress, read_json, read_jsonl, write_json
+from .records import JsonlLogger, RunInterrupted, progress, read_json, read_jsonl, write_json
 from ..models import build_model, count_parameters
 from ..diagnostics import diagnose as fogzo_diagnose
 from .config import RUN_CONTROL_KEYS, ConfigError, TrainConfig
