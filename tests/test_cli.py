@@ -217,7 +217,7 @@ def _interrupt_at(monkeypatch, step: int) -> None:
     """Send SIGINT (as Ctrl-C does) to this process during training step ``step``."""
     import signal
 
-    from fogzo.train.trainer import StepRunner
+    from fogzo.train.step import StepRunner
 
     original = StepRunner.step
     calls = {"n": 0}
@@ -306,7 +306,7 @@ def test_text_file_too_short_for_one_batch(tmp_path, capsys):
     assert fogzo_main(args) == 2
     assert "too short: 300 tokens" in one_line_error(capsys)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
-    from fogzo.train.trainer import text_tokens_needed
+    from fogzo.train.checks import text_tokens_needed
 
     assert text_tokens_needed(32, 0.1) == 330  # floor(330 * 0.1) = 33 = seq_len + 1
 
@@ -504,7 +504,7 @@ def test_deterministic_turns_on_deterministic_algorithms_for_the_run(tiny_config
 
     import torch
 
-    from fogzo.train.trainer import StepRunner
+    from fogzo.train.step import StepRunner
 
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", "")  # so that the test's end restores the user's value
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")

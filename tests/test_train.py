@@ -353,7 +353,7 @@ def test_diagnose_every_logs_the_ste_bias_and_leaves_training_unchanged(tmp_path
 
 
 def test_diagnose_every_is_refused_with_several_ranks():
-    from fogzo.train.trainer import check_config
+    from fogzo.train.checks import check_config
 
     config = load_config(CONFIGS / SMALL["resnet20"], {"diagnose_every": 10, "batch_size": 8}, quick=True)
     with pytest.raises(ConfigError, match="diagnose_every works in one process"):
