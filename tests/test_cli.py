@@ -148,7 +148,7 @@ def test_divergence_is_a_clean_stop_for_every_estimator(tiny_config, tmp_path, c
     assert records[-1]["event"] == "final" and records[-1]["diverged"] is True
     if estimator != "ste":  # the estimator refused the step: its message is kept
         assert "non-finite loss" in results["error"]
-    from fogzo.experiments.common import read_jsonl
+    from fogzo.train.records import read_jsonl
 
     restored = [r for r in read_jsonl(out / "metrics.jsonl") if r["event"] == "train"][-1]["loss"]
     assert not math.isfinite(restored)  # read_jsonl puts the float back
@@ -217,7 +217,7 @@ def _interrupt_at(monkeypatch, step: int) -> None:
     """Send SIGINT (as Ctrl-C does) to this process during training step ``step``."""
     import signal
 
-    from fogzo.train.trainer import StepRunner
+    from fogzo.train.step import StepRunner
 
     original = StepRunner.step
     calls = {"n": 0}
@@ -306,7 +306,7 @@ def test_text_file_too_short_for_one_batch(tmp_path, capsys):
     assert fogzo_main(args) == 2
     assert "too short: 300 tokens" in one_line_error(capsys)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
-    from fogzo.train.trainer import text_tokens_needed
+    from fogzo.train.checks import text_tokens_needed
 
     assert text_tokens_needed(32, 0.1) == 330  # floor(330 * 0.1) = 33 = seq_len + 1
 
@@ -336,7 +336,7 @@ def test_quick_needs_a_config_and_no_config_says_what_it_runs(capsys, tmp_path, 
 
 
 def test_reproduce_checks_estimator_options_before_any_run(capsys, monkeypatch, tmp_path):
-    from fogzo.experiments import mnist
+    from fogzo.reproduce import mnist
 
     monkeypatch.setattr(mnist, "train_run", lambda *a, **k: pytest.fail("a run started"))
     monkeypatch.setattr(mnist, "load_data", lambda *a, **k: pytest.fail("data was loaded"))
@@ -353,7 +353,7 @@ def test_reproduce_checks_estimator_options_before_any_run(capsys, monkeypatch, 
 def test_reproduce_with_fewer_images_than_a_batch_is_one_line(tmp_path, capsys, monkeypatch):
     # A user folder (--data-dir, or FOGZO_DATA_DIR) with a handful of images used to make
     # every run loop forever (an epoch held no batch).
-    from fogzo.experiments import mnist
+    from fogzo.reproduce import mnist
 
     monkeypatch.setattr(mnist, "train_run", lambda *a, **k: pytest.fail("a run started (and would never end)"))
     _write_fake_fashion_mnist(tmp_path / "mnist")
@@ -442,7 +442,7 @@ def test_reproduce_resumes_an_interrupted_study_and_never_overwrites_one(tmp_pat
     import os
 
     from fogzo.data import load_mnist
-    from fogzo.experiments import mnist
+    from fogzo.reproduce import mnist
 
     try:
         load_mnist()
@@ -504,7 +504,7 @@ def test_deterministic_turns_on_deterministic_algorithms_for_the_run(tiny_config
 
     import torch
 
-    from fogzo.train.trainer import StepRunner
+    from fogzo.train.step import StepRunner
 
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", "")  # so that the test's end restores the user's value
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")

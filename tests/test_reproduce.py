@@ -8,20 +8,12 @@ import math
 import pytest
 
 from fogzo.cli import main
-from fogzo.experiments.common import (
-    Curve,
-    apply_overrides,
-    compute_ratio,
-    config_from_dict,
-    config_to_dict,
-    first_reach,
-    is_png,
-    markdown_table,
-    mean_curve,
-    read_jsonl,
-    select_best,
-)
-from fogzo.experiments.mnist import OUTPUT_FILES, FogzoOptions, MnistConfig, analyze, quick_config
+from fogzo.reproduce.mnist import OUTPUT_FILES
+from fogzo.reproduce.mnist_config import FogzoOptions, MnistConfig, quick_config
+from fogzo.reproduce.mnist_report import analyze
+from fogzo.train.config_io import apply_overrides, config_from_dict, config_to_dict
+from fogzo.train.records import read_jsonl
+from fogzo.train.summaries import Curve, compute_ratio, first_reach, is_png, markdown_table, mean_curve, select_best
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fogzo.data import write_idx
-from fogzo.experiments.common import is_png
+from fogzo.train.summaries import is_png
 from fogzo.train import ConfigError, load_config, parse_overrides, plan_model, train
 from fogzo.train import data as train_data
 from fogzo.train.cli import main as train_main
@@ -353,7 +353,7 @@ def test_diagnose_every_logs_the_ste_bias_and_leaves_training_unchanged(tmp_path
 
 
 def test_diagnose_every_is_refused_with_several_ranks():
-    from fogzo.train.trainer import check_config
+    from fogzo.train.checks import check_config
 
     config = load_config(CONFIGS / SMALL["resnet20"], {"diagnose_every": 10, "batch_size": 8}, quick=True)
     with pytest.raises(ConfigError, match="diagnose_every works in one process"):

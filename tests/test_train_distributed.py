@@ -53,7 +53,7 @@ from fogzo.data import write_idx
 from fogzo.train import ConfigError, load_config, train
 from fogzo.train import data as train_data
 from fogzo.train.cli import main as train_main
-from fogzo.train.trainer import build_quantized_model
+from fogzo.train.build import build_quantized_model
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 

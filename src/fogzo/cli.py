@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_mnist(experiments: argparse._SubParsersAction) -> None:
-    from .experiments.mnist import DEFAULT_BITS
+    from .reproduce.mnist_config import DEFAULT_BITS
 
     mnist = experiments.add_parser(
         "mnist",
@@ -117,8 +117,11 @@ def _add_mnist(experiments: argparse._SubParsersAction) -> None:
 
 
 def _run_mnist(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from .experiments.common import ConfigError, RunInterrupted, apply_overrides, format_config
-    from .experiments.mnist import MnistConfig, plan_runs, quick_config, reproduce, resummarize, validate
+    from .train.config_io import ConfigError, apply_overrides, format_config
+    from .train.records import RunInterrupted
+    from .reproduce.mnist import reproduce, resummarize, validate
+    from .reproduce.mnist_config import MnistConfig, quick_config
+    from .reproduce.mnist_runs import plan_runs
 
     def error(message: str) -> int:
         print(f"fogzo reproduce mnist: error: {message}", file=sys.stderr)

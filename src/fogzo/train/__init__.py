@@ -12,15 +12,9 @@ Command line: ``python -m fogzo.train --config FILE [--quick] [--resume] [--key=
 
 from .cli import add_train_parser, main
 from .config import ConfigError, TrainConfig, config_from_dict, load_config, parse_overrides
-from .trainer import (
-    TrainingInterrupted,
-    build_estimator,
-    build_optimizer,
-    build_quantized_model,
-    check_config,
-    plan_model,
-    train,
-)
+from .build import build_estimator, build_optimizer, build_quantized_model, plan_model
+from .checks import check_config
+from .trainer import TrainingInterrupted, train
 
 __all__ = [
     "ConfigError",

@@ -23,7 +23,7 @@ starts everything afresh. Outputs: ``summary.md`` (tables: mean ± std over seed
 estimator and lr, and each estimator at its best lr of the grid; the command),
 ``loss_vs_iterations.png``, ``loss_vs_wall_time.png`` and ``loss_vs_compute.png`` (training
 loss at each estimator's best lr, mean ± std over seeds), ``runs.jsonl`` (one results record
-per run). Tables, statistics and plots use :mod:`fogzo.experiments.common`.
+per run). Tables, statistics and plots use :mod:`fogzo.train.summaries`.
 """
 
 from __future__ import annotations
@@ -38,22 +38,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .checkpoint import CONFIG, METRICS, RESULTS, _check_resume_config
 from .config import ConfigError, load_config, parse_overrides
-from ..experiments.common import (
-    Curve,
-    format_mean_std,
-    format_number,
-    markdown_table,
-    mean_curve,
-    mean_std,
-    plot_curves,
-    read_json,
-    read_jsonl,
-    select_best,
-    strict_json,
-    write_text_atomic,
-)
-from .trainer import CONFIG, METRICS, RESULTS, _check_resume_config, train
+from .records import read_json, read_jsonl, strict_json, write_text_atomic
+from .summaries import Curve, format_mean_std, format_number, markdown_table, mean_curve, mean_std, plot_curves, select_best
+from .trainer import train
 
 __all__ = ["main", "parse_estimator", "run_comparison", "summarize"]
 

@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..experiments import common
-from ..experiments.common import ConfigError  # a config file or override is wrong (unknown key, bad type, bad value)
+from . import config_io
+from .config_io import ConfigError  # a config file or override is wrong (unknown key, bad type, bad value)
 
 __all__ = [
     "ConfigError",
@@ -149,7 +149,7 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (tuples become lists), as saved in ``config.json`` and checkpoints."""
-        return common.config_to_dict(self)
+        return config_io.config_to_dict(self)
 
     def replace(self, **changes: Any) -> TrainConfig:
         return config_from_dict({**self.to_dict(), **changes})
@@ -210,7 +210,7 @@ def _normalise_key(key: str) -> str:
 
 
 # ---------------------------------------------------------------------------- values
-# Type coercion is :mod:`fogzo.experiments.common`'s (shared with ``fogzo reproduce``).
+# Type coercion is :mod:`fogzo.train.config_io`'s (shared with ``fogzo reproduce``).
 
 
 def _members(hint: Any) -> tuple[Any, ...]:
@@ -246,7 +246,7 @@ def parse_value(key: str, text: str) -> Any:
             raise ConfigError(f"--{key}={text!r}: expected a JSON object")
         return value
     try:
-        return getattr(common.apply_overrides(TrainConfig(), [f"{key}={text}"]), key)
+        return getattr(config_io.apply_overrides(TrainConfig(), [f"{key}={text}"]), key)
     except (TypeError, ValueError) as error:
         raise ConfigError(f"--{key}={text!r}: expected {_type_name(hint)} ({error})") from None
 
@@ -303,7 +303,7 @@ def config_from_dict(values: dict[str, Any], where: str = "a dict") -> TrainConf
     if checked.get("text_file") and checked.get("dataset") != "text":  # text_file implies dataset=text
         checked["dataset"] = "text"
     try:
-        config = common.config_from_dict(TrainConfig, checked)
+        config = config_io.config_from_dict(TrainConfig, checked)
     except (TypeError, ValueError) as error:
         raise ConfigError(f"{where}: {error}") from None
     _validate(config)

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from ..diagnostics import Diagnosis
-from ..experiments.common import Curve, markdown_table, plot_curves, read_jsonl, write_text_atomic
+from .records import read_jsonl, write_text_atomic
+from .summaries import Curve, markdown_table, plot_curves
 
 __all__ = ["DIAGNOSE_STREAM", "diagnosis_record", "write_diagnostics_report"]
 

