@@ -56,9 +56,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .convert import quantized_layers
-from .layers import QuantConv1d, QuantConv2d, QuantEmbedding, QuantizedLayer, QuantLinear
-from .quantizers import LevelSet
+from ..convert import quantized_layers
+from ..layers import QuantConv1d, QuantConv2d, QuantEmbedding, QuantizedLayer, QuantLinear
+from ..quantizers import LevelSet
 
 __all__ = [
     "CONTAINER_BITS",
