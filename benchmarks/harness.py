@@ -1,6 +1,6 @@
 """Measurement harness of the benchmarks: interleaved timing, operator counts, kernel time,
-peak memory helpers, machine description. Nothing here knows about the models
-(``workloads.py``) or the command line (``step_cost.py``).
+compile time and dynamo counters, peak memory helpers, machine description. Nothing here
+knows about the models (``workloads.py``) or the command line (``step_cost.py``).
 
 Operator counts (:func:`count_ops`) come from ``torch.profiler`` on one call and are
 deterministic, so they are the proxy for per-step overhead on a shared machine (a CUDA
@@ -30,7 +30,7 @@ import statistics
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -250,6 +250,33 @@ def kernel_profile(call: Callable[[], object], device: torch.device, steps: int 
         result["kernel_ms_per_step"] = kernel_us / 1e3 / steps
         result["busy"] = result["kernel_ms_per_step"] / wall_ms if wall_ms > 0 else None
     return result
+
+
+# ------------------------------------------------------------------------------ compile
+
+
+def compile_warmup(
+    calls: dict[str, Callable[[], object]], variants: Sequence[str], device: torch.device
+) -> dict[str, float]:
+    """Seconds of the first (compiling) call of each compiled variant."""
+    seconds = {}
+    for variant in variants:
+        if variant in calls:
+            synchronize(device)
+            start = time.perf_counter()
+            calls[variant]()
+            synchronize(device)
+            seconds[variant] = time.perf_counter() - start
+    return seconds
+
+
+def dynamo_counters() -> dict[str, int]:
+    from torch._dynamo.utils import counters
+
+    return {
+        "graph_breaks": int(sum(counters["graph_break"].values())),
+        "unique_graphs": int(counters["stats"]["unique_graphs"]),
+    }
 
 
 # -------------------------------------------------------------------------------- memory

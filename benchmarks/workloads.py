@@ -3,6 +3,7 @@
 Shared by ``step_cost.py``, ``step_phases.py`` and ``compare_trees.py``. Every builder takes
 the fogzo package to use as ``lib`` (``compare_trees.py`` passes an older copy of the
 library imported under another name, so that both run on identical workloads).
+:func:`compiled_factory` and :func:`explain_forward` serve the ``torch.compile`` variants.
 
 =================  ==========================================  ==============================
 name               model                                       batch (full / ``quick``)
@@ -314,3 +315,39 @@ def make_steps(
             warmup_step = calls.get("float_step") or calls.get("float_compiled")
     ordered = {variant: calls[variant] for variant in variants if variant in calls}
     return Steps(ordered, skipped, warmup_step)
+
+
+# ---------------------------------------------------------------------- compiled variants
+
+
+def compiled_factory(backend: str = "inductor") -> Callable[[torch.nn.Module], Callable]:
+    """``compiled(model)``: ``torch.compile(model, backend=backend)``, once per model (for :func:`make_steps`)."""
+    cache: dict[int, Callable] = {}
+
+    def compiled(model: torch.nn.Module) -> Callable:
+        if id(model) not in cache:
+            cache[id(model)] = torch.compile(model, backend=backend)
+        return cache[id(model)]
+
+    return compiled
+
+
+def explain_forward(workload: Workload) -> dict[str, Any]:
+    """``torch._dynamo.explain`` of the quantized model's forward on the workload's batch."""
+    import torch._dynamo
+
+    model = workload.quantized
+    assert model is not None
+    torch._dynamo.reset()
+    context = (
+        torch.autocast(workload.inputs.device.type, dtype=workload.autocast)
+        if workload.autocast is not None else contextlib.nullcontext()
+    )
+    with context:
+        explanation = torch._dynamo.explain(model)(workload.inputs)
+    torch._dynamo.reset()
+    return {
+        "graph_count": explanation.graph_count,
+        "graph_break_count": explanation.graph_break_count,
+        "break_reasons": [str(getattr(r, "reason", r)).splitlines()[0] for r in explanation.break_reasons][:10],
+    }

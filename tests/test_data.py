@@ -20,6 +20,7 @@ from fogzo.data import (
     CharTokenizer,
     ImageDataset,
     batches,
+    bpe_tokens,
     load_fashion_mnist,
     load_mnist,
     load_shakespeare,
@@ -478,6 +479,14 @@ def test_train_bpe_round_trip() -> None:
     assert len(ids) < len(text.encode("utf-8"))  # merges compress the text
     assert tokenizer.decode(ids) == text
 
+
+def test_bpe_tokens_encode_the_whole_text_in_chunks() -> None:
+    pytest.importorskip("tokenizers")
+    text = "".join(f"line {i}: the cat sat on the mat.\n" for i in range(100_050)) + "Ünïcode ☃\n"
+    tokens, vocab_size = bpe_tokens(text, 300)  # 100 051 lines: two encoding chunks
+    assert tokens.dtype == torch.int64 and tokens.dim() == 1
+    assert 256 < vocab_size <= 300 and int(tokens.max()) < vocab_size
+    assert train_bpe(text, 300).decode(tokens.tolist()) == text
 
 def test_suite_ignores_the_users_data_dir(pytester, monkeypatch):
     """tests/conftest.py hides FOGZO_DATA_DIR from every test, module fixtures included

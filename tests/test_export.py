@@ -391,7 +391,7 @@ def test_safetensors_package_reads_our_files(tmp_path: Path) -> None:
 def test_our_reader_reads_safetensors_package_files(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
-    from fogzo.export import _read_safetensors
+    from fogzo.export.safetensors_io import _read_safetensors
 
     tensors = {
         "f32": torch.randn(3, 5),
@@ -495,7 +495,7 @@ def test_the_checksum_does_not_depend_on_the_file_layout(tmp_path: Path, saved: 
 
 
 def test_plain_safetensors_file_is_not_an_export(tmp_path: Path) -> None:
-    from fogzo.export import _write_safetensors
+    from fogzo.export.safetensors_io import _write_safetensors
 
     path = tmp_path / "plain.safetensors"
     _write_safetensors(path, {"w": torch.ones(2)}, {})

@@ -5,13 +5,19 @@ Images (:mod:`fogzo.data.images`): :func:`load_mnist`, :func:`load_fashion_mnist
 :func:`random_crop_flip` prepare them for a model, :func:`batches` iterates over an epoch.
 
 Text (:mod:`fogzo.data.text`): :func:`load_shakespeare`, :func:`load_text_file`,
-:class:`CharTokenizer`, :func:`train_bpe`, :func:`split_tokens`, :func:`random_batches`.
+:class:`CharTokenizer`, :func:`train_bpe`, :func:`bpe_tokens`, :func:`split_tokens`,
+:func:`random_batches`.
+
+Image folders (:mod:`fogzo.data.image_folder`, ``<root>/<class>/*`` such as ImageNet-100):
+:func:`list_image_folder` and :class:`ImageFolderDataset` (decoding with Pillow, seeded
+random-resized-crop + flip).
 
 Files (:mod:`fogzo.data.idx`): :func:`read_idx` and :func:`write_idx` for the IDX format.
 """
 
 from fogzo.data.batching import batches
 from fogzo.data.idx import read_idx, write_idx
+from fogzo.data.image_folder import IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataset, list_image_folder
 from fogzo.data.images import (
     DATA_DIR_ENV_VAR,
     FASHION_MNIST_MEAN,
@@ -27,6 +33,7 @@ from fogzo.data.images import (
 )
 from fogzo.data.text import (
     CharTokenizer,
+    bpe_tokens,
     load_shakespeare,
     load_text_file,
     random_batches,
@@ -38,11 +45,16 @@ __all__ = [
     "DATA_DIR_ENV_VAR",
     "FASHION_MNIST_MEAN",
     "FASHION_MNIST_STD",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
     "MNIST_MEAN",
     "MNIST_STD",
     "CharTokenizer",
     "ImageDataset",
+    "ImageFolderDataset",
     "batches",
+    "bpe_tokens",
+    "list_image_folder",
     "load_fashion_mnist",
     "load_mnist",
     "load_shakespeare",

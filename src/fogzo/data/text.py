@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CharTokenizer",
+    "bpe_tokens",
     "load_shakespeare",
     "load_text_file",
     "random_batches",
@@ -215,6 +216,21 @@ def train_bpe(text: str, vocab_size: int) -> tokenizers.Tokenizer:
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=alphabet, show_progress=False)
     tokenizer.train_from_iterator(text.splitlines(keepends=True), trainer=trainer)
     return tokenizer
+
+
+def bpe_tokens(text: str, vocab_size: int) -> tuple[torch.Tensor, int]:
+    """``text`` as int64 BPE token ids and the vocabulary size, with :func:`train_bpe`.
+
+    The tokenizer is trained on the first 50 million characters; the text is encoded in
+    batches of 100 000 lines.
+    """
+    tokenizer = train_bpe(text[:50_000_000], vocab_size)
+    lines = text.splitlines(keepends=True)
+    ids: list[int] = []
+    for start in range(0, len(lines), 100_000):
+        for encoding in tokenizer.encode_batch(lines[start : start + 100_000]):
+            ids.extend(encoding.ids)
+    return torch.tensor(ids, dtype=torch.int64), tokenizer.get_vocab_size()
 
 
 # ------------------------------------------------------------------ splits and batches
