@@ -199,10 +199,11 @@ def checked_loss(value: object) -> torch.Tensor:
 
 
 def loss_value(loss: torch.Tensor) -> torch.Tensor:
-    """``loss`` detached, in float32 (no operator where it already is)."""
+    """``loss`` detached, in float32, or float64 for a float64 loss (no operator where it
+    already is): the finite differences of a float64 model keep its precision."""
     if loss.requires_grad:
         loss = loss.detach()
-    return loss if loss.dtype == torch.float32 else loss.float()
+    return loss if loss.dtype in (torch.float32, torch.float64) else loss.float()
 
 
 class StepCounter:
@@ -517,7 +518,7 @@ class ZerothOrderMeasurement:
                         for entry in self.perturbed.tensors
                     ]
                     guard.rewind()
-                    losses.extend(self._vectorized_losses(closure, stacks).float().unbind())
+                    losses.extend(loss_value(self._vectorized_losses(closure, stacks)).unbind())
         finally:
             guard.close()
         if self.one_sided:

@@ -290,11 +290,13 @@ class FOGZO:
         tensors = self.perturbed.tensors
         gradients = [None if g is None else local_part(g) for g in gradients]  # FSDP: this rank's shard
         device = tensors[0].param.device
+        # Norms in float32 (bf16/fp16/fp32 gradients), in float64 for a float64 model.
+        dtype = torch.float64 if any(g is not None and g.dtype == torch.float64 for g in gradients) else torch.float32
         parts: list[torch.Tensor] = []
         order: list[int] = []  # entry index of each norm in the concatenated parts
         stacked = [i for i in scales.stacked if gradients[i] is not None]
         if stacked:
-            plain = torch.stack(torch._foreach_norm([gradients[i] for i in stacked], 2, dtype=torch.float32))  # type: ignore[misc]
+            plain = torch.stack(torch._foreach_norm([gradients[i] for i in stacked], 2, dtype=dtype))  # type: ignore[misc]
             assert scales.vector is not None
             weights = scales.vector if len(stacked) == len(scales.stacked) else torch.stack(
                 [scales.values[i] for i in stacked]  # type: ignore[misc]
@@ -307,14 +309,14 @@ class FOGZO:
             if gradient is None:
                 continue
             if not isinstance(c, torch.Tensor):
-                singles.append(torch.linalg.vector_norm(gradient, dtype=torch.float32) * abs(c))
+                singles.append(torch.linalg.vector_norm(gradient, dtype=dtype) * abs(c))
             elif c.numel() == 1:
-                singles.append(torch.linalg.vector_norm(gradient, dtype=torch.float32) * c.reshape(()))
+                singles.append(torch.linalg.vector_norm(gradient, dtype=dtype) * c.reshape(()))
             elif c.numel() == gradient.shape[0]:  # per-channel c: √Σ_rows (c_r·‖g_r‖)²
-                rows = torch.linalg.vector_norm(gradient.reshape(gradient.shape[0], -1), dim=1, dtype=torch.float32)
+                rows = torch.linalg.vector_norm(gradient.reshape(gradient.shape[0], -1), dim=1, dtype=dtype)
                 singles.append(torch.linalg.vector_norm(rows * c.reshape(-1)))
             else:  # per group (torchao): c of W's shape
-                singles.append(torch.linalg.vector_norm(gradient * c, dtype=torch.float32))
+                singles.append(torch.linalg.vector_norm(gradient * c, dtype=dtype))
             order.append(i)
         if singles:
             parts.append(torch.stack([n if n.device == device else n.to(device) for n in singles]))
