@@ -337,7 +337,7 @@ class FOGZO:
             for i in order:
                 factors[i] = factor
         else:
-            nonzero = (norms > 0).sum()
+            nonzero = (norms > 0).sum().to(norms.dtype)  # K, in the norms' dtype (an int64 sqrt is float32)
             per_tensor = torch.nan_to_num_((norms * nonzero.sqrt()).reciprocal_(), posinf=0.0).mul_(self.guide_norm)
             for i, factor in zip(order, per_tensor.unbind()):
                 factors[i] = factor
