@@ -168,12 +168,13 @@ def _counter_sample(offset: torch.Tensor, start: int, count: int, law: str, dtyp
 
 
 def _counter_shift(
-    target: torch.Tensor, scale: torch.Tensor | float, weight: torch.Tensor | float, offset: torch.Tensor, start: int,
-    law: str,
+    target: torch.Tensor, target_coefficient: torch.Tensor | float, noise_coefficient: torch.Tensor | float,
+    offset: torch.Tensor, start: int, law: str,
 ) -> torch.Tensor:
-    """``target·scale + weight·u`` in place, ``u`` the counter noise of ``target``'s coordinates."""
+    """``target·target_coefficient + noise_coefficient·u`` in place, ``u`` the counter noise of
+    ``target``'s coordinates."""
     noise = _counter_sample(offset, start, target.numel(), law, target.dtype).view(target.shape)
-    return target.mul_(scale).add_(noise.mul_(weight))
+    return target.mul_(target_coefficient).add_(noise.mul_(noise_coefficient))
 
 
 _COMPILED: dict[str, Callable] = {}
@@ -519,13 +520,15 @@ class PerturbedSet:
         return torch.tensor(keys, dtype=torch.int64, device=device)
 
     def noise_shift_(
-        self, entry: PerturbedTensor, offset: torch.Tensor, target: torch.Tensor, scale: torch.Tensor,
-        weight: torch.Tensor,
+        self, entry: PerturbedTensor, offset: torch.Tensor, target: torch.Tensor, target_coefficient: torch.Tensor,
+        noise_coefficient: torch.Tensor,
     ) -> torch.Tensor:
-        """``target·scale + weight·u`` in place with :meth:`noise`'s ``u``, as one compiled kernel
-        (``compile_noise=True``: no noise tensor is made); ``offset``: from :meth:`noise_offsets`."""
+        """``target·target_coefficient + noise_coefficient·u`` in place with :meth:`noise`'s ``u``, as
+        one compiled kernel (``compile_noise=True``: no noise tensor is made); ``offset``: from
+        :meth:`noise_offsets`."""
         assert self.compile_noise
-        return compiled_counter("shift")(target, scale, weight, offset, entry.start, self.smoothing.noise)
+        return compiled_counter("shift")(target, target_coefficient, noise_coefficient, offset, entry.start,
+                                         self.smoothing.noise)
 
     @contextlib.contextmanager
     def shifted(
