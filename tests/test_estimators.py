@@ -1,4 +1,4 @@
-"""STE, n-SPSA and FOGZO against SPEC §3 and the state-safety rules of SPEC §4."""
+"""STE, n-SPSA and FOGZO against docs/method.md §4 (the step) and §7 (noise, and what a step may change)."""
 
 import copy
 import math

@@ -1,6 +1,7 @@
 """FOGZO: first-order-guided zeroth-order gradient estimation (Yang & Aamodt, NeurIPS 2025).
 
-One step (SPEC §3), for the perturbed tensors in normalised coordinates ``x = W/c``:
+One step (docs/method.md §4), for the perturbed tensors in normalised coordinates ``x = W/c``
+(the same step written plainly, for checking by eye and by the tests: :mod:`fogzo.estimators.reference`):
 
 1. STE pass: ``L0 = closure()``, ``backward()`` → ``g_W`` for every parameter;
    ``g_x = c·g_W``;  ``ĝ = r·g_x / ‖g_x‖`` (global norm over the perturbed set, r = 1).

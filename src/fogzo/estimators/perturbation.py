@@ -4,13 +4,13 @@ Coordinates. Each perturbed tensor ``W`` lives in normalised coordinates ``x = W
 ``c = α`` (the quantizer's step, per tensor or per channel) for a quantized layer's latent
 weight, and ``c = ε / ε̄`` for a tensor without a quantizer (a bias, a norm gain), where
 ``ε`` is a user step. A step ``ε̄·v`` in ``x`` is ``c·ε̄·v`` in ``W``; one finite difference
-``(L₊ − L₋)/2ε̄`` is shared by every tensor (SPEC §2).
+``(L₊ − L₋)/2ε̄`` is shared by every tensor (docs/method.md §1, §4).
 
 Noise. ``u`` for tensor ``k`` and sample ``i`` at step seed ``s`` is drawn, block by block of
 ``NOISE_BLOCK`` flattened elements, from private ``torch.Generator`` s seeded with
 ``derive_seed(s, 0, k, i, block)``: reproducible, independent of the global RNG, different
 for every tensor, defined by global coordinates (a shard draws only its own blocks), and
-regenerated rather than stored where an estimator needs it again.
+regenerated rather than stored where an estimator needs it again (docs/method.md §7).
 
 Perturbed passes never write to a parameter: ``W + δ`` is put in the parameter's place at
 the module-attribute level (``module._parameters[name]``, in every module that holds it, as
