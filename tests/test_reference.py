@@ -20,9 +20,11 @@ the shift as ``g_W·(c²·ε̄·√β·s·r/‖g_x‖) + u·(c·ε̄·√(1−β
 * hence ``|Δd_i| ≤ κ·u·(|L₊| + |L₋|)/(2ε̄) + κ·u·|d_i|`` (one-sided: ``(|L₊| + |L0|)/ε̄``),
 * and per element ``|ΔG_W| ≤ (1/n)·Σ_i (|Δd_i|·|v_i| + κ·u·|d_i|·(√β|ĝ| + √(1−β)|u_i|)) / |c|``.
 
-``κ = 2¹⁰`` leaves ample room (the observed errors are far smaller) and keeps the check
-within about 1e-13 of the reference: a wrong factor, sign, scale or noise shows up as an
-error of order 1, some 10¹² times the tolerance.
+``κ = 2¹⁰`` leaves ample room (the largest observed error is 0.2 % of its bound) and keeps
+the float64 check within about 1e-13 of the reference: a wrong factor, sign, scale or noise
+shows up as an error of order 1, some 10¹² times the tolerance (a relative error of 1e-7 in
+one coefficient of the engine already fails). One float32 case (``u = 2⁻²⁴``) shows the same
+agreement at the precision models train in.
 """
 
 import copy
@@ -159,7 +161,7 @@ class _Draws:
 # ------------------------------------------------------------------------ checks
 
 
-def _bounds(ref, scales, eps_bar, one_sided, beta, unit):
+def _bounds(ref, noises, scales, eps_bar, one_sided, beta, unit):
     """Per-sample ``|Δd_i|`` and per-tensor ``|ΔG_W|`` bounds (module docstring)."""
     n = len(ref.differences)
     if one_sided:
@@ -174,7 +176,7 @@ def _bounds(ref, scales, eps_bar, one_sided, beta, unit):
         for i in range(n):
             v = ref.directions[i][k]
             guided = math.sqrt(beta) * ref.guide[k].abs() if ref.guide is not None else 0.0
-            noisy = (v.abs() if ref.guide is None else (v - math.sqrt(beta) * ref.guide[k]).abs())
+            noisy = math.sqrt(1.0 - beta) * noises[i][k].abs()
             total = total + (d_err[i] * v.abs() + KAPPA * unit * abs(ref.differences[i]) * (guided + noisy)) / n
         g_err.append(total / (c.abs() if isinstance(c, torch.Tensor) else abs(c)))
     return d_err, g_err
@@ -260,7 +262,7 @@ def test_fogzo_matches_the_reference_step(kind, dtype, n, beta, options, monkeyp
         assert info.loss == ref.loss0
         if zero_guide:
             assert ref.guide[0].abs().max() == 0 and ref.guide[1].abs().max() > 0
-        d_err, g_err = _bounds(ref, [c for _, _, c in chosen], eps_bar, one_sided, beta_t, unit)
+        d_err, g_err = _bounds(ref, noises, [c for _, _, c in chosen], eps_bar, one_sided, beta_t, unit)
         for i, (fast, slow) in enumerate(zip(info.differences, ref.differences)):
             assert abs(fast - slow) <= d_err[i], f"step {step}: d_{i} = {fast} vs {slow}"
         for (name, param, _), expected, bound in zip(chosen, ref.gradients, g_err):
@@ -323,7 +325,7 @@ def test_spsa_matches_the_reference_step(kind, n, options, monkeypatch):
         )
         if report_loss:
             assert info.loss == ref.loss0
-        d_err, g_err = _bounds(ref, [c for _, _, c in chosen], eps_bar, one_sided, 0.0, unit)
+        d_err, g_err = _bounds(ref, noises, [c for _, _, c in chosen], eps_bar, one_sided, 0.0, unit)
         for i, (fast, slow) in enumerate(zip(info.differences, ref.differences)):
             assert abs(fast - slow) <= d_err[i], f"step {step}: d_{i} = {fast} vs {slow}"
         for (name, param, _), expected, bound in zip(chosen, ref.gradients, g_err):
@@ -345,6 +347,6 @@ def test_reference_guide_and_schedule_follow_the_equations():
     global_guide = reference.guide(g, c, guide_norm=3.0)
     assert math.isclose(math.sqrt(sum(float((t * t).sum()) for t in global_guide)), 3.0)
     torch.testing.assert_close(global_guide[0], 3.0 * torch.tensor([6.0, 8.0], dtype=torch.float64) / math.sqrt(100.25))
-    per_tensor = reference.guide(g, c, guide_norm=2.0, normalize="tensor")
-    assert [round(float(t.norm()), 12) for t in per_tensor] == [round(2 / math.sqrt(2), 12), 0.0, round(2 / math.sqrt(2), 12)]
+    per_tensor = reference.guide(g, c, guide_norm=2.0, normalize="tensor")  # K = 2 nonzero tensors
+    assert [float(t.norm()) for t in per_tensor] == pytest.approx([2 / math.sqrt(2), 0.0, 2 / math.sqrt(2)])
     assert [reference.beta_at(t, 4, 0.2) for t in (0, 2, 4, 9)] == [1.0, 0.6, pytest.approx(0.2), pytest.approx(0.2)]
