@@ -37,7 +37,7 @@ float step has its own model copy and AdamW):
 * ``forward_no_grad``   ``with torch.no_grad(): closure()``
 * ``fogzo``             the STE line with ``fogzo.FOGZO(model, total_steps=10_000, n=1)`` (two-sided)
 * ``fogzo_one_sided``   the same with ``one_sided=True``
-* ``spsa_n1``           ``fogzo.SPSA(model, n=1, report_loss=False)`` (2 forwards, as in SPEC §3)
+* ``spsa_n1``           ``fogzo.SPSA(model, n=1, report_loss=False)`` (2 forwards, docs/method.md §5)
 * ``spsa_looped``       n-SPSA with ``n = --spsa-n`` (64; quick 8), ``vectorize=None``: 2n forwards one by one
 * ``spsa_batched``      the same with ``vectorize=n``: all 2n perturbed passes in ``torch.func.vmap``
                         chunks; skipped (null) for models with BatchNorm in training mode (ResNet),
@@ -64,7 +64,7 @@ optimizer step) plus two inference-mode forward passes (one for the one-sided va
 
     fogzo_over_limit     = t(fogzo)           / (t(ste) + 2·t(forward_inference))
     one_sided_over_limit = t(fogzo_one_sided) / (t(ste) + t(forward_inference))
-    fogzo_over_ste       = t(fogzo) / t(ste)                (SPEC cost units: 5/3 at n = 1)
+    fogzo_over_ste       = t(fogzo) / t(ste)                (docs/method.md §5 cost units: 5/3 at n = 1)
     quantizer_overhead   = t(ste) / t(float_step)           (STE quantized / float step)
     spsa_batched_speedup = t(spsa_looped) / t(spsa_batched)
     peak_memory_ratio    = Δpeak(fogzo) / Δpeak(ste)

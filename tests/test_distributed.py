@@ -1,4 +1,5 @@
-"""Data-parallel training (DDP, gloo on CPU, 2 local processes) against SPEC §4.
+"""Data-parallel training (DDP, gloo on CPU, 2 local processes) against docs/method.md §7
+(the same noise on every rank, one all-reduce of the differences).
 
 * Equivalence: 2 ranks × half batch give the gradients of 1 process × full batch for STE,
   n-SPSA and FOGZO, and every rank ends with bit-identical gradients.

@@ -1,4 +1,4 @@
-"""STE, n-SPSA and FOGZO against SPEC §3 and the state-safety rules of SPEC §4."""
+"""STE, n-SPSA and FOGZO against docs/method.md §4 (the step) and §7 (noise, and what a step may change)."""
 
 import copy
 import math
@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fogzo
+from fogzo.estimators import reference
 from fogzo.smoothing import Smoothing
 
 
@@ -541,45 +542,25 @@ def test_perturb_all_covers_every_trainable_tensor_except_step_sizes():
 
 def _reference_fogzo(model, x, y, *, n, beta, one_sided, seed, guide_norm=1.0, step=0, noise_stream="blocks",
                      perturb="all"):
-    """G_W of SPEC §3 computed from scratch: explicit v_i, weights written, losses, d_i (the
-    noise u_i from the eager generator of the stream)."""
+    """G_W of docs/method.md §4 from the plain reference step (fogzo.estimators.reference):
+    explicit v_i, weights written, losses, d_i; the noise u_i from the eager generator of the
+    stream, regenerated from the estimator's seed."""
     estimator = fogzo.FOGZO(model, total_steps=10, n=n, beta=beta, seed=seed, perturb=perturb, eps=1e-2,
                             one_sided=one_sided, guide_norm=guide_norm, noise_stream=noise_stream)
     estimator.load_state_dict({"seed": seed, "step": step})
-    perturbed = estimator.perturbed
-    eps_bar = perturbed.smoothing.eps_bar
+    entries = estimator.perturbed.tensors
+    eps_bar = estimator.perturbed.smoothing.eps_bar
     step_seed = estimator.counter.step_seed()
+    result = reference.fogzo_step(
+        lambda: F.cross_entropy(model(x), y),
+        [entry.param for entry in entries],
+        [entry.coordinate_scale(eps_bar) for entry in entries],
+        [[estimator.perturbed.noise(entry, step_seed, i) for entry in entries] for i in range(n)],
+        [estimator._sign(step_seed, i) for i in range(n)],
+        beta=beta, eps_bar=eps_bar, guide_norm=guide_norm, one_sided=one_sided, model=model,
+    )
     model.zero_grad(set_to_none=True)
-    loss0 = F.cross_entropy(model(x), y)
-    loss0.backward()
-    scales = [entry.coordinate_scale(eps_bar) for entry in perturbed.tensors]
-    g_x = [entry.param.grad * scale for entry, scale in zip(perturbed.tensors, scales)]
-    norm = torch.sqrt(sum(g.square().sum() for g in g_x))
-    guide = [guide_norm * g / norm for g in g_x]
-    originals = [entry.param.detach().clone() for entry in perturbed.tensors]
-
-    def loss_at(shifts):
-        with torch.no_grad():
-            for entry, original, shift in zip(perturbed.tensors, originals, shifts):
-                entry.param.copy_(original + shift)
-            value = F.cross_entropy(model(x), y)
-            for entry, original in zip(perturbed.tensors, originals):
-                entry.param.copy_(original)
-        return value
-
-    total = [torch.zeros_like(o) for o in originals]
-    for i in range(n):
-        sign = estimator._sign(step_seed, i)
-        v = [math.sqrt(beta) * sign * g + math.sqrt(1 - beta) * perturbed.noise(entry, step_seed, i)
-             for entry, g in zip(perturbed.tensors, guide)]
-        plus = loss_at([c * eps_bar * vk for c, vk in zip(scales, v)])
-        if one_sided:
-            d = (plus - loss0.detach()) / eps_bar
-        else:
-            d = (plus - loss_at([-c * eps_bar * vk for c, vk in zip(scales, v)])) / (2 * eps_bar)
-        total = [t + d * vk / c / n for t, vk, c in zip(total, v, scales)]
-    model.zero_grad(set_to_none=True)
-    return {entry.name: t for entry, t in zip(perturbed.tensors, total)}
+    return {entry.name: gradient for entry, gradient in zip(entries, result.gradients)}
 
 
 @pytest.mark.parametrize("n", [1, 3])  # n = 1: shift built once in the gradient buffer; n = 3: regenerated

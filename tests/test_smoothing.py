@@ -1,4 +1,4 @@
-"""Surrogate slopes against Monte-Carlo derivatives of the smoothed quantizer (SPEC §2)."""
+"""Surrogate slopes against Monte-Carlo derivatives of the smoothed quantizer (docs/method.md §2)."""
 
 import math
 

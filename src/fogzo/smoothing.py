@@ -1,6 +1,6 @@
 """Smoothings: one object defines both the STE backward and the zeroth-order noise.
 
-Every straight-through estimator is the derivative of a *smoothed* quantizer (SPEC §2)::
+Every straight-through estimator is the derivative of a *smoothed* quantizer (docs/method.md §2)::
 
     h_s(x) = E_u[ h(x + ε̄ u) ],      u ~ p,  E[u] = 0,  Var[u] = 1,
 

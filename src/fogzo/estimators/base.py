@@ -199,10 +199,11 @@ def checked_loss(value: object) -> torch.Tensor:
 
 
 def loss_value(loss: torch.Tensor) -> torch.Tensor:
-    """``loss`` detached, in float32 (no operator where it already is)."""
+    """``loss`` detached, in float32, or float64 for a float64 loss (no operator where it
+    already is): the finite differences of a float64 model keep its precision."""
     if loss.requires_grad:
         loss = loss.detach()
-    return loss if loss.dtype == torch.float32 else loss.float()
+    return loss if loss.dtype in (torch.float32, torch.float64) else loss.float()
 
 
 class StepCounter:
@@ -320,25 +321,28 @@ def is_distributed() -> bool:
 
 @dataclass(frozen=True)
 class Direction:
-    """Sample ``i`` of the perturbation ``v_i = guided · ĝ + noise · u_i``.
+    """Sample ``i`` of the perturbation ``v_i = guide_weight · ĝ + noise_weight · u_i``.
 
-    ``guided = √β·s_i`` and ``noise = √(1−β)``; ``ĝ`` for one tensor is
-    ``Guide.scale · c · g_W``.
+    ``guide_weight = √β·s_i`` and ``noise_weight = √(1−β)`` are numbers (the noise tensor
+    ``u_i`` itself comes from :meth:`PerturbedSet.noise`); ``ĝ`` for one tensor is
+    ``Guide.norm_factor · c · g_W``.
     """
 
     sample: int
-    guided: float
-    noise: float
+    guide_weight: float
+    noise_weight: float
 
 
 @dataclass(frozen=True)
 class Guide:
-    """The STE direction of one tensor: ``ĝ = scale · c · gradient`` (``gradient = g_W``).
+    """The STE direction of one tensor: ``ĝ = norm_factor · c · gradient`` (``gradient = g_W``).
 
-    ``scale`` is a device scalar (``r/‖g_x‖``, 0 where ``g_x = 0``): no host sync."""
+    ``norm_factor`` is ``r/‖g_x‖`` (``normalize="global"``) or ``r/(‖g_x,k‖·√K)``
+    (``"tensor"``), 0 where that norm is 0; a device scalar (no host sync). The guide holds
+    ``g_W`` and this factor, not ``ĝ``: ``c`` is applied where ``ĝ`` is used."""
 
     gradient: torch.Tensor
-    scale: torch.Tensor | float
+    norm_factor: torch.Tensor | float
 
 
 class ScaleSet:
@@ -517,7 +521,7 @@ class ZerothOrderMeasurement:
                         for entry in self.perturbed.tensors
                     ]
                     guard.rewind()
-                    losses.extend(self._vectorized_losses(closure, stacks).float().unbind())
+                    losses.extend(loss_value(self._vectorized_losses(closure, stacks)).unbind())
         finally:
             guard.close()
         if self.one_sided:
@@ -593,9 +597,9 @@ class ZerothOrderMeasurement:
         direction: Direction,
         reuse_guide: bool,
     ) -> list[torch.Tensor]:
-        """``δ = c·ε̄·v`` for every tensor, ``v = guided·k·(c·g_W) + noise·u``.
+        """``δ = c·ε̄·v`` for every tensor, ``v = guide_weight·norm_factor·(c·g_W) + noise_weight·u``.
 
-        The guided part ``g_W·c²·ε̄·guided·k`` is formed in the guides' buffers
+        The guided part ``g_W·c²·ε̄·guide_weight·norm_factor`` is formed in the guides' buffers
         (``reuse_guide``) or new ones; the noise is drawn tensor by tensor and added in
         place (one draw per tensor, never more than one noise tensor alive). The
         per-tensor coefficients come from :meth:`ScaleSet.per_tensor` (a few kernels for
@@ -604,32 +608,35 @@ class ZerothOrderMeasurement:
         eps_bar = self.perturbed.smoothing.eps_bar
         tensors = self.perturbed.tensors
         deltas: list[torch.Tensor | None] = [None] * len(tensors)
-        guided = [e.index for e in tensors if guides[e.index] is not None] if direction.guided != 0.0 else []
-        noise_weights: list[torch.Tensor | float] = []
-        if direction.noise != 0.0:
-            weight = eps_bar * direction.noise
-            noise_weights = scales.per_tensor(lambda c: c * weight)
+        guided = [e.index for e in tensors if guides[e.index] is not None] if direction.guide_weight != 0.0 else []
+        # δ = guide_coefficients·g_W + noise_coefficients·u, per tensor:
+        #   guide_coefficient = c²·ε̄·guide_weight·norm_factor,  noise_coefficient = c·ε̄·noise_weight.
+        noise_coefficients: list[torch.Tensor | float] = []
+        if direction.noise_weight != 0.0:
+            noise_step = eps_bar * direction.noise_weight
+            noise_coefficients = scales.per_tensor(lambda c: c * noise_step)
         # compile_noise: g·a + u·b in one compiled kernel per tensor (tensor coefficients only:
         # a Python float would be baked into the compiled graph).
         fused = set()
-        if noise_weights and self.perturbed.compile_noise:
-            fused = {i for i in guided if isinstance(noise_weights[i], torch.Tensor)}
+        if noise_coefficients and self.perturbed.compile_noise:
+            fused = {i for i in guided if isinstance(noise_coefficients[i], torch.Tensor)}
         if guided:
-            constant = eps_bar * direction.guided
-            ks = [guides[i].scale for i in guided]  # type: ignore[union-attr]
-            if all(k is ks[0] for k in ks):  # one k (global normalisation): c²·(ε̄·guided·k)
-                shared = ks[0] * constant
-                factors = scales.squares().per_tensor(lambda square: square * shared)
+            guide_step = eps_bar * direction.guide_weight
+            norm_factors = [guides[i].norm_factor for i in guided]  # type: ignore[union-attr]
+            if all(f is norm_factors[0] for f in norm_factors):  # global normalisation: one factor
+                shared = norm_factors[0] * guide_step
+                guide_coefficients = scales.squares().per_tensor(lambda square: square * shared)
             else:
-                squares = scales.squares().per_tensor(lambda square: square * constant)
-                factors = [None] * len(tensors)  # type: ignore[list-item]
-                for i, k in zip(guided, ks):
-                    factors[i] = squares[i] * k  # type: ignore[operator]
+                squares = scales.squares().per_tensor(lambda square: square * guide_step)
+                guide_coefficients = [None] * len(tensors)  # type: ignore[list-item]
+                for i, norm_factor in zip(guided, norm_factors):
+                    guide_coefficients[i] = squares[i] * norm_factor  # type: ignore[operator]
             gradients = [guides[i].gradient for i in guided]  # type: ignore[union-attr]
             buffers = gradients if reuse_guide else torch._foreach_mul(gradients, 1.0)
             plain = [j for j, i in enumerate(guided) if i not in fused]
             if plain:
-                torch._foreach_mul_([buffers[j] for j in plain], [factors[guided[j]] for j in plain])  # type: ignore[misc]
+                torch._foreach_mul_([buffers[j] for j in plain],
+                                    [guide_coefficients[guided[j]] for j in plain])  # type: ignore[misc]
             offsets = None
             if fused:
                 order = sorted(fused)
@@ -638,18 +645,18 @@ class ZerothOrderMeasurement:
             for j, i in enumerate(guided):
                 deltas[i] = buffers[j]
                 if offsets is not None and i in offsets:
-                    self.perturbed.noise_shift_(tensors[i], offsets[i], buffers[j], factors[i],
-                                                noise_weights[i])  # type: ignore[arg-type]
-        if noise_weights:
+                    self.perturbed.noise_shift_(tensors[i], offsets[i], buffers[j], guide_coefficients[i],
+                                                noise_coefficients[i])  # type: ignore[arg-type]
+        if noise_coefficients:
             for entry in tensors:
                 i = entry.index
                 if i in fused:
                     continue
                 noise = self.perturbed.noise(entry, step_seed, direction.sample)
                 if deltas[i] is None:
-                    deltas[i] = noise.mul_(noise_weights[i])
+                    deltas[i] = noise.mul_(noise_coefficients[i])
                 else:
-                    _add_scaled(deltas[i], noise, noise_weights[i])  # type: ignore[arg-type]
+                    _add_scaled(deltas[i], noise, noise_coefficients[i])  # type: ignore[arg-type]
         for entry in tensors:
             if deltas[entry.index] is None:
                 deltas[entry.index] = torch.zeros(entry.local_shape, device=entry.param.device, dtype=entry.param.dtype)
@@ -658,22 +665,23 @@ class ZerothOrderMeasurement:
     def _delta(
         self,
         entry: PerturbedTensor,
-        scale: torch.Tensor | float,
+        c: torch.Tensor | float,
         guide: Guide | None,
         step_seed: int,
         direction: Direction,
     ) -> torch.Tensor:
-        """``δ = c·ε̄·v`` for one tensor in a new buffer (the regenerated path)."""
+        """``δ = c·ε̄·v`` for one tensor (``c`` its coordinate scale) in a new buffer (the regenerated path)."""
         eps_bar = self.perturbed.smoothing.eps_bar
-        guided = direction.guided != 0.0 and guide is not None
-        if direction.noise != 0.0:
-            delta = self.perturbed.noise(entry, step_seed, direction.sample).mul_(scale * (eps_bar * direction.noise))
+        guided = direction.guide_weight != 0.0 and guide is not None
+        if direction.noise_weight != 0.0:
+            noise = self.perturbed.noise(entry, step_seed, direction.sample)
+            delta = noise.mul_(c * (eps_bar * direction.noise_weight))
         else:
             delta = torch.zeros(entry.local_shape, device=entry.param.device, dtype=entry.param.dtype)
         if guided:
             assert guide is not None
-            factor = guide.scale * (scale * scale * (eps_bar * direction.guided))
-            _add_scaled(delta, guide.gradient, factor)
+            guide_coefficient = guide.norm_factor * (c * c * (eps_bar * direction.guide_weight))
+            _add_scaled(delta, guide.gradient, guide_coefficient)
         return delta
 
     def gradients(
@@ -686,8 +694,8 @@ class ZerothOrderMeasurement:
         """``G_W = (1/n) Σ_i d_i·v_i / c`` for every perturbed tensor (consumes ``guides``), on the device.
 
         One direction: ``G_W = d·δ/(ε̄·c²)``, in δ's buffer. Regenerated: the guided part
-        ``[(1/n) Σ_i d_i·guided_i·k]·g_W`` (the ``c`` cancels) plus the noise part
-        ``(1/n) Σ_i d_i·noise_i·u_i / c`` with ``u_i`` drawn again.
+        ``[(1/n) Σ_i d_i·guide_weight_i·norm_factor]·g_W`` (the ``c`` cancels) plus the noise
+        part ``(1/n) Σ_i d_i·noise_weight_i·u_i / c`` with ``u_i`` drawn again.
         """
         eps_bar = self.perturbed.smoothing.eps_bar
         tensors = self.perturbed.tensors
@@ -700,16 +708,16 @@ class ZerothOrderMeasurement:
             return list(deltas)
         count = len(directions)
         differences = measured.differences
-        guided = None
-        for d, direction in zip(differences, directions):  # Σ d_i·guided_i / n
-            if direction.guided != 0.0:
-                term = d * (direction.guided / count)
-                guided = term if guided is None else guided.add_(term)
+        guide_sum = None
+        for d, direction in zip(differences, directions):  # Σ d_i·guide_weight_i / n
+            if direction.guide_weight != 0.0:
+                term = d * (direction.guide_weight / count)
+                guide_sum = term if guide_sum is None else guide_sum.add_(term)
         result = []
         for entry, guide in zip(tensors, guides):
             gradient = self.noise_gradient(entry, step_seed, directions, differences)
-            if guide is not None and guided is not None:
-                guided_part = guide.gradient.mul_(guided * guide.scale)
+            if guide is not None and guide_sum is not None:
+                guided_part = guide.gradient.mul_(guide_sum * guide.norm_factor)
                 gradient = guided_part if gradient is None else gradient.add_(guided_part)
             if gradient is None:
                 gradient = torch.zeros(entry.local_shape, device=entry.param.device, dtype=entry.param.dtype)
@@ -723,13 +731,13 @@ class ZerothOrderMeasurement:
         directions: Sequence[Direction],
         differences: torch.Tensor | Sequence[float],
     ) -> torch.Tensor | None:
-        """``(1/n) Σ_i d_i · noise_i · u_i / c`` for one tensor (noise regenerated)."""
+        """``(1/n) Σ_i d_i · noise_weight_i · u_i / c`` for one tensor (``u_i`` regenerated)."""
         total = None
         count = len(directions)
         for i, direction in enumerate(directions):
-            if direction.noise == 0.0:
+            if direction.noise_weight == 0.0:
                 continue
-            weight = differences[i] * (direction.noise / count)
+            weight = differences[i] * (direction.noise_weight / count)
             noise = self.perturbed.noise(entry, step_seed, direction.sample)
             total = noise.mul_(weight) if total is None else _add_scaled(total, noise, weight)
         if total is None:

@@ -1,6 +1,7 @@
 """FOGZO: first-order-guided zeroth-order gradient estimation (Yang & Aamodt, NeurIPS 2025).
 
-One step (SPEC §3), for the perturbed tensors in normalised coordinates ``x = W/c``:
+One step (docs/method.md §4), for the perturbed tensors in normalised coordinates ``x = W/c``
+(the same step written plainly, for checking by eye and by the tests: :mod:`fogzo.estimators.reference`):
 
 1. STE pass: ``L0 = closure()``, ``backward()`` → ``g_W`` for every parameter;
    ``g_x = c·g_W``;  ``ĝ = r·g_x / ‖g_x‖`` (global norm over the perturbed set, r = 1).
@@ -179,14 +180,15 @@ class FOGZO:
         guard = StateGuard(self.model, self._snapshots[1])
         keep = self.measurement.on_nonfinite == "keep"
 
-        # 1. STE pass: L0 and g_W; ĝ = r·c·g_W/‖c·g_W‖.
+        # 1. STE pass: L0 and g_W; the guides hold g_W and norm_factor = r/‖c·g_W‖, standing
+        # for ĝ = norm_factor·c·g_W (c is applied where ĝ is used).
         loss0 = checked_loss(closure())
         if keep and not is_distributed() and not bool(torch.isfinite(loss0.detach())):
             # (keep: a loss scaler's overflow is common, so check before any more work;
             # otherwise the one host sync at the end of the step checks everything.)
             return self._nonfinite(state, step_seed, step, loss0, "loss", "non-finite loss in the unperturbed (STE) "
                                    f"forward pass: L(W) = {float(loss0.detach())}")
-        scale = run_backward(loss0, self.backward)  # k: .grad holds k·g_W (k = 1 without a hook)
+        hook_factor = run_backward(loss0, self.backward)  # k: .grad holds k·g_W (k = 1 without a hook)
         if step < self.ste_steps:
             loss: float | torch.Tensor = loss0.detach()
             if not keep and not is_distributed():
@@ -198,7 +200,7 @@ class FOGZO:
             return EstimateInfo(loss, 1, 1, None, step_seed, step)  # type: ignore[arg-type]
         scales = ScaleSet(self.perturbed)
         guides, total = self._guides([entry.param.grad for entry in self.perturbed.tensors], scales)
-        norm = total if scale == 1.0 else total / abs(scale)  # ‖g_x‖ in loss units, a device scalar
+        norm = total if hook_factor == 1.0 else total / abs(hook_factor)  # ‖g_x‖ in loss units, a device scalar
         if keep:
             host_norm = float(norm)
             if not math.isfinite(host_norm):
@@ -215,7 +217,8 @@ class FOGZO:
 
         # 3. v_i = √β·s_i·ĝ + √(1−β)·u_i;  d_i from the perturbed passes.
         directions = [
-            Direction(sample, guided=math.sqrt(beta) * self._sign(step_seed, sample), noise=math.sqrt(1.0 - beta))
+            Direction(sample, guide_weight=math.sqrt(beta) * self._sign(step_seed, sample),
+                      noise_weight=math.sqrt(1.0 - beta))
             for sample in range(self.n)
         ]
         measured = self.measurement.measure(
@@ -223,7 +226,8 @@ class FOGZO:
         )
         forward_passes = 1 + self.n * self.measurement.passes_per_sample
 
-        # 4. G_W = (1/n) Σ_i d_i·v_i / c  =  guided·g_W  +  (1/n) Σ_i d_i·√(1−β)·u_i / c, queued
+        # 4. G_W = (1/n) Σ_i d_i·v_i / c  =  [(1/n) Σ_i d_i·√β·s_i]·norm_factor·g_W
+        #                                  + (1/n) Σ_i d_i·√(1−β)·u_i / c, queued
         # on the device before the step's one host sync (resolve), which checks every value.
         gradients = None if keep else self.measurement.gradients(step_seed, directions, measured, guides)
         verdict = self.measurement.resolve(measured, loss0, norm)  # raises for on_nonfinite="raise"
@@ -236,8 +240,8 @@ class FOGZO:
                                 skipped=True, skip_reason=verdict.reason)
         if gradients is None:
             gradients = self.measurement.gradients(step_seed, directions, measured, guides)
-        if scale != 1.0:
-            torch._foreach_mul_(gradients, scale)
+        if hook_factor != 1.0:
+            torch._foreach_mul_(gradients, hook_factor)
         for entry, gradient in zip(self.perturbed.tensors, gradients):
             entry.param.grad = None
             set_gradient(entry.param, gradient, None)  # replaces this call's STE gradient
@@ -282,19 +286,23 @@ class FOGZO:
     def _guides(
         self, gradients: list[torch.Tensor | None], scales: ScaleSet
     ) -> tuple[list[Guide | None], torch.Tensor]:
-        """Per tensor the guide ``ĝ = k·c·g_W`` (``k`` a device scalar); and ``‖g_x‖`` (device).
+        """Per tensor ``Guide(g_W, norm_factor)``, standing for ``ĝ = norm_factor·c·g_W``
+        (``norm_factor = r/‖g_x‖``, or ``r/(‖g_x,k‖·√K)`` per tensor; a device scalar); and
+        ``‖g_x‖`` (device).
 
-        No host sync: a tensor whose ``g_x`` is zero gets ``k = 0`` (no guided direction), as
+        No host sync: a tensor whose ``g_x`` is zero gets ``norm_factor = 0`` (no guided direction), as
         does every tensor when ``g_x = 0`` altogether. The norms of the tensors with one
         ``c`` each are one ``_foreach_norm`` times the stacked scales."""
         tensors = self.perturbed.tensors
         gradients = [None if g is None else local_part(g) for g in gradients]  # FSDP: this rank's shard
         device = tensors[0].param.device
+        # Norms in float32 (bf16/fp16/fp32 gradients), in float64 for a float64 model.
+        dtype = torch.float64 if any(g is not None and g.dtype == torch.float64 for g in gradients) else torch.float32
         parts: list[torch.Tensor] = []
         order: list[int] = []  # entry index of each norm in the concatenated parts
         stacked = [i for i in scales.stacked if gradients[i] is not None]
         if stacked:
-            plain = torch.stack(torch._foreach_norm([gradients[i] for i in stacked], 2, dtype=torch.float32))  # type: ignore[misc]
+            plain = torch.stack(torch._foreach_norm([gradients[i] for i in stacked], 2, dtype=dtype))  # type: ignore[misc]
             assert scales.vector is not None
             weights = scales.vector if len(stacked) == len(scales.stacked) else torch.stack(
                 [scales.values[i] for i in stacked]  # type: ignore[misc]
@@ -307,14 +315,14 @@ class FOGZO:
             if gradient is None:
                 continue
             if not isinstance(c, torch.Tensor):
-                singles.append(torch.linalg.vector_norm(gradient, dtype=torch.float32) * abs(c))
+                singles.append(torch.linalg.vector_norm(gradient, dtype=dtype) * abs(c))
             elif c.numel() == 1:
-                singles.append(torch.linalg.vector_norm(gradient, dtype=torch.float32) * c.reshape(()))
+                singles.append(torch.linalg.vector_norm(gradient, dtype=dtype) * c.reshape(()))
             elif c.numel() == gradient.shape[0]:  # per-channel c: √Σ_rows (c_r·‖g_r‖)²
-                rows = torch.linalg.vector_norm(gradient.reshape(gradient.shape[0], -1), dim=1, dtype=torch.float32)
+                rows = torch.linalg.vector_norm(gradient.reshape(gradient.shape[0], -1), dim=1, dtype=dtype)
                 singles.append(torch.linalg.vector_norm(rows * c.reshape(-1)))
             else:  # per group (torchao): c of W's shape
-                singles.append(torch.linalg.vector_norm(gradient * c, dtype=torch.float32))
+                singles.append(torch.linalg.vector_norm(gradient * c, dtype=dtype))
             order.append(i)
         if singles:
             parts.append(torch.stack([n if n.device == device else n.to(device) for n in singles]))
@@ -326,22 +334,22 @@ class FOGZO:
             dist.all_reduce(squared, op=dist.ReduceOp.SUM)
             norms = squared.sqrt()
         total = torch.linalg.vector_norm(norms)
-        # k = r/‖·‖, and 0 where the norm is 0 (1/0 = inf becomes 0: no guided direction).
-        factors: list[torch.Tensor | None] = [None] * len(tensors)
+        # norm_factor = r/‖·‖, and 0 where the norm is 0 (1/0 = inf becomes 0: no guided direction).
+        norm_factors: list[torch.Tensor | None] = [None] * len(tensors)
         if self.normalize == "global":
-            factor = torch.nan_to_num_(total.reciprocal(), posinf=0.0)
+            norm_factor = torch.nan_to_num_(total.reciprocal(), posinf=0.0)
             if self.guide_norm != 1.0:
-                factor.mul_(self.guide_norm)
+                norm_factor.mul_(self.guide_norm)
             for i in order:
-                factors[i] = factor
+                norm_factors[i] = norm_factor
         else:
-            nonzero = (norms > 0).sum()
+            nonzero = (norms > 0).sum().to(norms.dtype)  # K, in the norms' dtype (an int64 sqrt is float32)
             per_tensor = torch.nan_to_num_((norms * nonzero.sqrt()).reciprocal_(), posinf=0.0).mul_(self.guide_norm)
-            for i, factor in zip(order, per_tensor.unbind()):
-                factors[i] = factor
+            for i, norm_factor in zip(order, per_tensor.unbind()):
+                norm_factors[i] = norm_factor
         guides: list[Guide | None] = [
-            None if gradient is None or factor is None else Guide(gradient, factor)
-            for gradient, factor in zip(gradients, factors)
+            None if gradient is None or norm_factor is None else Guide(gradient, norm_factor)
+            for gradient, norm_factor in zip(gradients, norm_factors)
         ]
         return guides, total
 

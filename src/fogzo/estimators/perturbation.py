@@ -4,13 +4,13 @@ Coordinates. Each perturbed tensor ``W`` lives in normalised coordinates ``x = W
 ``c = α`` (the quantizer's step, per tensor or per channel) for a quantized layer's latent
 weight, and ``c = ε / ε̄`` for a tensor without a quantizer (a bias, a norm gain), where
 ``ε`` is a user step. A step ``ε̄·v`` in ``x`` is ``c·ε̄·v`` in ``W``; one finite difference
-``(L₊ − L₋)/2ε̄`` is shared by every tensor (SPEC §2).
+``(L₊ − L₋)/2ε̄`` is shared by every tensor (docs/method.md §1, §4).
 
 Noise. ``u`` for tensor ``k`` and sample ``i`` at step seed ``s`` is drawn, block by block of
 ``NOISE_BLOCK`` flattened elements, from private ``torch.Generator`` s seeded with
 ``derive_seed(s, 0, k, i, block)``: reproducible, independent of the global RNG, different
 for every tensor, defined by global coordinates (a shard draws only its own blocks), and
-regenerated rather than stored where an estimator needs it again.
+regenerated rather than stored where an estimator needs it again (docs/method.md §7).
 
 Perturbed passes never write to a parameter: ``W + δ`` is put in the parameter's place at
 the module-attribute level (``module._parameters[name]``, in every module that holds it, as
@@ -168,12 +168,13 @@ def _counter_sample(offset: torch.Tensor, start: int, count: int, law: str, dtyp
 
 
 def _counter_shift(
-    target: torch.Tensor, scale: torch.Tensor | float, weight: torch.Tensor | float, offset: torch.Tensor, start: int,
-    law: str,
+    target: torch.Tensor, target_coefficient: torch.Tensor | float, noise_coefficient: torch.Tensor | float,
+    offset: torch.Tensor, start: int, law: str,
 ) -> torch.Tensor:
-    """``target·scale + weight·u`` in place, ``u`` the counter noise of ``target``'s coordinates."""
+    """``target·target_coefficient + noise_coefficient·u`` in place, ``u`` the counter noise of
+    ``target``'s coordinates."""
     noise = _counter_sample(offset, start, target.numel(), law, target.dtype).view(target.shape)
-    return target.mul_(scale).add_(noise.mul_(weight))
+    return target.mul_(target_coefficient).add_(noise.mul_(noise_coefficient))
 
 
 _COMPILED: dict[str, Callable] = {}
@@ -519,13 +520,15 @@ class PerturbedSet:
         return torch.tensor(keys, dtype=torch.int64, device=device)
 
     def noise_shift_(
-        self, entry: PerturbedTensor, offset: torch.Tensor, target: torch.Tensor, scale: torch.Tensor,
-        weight: torch.Tensor,
+        self, entry: PerturbedTensor, offset: torch.Tensor, target: torch.Tensor, target_coefficient: torch.Tensor,
+        noise_coefficient: torch.Tensor,
     ) -> torch.Tensor:
-        """``target·scale + weight·u`` in place with :meth:`noise`'s ``u``, as one compiled kernel
-        (``compile_noise=True``: no noise tensor is made); ``offset``: from :meth:`noise_offsets`."""
+        """``target·target_coefficient + noise_coefficient·u`` in place with :meth:`noise`'s ``u``, as
+        one compiled kernel (``compile_noise=True``: no noise tensor is made); ``offset``: from
+        :meth:`noise_offsets`."""
         assert self.compile_noise
-        return compiled_counter("shift")(target, scale, weight, offset, entry.start, self.smoothing.noise)
+        return compiled_counter("shift")(target, target_coefficient, noise_coefficient, offset, entry.start,
+                                         self.smoothing.noise)
 
     @contextlib.contextmanager
     def shifted(

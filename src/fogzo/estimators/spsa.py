@@ -113,7 +113,7 @@ class SPSA:
             with torch.no_grad():
                 loss0 = checked_loss(closure())
         guard.after_first_pass()
-        directions = [Direction(sample, guided=0.0, noise=1.0) for sample in range(self.n)]
+        directions = [Direction(sample, guide_weight=0.0, noise_weight=1.0) for sample in range(self.n)]
         guides = [None] * len(self.perturbed.tensors)
         measured = self.measurement.measure(closure, guard, step_seed, directions, guides, loss0)
         # G_W is queued on the device before the step's one host sync (resolve).
@@ -124,9 +124,9 @@ class SPSA:
             loss = verdict.loss if verdict.loss is not None else float("nan")
             return EstimateInfo(loss, forward_passes, 0, 0.0, step_seed, step, skipped=True,
                                 skip_reason=verdict.reason)
-        scale = gradient_scale(self.backward, self.perturbed.tensors[0].param.device)
-        if scale != 1.0:
-            torch._foreach_mul_(gradients, scale)
+        hook_factor = gradient_scale(self.backward, self.perturbed.tensors[0].param.device)  # k of the backward hook
+        if hook_factor != 1.0:
+            torch._foreach_mul_(gradients, hook_factor)
         for entry, gradient in zip(self.perturbed.tensors, gradients):
             set_gradient(entry.param, gradient, None)
         state.commit()  # adds the gradients from before the call
