@@ -622,7 +622,8 @@ def map_table(path: Path, grid_name: str = "map", metric: str = "loss") -> str:
                 row.append("–")
                 continue
             value = cell["loss"] if metric == "loss" else cell["accuracy"]
-            stats[estimator] = cell["loss"]
+            # the verdict judges the metric shown: lower loss, or higher accuracy (negated)
+            stats[estimator] = cell["loss"] if metric == "loss" else (-cell["accuracy"][0], cell["accuracy"][1])
             seeds = len(cell["seeds"])
             row.append(f"{_fmt(value, 3 if metric == 'loss' else 1)}{'' if seeds >= 3 else f' ({seeds} seed)'}")
         ste = cells.get((spec_from({**setting, "estimator": "ste"}).setting(), "ste"))
