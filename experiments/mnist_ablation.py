@@ -1,4 +1,4 @@
-"""Ablation of FOGZO's open choices on MNIST 784-10-10 (SPEC §6): why the plain reading loses.
+"""Ablation of FOGZO's open choices on MNIST 784-10-10 (the paper's MNIST setting): why the plain reading loses.
 
 Each run trains the 2-bit (or ternary / sign) MLP with one estimator and one setting and
 prints one JSON line: final full-training-set loss, test accuracy, the fraction of FOGZO's

@@ -34,7 +34,7 @@ def _product(**axes: list[str]) -> list[list[str]]:
 
 
 GRIDS = {
-    # SPEC §6 baseline: the plain reading, per α rule, every lr, both estimators.
+    # Baseline: the plain reading, per α rule, every lr, both estimators.
     "alpha": _product(estimator=["ste", "fogzo"], **{"alpha-init": ["max", "mse", "lsq"]}, lr=LRS, seed=SEEDS),
     # FOGZO's open choices at α = max, 2 seeds, Adam lr 1e-3 / 3e-3 (the STE / FOGZO optima).
     "knobs": (
