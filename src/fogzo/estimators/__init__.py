@@ -1,9 +1,9 @@
 """Gradient estimators: STE, n-SPSA, FOGZO and the smoothed-gradient oracle, all with
 ``estimate(closure) -> EstimateInfo``."""
 
-from .base import EstimateInfo, Estimator
+from .engine import EstimateInfo, Estimator
 from .fogzo import FOGZO
-from .perturbation import PerturbedSet, derive_seed
+from .perturbed_set import PerturbedSet, derive_seed
 from .schedules import constant_beta, linear_beta
 from .smoothed import LevelMoves, SmoothedGradient, smoothed_partials
 from .spsa import SPSA

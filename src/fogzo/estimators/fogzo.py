@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..smoothing import Smoothing
-from .base import (
+from .engine import (
     NONFINITE_ADVICE,
     Backward,
     CallState,
@@ -52,7 +52,7 @@ from .base import (
     run_guarded,
     set_gradient,
 )
-from .perturbation import SIGN_STREAM, PerturbedSet, Snapshot, StateGuard, derive_seed, local_part
+from .perturbed_set import SIGN_STREAM, PerturbedSet, Snapshot, StateGuard, derive_seed, local_part
 from .schedules import BetaSchedule, check_beta, constant_beta, linear_beta
 
 __all__ = ["FOGZO"]

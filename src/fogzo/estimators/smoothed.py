@@ -56,8 +56,8 @@ from torch import nn
 from ..layers import QuantLinear
 from ..quantizers import LevelSet
 from ..smoothing import Smoothing
-from .base import Closure, EstimateInfo, StepCounter, checked_loss, set_gradient, stash_gradients
-from .perturbation import PerturbedSet, PerturbedTensor, StateGuard, block_noise, derive_seed
+from .engine import Closure, EstimateInfo, StepCounter, checked_loss, set_gradient, stash_gradients
+from .perturbed_set import PerturbedSet, PerturbedTensor, StateGuard, block_noise, derive_seed
 
 __all__ = ["LevelMoves", "SmoothedGradient", "smoothed_partials"]
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..smoothing import Smoothing
-from .base import (
+from .engine import (
     Backward,
     CallState,
     Closure,
@@ -21,7 +21,7 @@ from .base import (
     run_guarded,
     set_gradient,
 )
-from .perturbation import PerturbedSet, Snapshot, StateGuard
+from .perturbed_set import PerturbedSet, Snapshot, StateGuard
 
 __all__ = ["SPSA"]
 

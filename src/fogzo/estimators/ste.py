@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import Backward, CallState, Closure, EstimateInfo, StepCounter, checked_loss, run_guarded
-from .perturbation import Snapshot
+from .engine import Backward, CallState, Closure, EstimateInfo, StepCounter, checked_loss, run_guarded
+from .perturbed_set import Snapshot
 
 __all__ = ["STE"]
 

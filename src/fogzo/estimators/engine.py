@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..quantizers import ActivationQuantizer
-from .perturbation import (
+from .perturbed_set import (
     PerturbedSet,
     PerturbedTensor,
     Snapshot,
