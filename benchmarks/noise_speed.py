@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from fogzo.estimators import perturbation
+from fogzo.estimators import noise
 from fogzo.smoothing import Smoothing
 
 
@@ -62,17 +62,17 @@ def main(argv: list[str] | None = None) -> dict:
                     sync()
                 return call
 
-            blocks = run(lambda: perturbation.block_noise(smoothing, key, (count,), device, torch.float32,
+            blocks = run(lambda: noise.block_noise(smoothing, key, (count,), device, torch.float32,
                                                           generator=generator))
-            eager = run(lambda: perturbation.counter_noise(smoothing, key, (count,), device, torch.float32))
-            compiled = run(lambda: perturbation.counter_noise(smoothing, key, (count,), device, torch.float32,
+            eager = run(lambda: noise.counter_noise(smoothing, key, (count,), device, torch.float32))
+            compiled = run(lambda: noise.counter_noise(smoothing, key, (count,), device, torch.float32,
                                                               compiled=True))
             start = time.perf_counter()
             compiled()
             compile_s = time.perf_counter() - start
             same = torch.equal(
-                perturbation.counter_noise(smoothing, key, (count,), device, torch.float32),
-                perturbation.counter_noise(smoothing, key, (count,), device, torch.float32, compiled=True),
+                noise.counter_noise(smoothing, key, (count,), device, torch.float32),
+                noise.counter_noise(smoothing, key, (count,), device, torch.float32, compiled=True),
             )
             row = {
                 "law": law, "elements": count, "compile_s": compile_s, "counter_compiled_equals_eager": same,

@@ -39,15 +39,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from step_cost import BUILDERS, LEARNING_RATE, build_workload, keep_freed_memory  # noqa: E402
 
 import fogzo  # noqa: E402
-from fogzo.estimators import base, perturbation  # noqa: E402
+from fogzo.estimators import engine, perturbed_set, state  # noqa: E402
 from fogzo.estimators import fogzo as fogzo_module  # noqa: E402
 
 PHASES = {
     "guides": (fogzo_module.FOGZO, "_guides"),
-    "delta": (base.ZerothOrderMeasurement, ("_deltas", "_delta")),
-    "gradients": (base.ZerothOrderMeasurement, "gradients"),
-    "noise": (perturbation.PerturbedSet, "noise"),
-    "guard": (perturbation.StateGuard, ("after_first_pass", "rewind", "close")),
+    "delta": (engine.ZerothOrderMeasurement, ("_deltas", "_delta")),
+    "gradients": (engine.ZerothOrderMeasurement, "gradients"),
+    "noise": (perturbed_set.PerturbedSet, "noise"),
+    "guard": (state.StateGuard, ("after_first_pass", "rewind", "close")),
 }
 
 

@@ -721,56 +721,56 @@ def test_noise_draws_per_step(n, draws_per_tensor, monkeypatch):
 @pytest.mark.parametrize("law", ["uniform", "gaussian", "logistic", "triangular"])
 def test_block_noise_of_any_range_is_the_slice_of_the_whole(law, monkeypatch):
     """A shard [start, stop) draws exactly the elements the unsharded tensor draws there."""
-    from fogzo.estimators import perturbation
+    from fogzo.estimators import noise
 
-    monkeypatch.setattr(perturbation, "NOISE_BLOCK", 100)  # many blocks on a small tensor
+    monkeypatch.setattr(noise, "NOISE_BLOCK", 100)  # many blocks on a small tensor
     smoothing = Smoothing(law, 0.5)
     key = (7, 0, 3, 1)
-    whole = perturbation.block_noise(smoothing, key, (13, 37), torch.device("cpu"), torch.float32)
+    whole = noise.block_noise(smoothing, key, (13, 37), torch.device("cpu"), torch.float32)
     flat = whole.view(-1)
     # Ranges cutting blocks at both ends, inside one block, on block edges, odd lengths
     # (the Gaussian kernel draws in groups of 16), and the empty range.
     for start, stop in [(0, 481), (37, 74), (150, 199), (100, 300), (455, 481), (5, 6), (200, 200), (99, 101)]:
-        part = perturbation.block_noise(smoothing, key, (stop - start,), torch.device("cpu"), torch.float32, start, 481)
+        part = noise.block_noise(smoothing, key, (stop - start,), torch.device("cpu"), torch.float32, start, 481)
         assert torch.equal(part, flat[start:stop]), (start, stop)
     # Blocks are not copies of one another, and another key gives other numbers.
     assert not torch.equal(flat[:100], flat[100:200])
-    other = perturbation.block_noise(smoothing, (7, 0, 4, 1), (13, 37), torch.device("cpu"), torch.float32)
+    other = noise.block_noise(smoothing, (7, 0, 4, 1), (13, 37), torch.device("cpu"), torch.float32)
     assert not torch.equal(whole, other)
     with pytest.raises(ValueError, match="outside"):
-        perturbation.block_noise(smoothing, key, (10,), torch.device("cpu"), torch.float32, 475, 481)
+        noise.block_noise(smoothing, key, (10,), torch.device("cpu"), torch.float32, 475, 481)
 
 
 
 def test_counter_noise_is_splitmix64_of_the_global_coordinate():
     """counter_bits(key, j) is the (j+1)-th SplitMix64 output seeded with key (wrapping int64)."""
-    from fogzo.estimators import perturbation
+    from fogzo.estimators import noise
 
-    key = perturbation.derive_seed(7, 0, 3, 1)
-    bits = perturbation.counter_bits(key, 1000, 300)
-    expected = [perturbation._as_int64(perturbation._splitmix64(key + j * perturbation._GAMMA))
+    key = noise.derive_seed(7, 0, 3, 1)
+    bits = noise.counter_bits(key, 1000, 300)
+    expected = [noise._as_int64(noise._splitmix64(key + j * noise._GAMMA))
                 for j in range(1000, 1300)]
     assert bits.tolist() == expected
 
 
 @pytest.mark.parametrize("law", ["uniform", "gaussian", "logistic", "triangular"])
 def test_counter_noise_of_any_range_is_the_slice_of_the_whole_and_has_the_law(law, monkeypatch):
-    from fogzo.estimators import perturbation
+    from fogzo.estimators import noise
     from fogzo.smoothing import NOISE_LAWS
 
     smoothing = Smoothing(law, 0.5)
-    monkeypatch.setattr(perturbation, "COUNTER_CHUNK", 64)  # chunked generation of a small tensor
-    whole = perturbation.counter_noise(smoothing, (7, 0, 3, 1), (13, 37), torch.device("cpu"), torch.float32)
+    monkeypatch.setattr(noise, "COUNTER_CHUNK", 64)  # chunked generation of a small tensor
+    whole = noise.counter_noise(smoothing, (7, 0, 3, 1), (13, 37), torch.device("cpu"), torch.float32)
     flat = whole.view(-1)
     for start, stop in [(0, 481), (37, 74), (150, 199), (455, 481), (5, 6), (200, 200)]:
-        part = perturbation.counter_noise(smoothing, (7, 0, 3, 1), (stop - start,), torch.device("cpu"),
+        part = noise.counter_noise(smoothing, (7, 0, 3, 1), (stop - start,), torch.device("cpu"),
                                           torch.float32, start, 481)
         assert torch.equal(part, flat[start:stop]), (start, stop)
     with pytest.raises(ValueError, match="outside"):
-        perturbation.counter_noise(smoothing, (7, 0, 3, 1), (10,), torch.device("cpu"), torch.float32, 475, 481)
+        noise.counter_noise(smoothing, (7, 0, 3, 1), (10,), torch.device("cpu"), torch.float32, 475, 481)
     # Zero mean, unit variance: 5 standard errors (Var of u² is E[u⁴] − 1: at most 5 here).
     count = 200_000
-    u = perturbation.counter_noise(smoothing, (1, 2), (count,), torch.device("cpu"), torch.float64)
+    u = noise.counter_noise(smoothing, (1, 2), (count,), torch.device("cpu"), torch.float64)
     assert abs(u.mean().item()) < 5 / math.sqrt(count)
     assert abs(u.square().mean().item() - 1) < 5 * math.sqrt(5 / count)
     support = NOISE_LAWS[law].support
@@ -785,16 +785,16 @@ def test_counter_noise_of_any_range_is_the_slice_of_the_whole_and_has_the_law(la
 def test_compiled_counter_noise_gives_the_equations_gradient(n, per_channel):
     """compile_noise=True: u (and for n = 1 the shift g·a + u·b) from kernels made by
     torch.compile; the same noise as eager mode, so the same G_W as the from-scratch reference."""
-    from fogzo.estimators import perturbation
+    from fogzo.estimators import noise
 
     x, y = _batch(seed=3)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 4))
     fogzo.quantize(model, fogzo.QuantConfig(bits=2, per_channel=per_channel))
     smoothing = fogzo.smoothing_for("identity")
-    eager = perturbation.counter_noise(smoothing, (5, 0, 0, 1), (40, 3), torch.device("cpu"), torch.float32)
+    eager = noise.counter_noise(smoothing, (5, 0, 0, 1), (40, 3), torch.device("cpu"), torch.float32)
     try:
-        compiled = perturbation.counter_noise(smoothing, (5, 0, 0, 1), (40, 3), torch.device("cpu"), torch.float32,
+        compiled = noise.counter_noise(smoothing, (5, 0, 0, 1), (40, 3), torch.device("cpu"), torch.float32,
                                               compiled=True)
     except Exception as error:  # inductor needs a C++ compiler
         pytest.skip(f"torch.compile does not work here: {type(error).__name__}")
@@ -967,14 +967,14 @@ def test_weight_used_through_a_captured_reference_raises():
 
 
 def test_steady_state_passes_run_without_the_read_check(monkeypatch):
-    from fogzo.estimators import perturbation
+    from fogzo.estimators import read_plan
 
     model = _mlp()
     x, y = _batch()
     estimator = fogzo.FOGZO(model, total_steps=10, n=2, beta=0.5)
     calls = []
-    original = perturbation._ReadCheck.__torch_function__
-    monkeypatch.setattr(perturbation._ReadCheck, "__torch_function__",
+    original = read_plan._ReadCheck.__torch_function__
+    monkeypatch.setattr(read_plan._ReadCheck, "__torch_function__",
                         lambda self, *args, **kwargs: calls.append(1) or original(self, *args, **kwargs))
     estimator.estimate(lambda: F.cross_entropy(model(x), y))
     assert calls  # the first perturbed pass was checked

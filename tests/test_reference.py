@@ -38,7 +38,7 @@ from torch import nn
 import fogzo
 from fogzo.estimators import reference
 from fogzo.estimators.fogzo import FOGZO
-from fogzo.estimators.perturbation import PerturbedSet
+from fogzo.estimators.perturbed_set import PerturbedSet
 
 KAPPA = 2.0**10
 EPS = 1e-2  # step ε of tensors without a quantizer (perturb="all")

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import fogzo
-from fogzo.estimators.perturbation import StateGuard, derive_seed
+from fogzo.estimators.noise import derive_seed
+from fogzo.estimators.state import StateGuard
 from fogzo.estimators.smoothed import smoothed_partials
 from fogzo.smoothing import Smoothing
 

@@ -35,8 +35,10 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .estimators.engine import Closure, checked_loss
-from .estimators.perturbed_set import PerturbedSet, StateGuard, derive_seed
+from .estimators.base import Closure, checked_loss
+from .estimators.noise import derive_seed
+from .estimators.perturbed_set import PerturbedSet
+from .estimators.state import StateGuard
 from .estimators.smoothed import COORDINATE_STREAM, _coordinate_scale, smoothed_partials
 from .smoothing import Smoothing
 

@@ -1,9 +1,10 @@
 """Gradient estimators: STE, n-SPSA, FOGZO and the smoothed-gradient oracle, all with
 ``estimate(closure) -> EstimateInfo``."""
 
-from .engine import EstimateInfo, Estimator
+from .base import EstimateInfo, Estimator
 from .fogzo import FOGZO
-from .perturbed_set import PerturbedSet, derive_seed
+from .noise import derive_seed
+from .perturbed_set import PerturbedSet
 from .schedules import constant_beta, linear_beta
 from .smoothed import LevelMoves, SmoothedGradient, smoothed_partials
 from .spsa import SPSA

@@ -1,388 +1,41 @@
-"""The estimator protocol, its info record, and the passes every estimator is made of.
+"""The zeroth-order engine: perturbed forward passes, their finite differences and gradient.
 
-An estimator turns a loss closure into gradients in ``.grad``::
-
-    info = estimator.estimate(lambda: F.cross_entropy(model(x), y))
-    optimizer.step()
-
-The closure runs a *forward pass only* and returns a scalar tensor; the estimator calls it
-as often as it needs (with different weights swapped in), calls ``backward`` itself where
-it needs a first-order gradient, and fills ``.grad`` so that any ``torch.optim`` optimizer,
-scheduler, gradient clipping or AMP scaler works unchanged. Gradients accumulate into an
-existing ``.grad`` as ``backward`` would.
-
-State contract (:class:`CallState`). A call that fails — an exception from the closure, a
-non-finite loss with ``on_nonfinite="raise"`` (``FloatingPointError`` saying which pass),
-a ``KeyboardInterrupt`` — leaves the model's parameters, buffers and ``.grad``, the
-estimator's step counter and the global RNG exactly as they were before the call. A
-*skipped* step (``on_nonfinite="skip"``) leaves them as they were too, except that the step
-counter advances (the next step draws new noise): ``.grad`` holds nothing an optimizer
-would apply, and ``info.skipped``/``info.skip_reason`` say which pass was non-finite. With
-``on_nonfinite="keep"`` a skipped step keeps the STE pass's gradient instead, finite or not
-(for loss scalers, see :data:`NONFINITE_MODES`).
-
-Cost accounting (docs/method.md §5): a forward pass is 1 unit, a backward pass 2 units.
+:class:`ZerothOrderMeasurement` runs the passes with ``W ± c·ε̄·v_i`` swapped in
+(:meth:`fogzo.estimators.perturbed_set.PerturbedSet.shifted`), under a
+:class:`fogzo.estimators.state.StateGuard`, returns the ``d_i`` on the device
+(:class:`Measured`), reads them on the host once (:class:`Verdict`) and forms
+``G_W = (1/n) Σ_i d_i v_i / c`` (docs/method.md §4, §7). FOGZO and n-SPSA are built on it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
-from ..quantizers import ActivationQuantizer
-from .perturbed_set import (
-    PerturbedSet,
-    PerturbedTensor,
-    Snapshot,
-    StateGuard,
-    _is_dtensor,
-    _rng_state,
-    _set_rng_state,
-    _shift_by,
-    derive_seed,
-    eager_compiled_code,
-    state_buffers,
-)
+from .base import NONFINITE_MODES, Closure, checked_loss, loss_value
+from .directions import Direction, Guide, ScaleSet
+from .perturbed_set import PerturbedSet, PerturbedTensor, _shift_by
+from .state import StateGuard
 
-__all__ = [
-    "Backward",
-    "CallState",
-    "Closure",
-    "Direction",
-    "EstimateInfo",
-    "Estimator",
-    "Guide",
-    "Measured",
-    "ScaleSet",
-    "SKIP_REASONS",
-    "Verdict",
-    "ZerothOrderMeasurement",
-    "run_backward",
-]
-
-SKIP_REASONS = ("loss", "ste_gradient", "perturbed_loss")
-NONFINITE_MODES = ("raise", "skip", "keep")
-"""``on_nonfinite``: raise ``FloatingPointError``; skip the step (nothing changes but the step
-counter); or keep the STE pass's gradient as back-propagated, finite or not, and flag the step
-skipped — what a loss scaler (``torch.amp.GradScaler``) needs to see an fp16 overflow, skip the
-optimizer step and lower its scale (n-SPSA has no STE gradient: there "keep" is "skip")."""
-"""Values of ``EstimateInfo.skip_reason``: the unperturbed loss ``L(W)`` (the STE pass, or
-n-SPSA's loss pass) was non-finite; the STE gradient was; a perturbed loss was."""
-
-Closure = Callable[[], torch.Tensor]
-Backward = Callable[[torch.Tensor], object]
-"""A ``backward=`` hook: called with the loss, back-propagates it (default ``loss.backward()``).
-
-Training frameworks pass their own: ``accelerator.backward`` (Hugging Face), Lightning's
-``manual_backward``, or ``lambda loss: scaler.scale(loss).backward()`` (AMP). Such a hook may
-scale the loss by a factor ``k`` (loss scaling ``S``, ``1/N`` for gradient accumulation):
-:func:`run_backward` measures ``k`` and the estimators multiply their zeroth-order
-gradients by it, so every ``.grad`` is in the units the optimizer step expects."""
-
-
-@dataclass(frozen=True)
-class EstimateInfo:
-    """What one ``estimate`` call did.
-
-    Attributes:
-        loss: the unperturbed loss ``L(W)`` (for n-SPSA without a loss pass: the mean of
-            the perturbed losses, an estimate of the smoothed loss).
-        forward_passes, backward_passes: passes run by this call.
-        beta: the mixing weight ``β_t`` (``None`` for a plain STE step, 0 for n-SPSA).
-        seed: the step seed from which all noise of this call was derived.
-        step: the estimator's step counter before this call.
-        differences: the finite differences ``d_i`` (empty for STE).
-        zero_differences: how many ``d_i`` are exactly 0 (typically: no quantized weight
-            changed level in the perturbed passes).
-        ste_grad_norm: ``‖g_x‖``, the STE gradient's norm in normalised coordinates.
-        skipped: ``on_nonfinite="skip"`` skipped this step: ``.grad``, parameters and
-            buffers are as before the call (only the step counter advanced).
-        skip_reason: why (one of :data:`SKIP_REASONS`), ``None`` for a step not skipped.
-
-    ``loss`` and ``ste_grad_norm`` may be filled in lazily: an estimator that had no reason
-    to read them on the host (the STE step) stores the device scalar, and the first read of
-    the attribute turns it into a float (one host sync then, none in the step).
-    """
-
-    loss: float
-    forward_passes: int
-    backward_passes: int
-    beta: float | None
-    seed: int | None
-    step: int
-    differences: tuple[float, ...] = ()
-    zero_differences: int = 0
-    ste_grad_norm: float | None = None
-    skipped: bool = False
-    skip_reason: str | None = None
-
-    @property
-    def compute_units(self) -> int:
-        """Forward = 1 unit, backward = 2 units."""
-        return self.forward_passes + 2 * self.backward_passes
-
-    def __getattribute__(self, name: str) -> object:
-        value = object.__getattribute__(self, name)
-        if name in _LAZY_FIELDS and isinstance(value, torch.Tensor):
-            value = float(value)
-            object.__setattr__(self, name, value)
-        return value
-
-
-_LAZY_FIELDS = frozenset({"loss", "ste_grad_norm"})
-
-
-@runtime_checkable
-class Estimator(Protocol):
-    """``estimate(closure) -> EstimateInfo`` plus a resumable step counter."""
-
-    def estimate(self, closure: Closure) -> EstimateInfo: ...
-
-    def state_dict(self) -> dict: ...
-
-    def load_state_dict(self, state: dict) -> None: ...
-
-
-def run_backward(loss: torch.Tensor, backward: Backward | None) -> float:
-    """Back-propagate ``loss`` through ``backward`` (``None``: ``loss.backward()``); return ``k``.
-
-    ``k`` is the factor by which the hook scales the gradients it produces: the hook gets
-    ``loss + p`` for a float32 zero scalar ``p`` that requires grad (same value, same graph
-    plus one addition), and ``k = p.grad``. Without a hook ``k = 1`` and nothing is added.
-    """
-    if backward is None:
-        loss.backward()
-        return 1.0
-    probe = torch.zeros((), device=loss.device, dtype=torch.float32, requires_grad=True)
-    backward(loss + probe)
-    return _probe_factor(probe)
-
-
-def gradient_scale(backward: Backward | None, device: torch.device) -> float:
-    """``k`` of a ``backward`` hook for an estimator without a backward pass (n-SPSA).
-
-    The hook back-propagates a zero scalar that no parameter contributes to, so it only
-    measures ``k`` (for example the loss scale of an AMP ``GradScaler``).
-    """
-    if backward is None:
-        return 1.0
-    probe = torch.zeros((), device=device, dtype=torch.float32, requires_grad=True)
-    backward(probe * 1.0)  # a non-leaf root, as a loss would be
-    return _probe_factor(probe)
-
-
-def _probe_factor(probe: torch.Tensor) -> float:
-    if probe.grad is None:
-        raise RuntimeError(
-            "the backward= hook did not back-propagate the loss it was given; it must call "
-            "backward on that tensor (for example accelerator.backward(loss) or loss.backward())"
-        )
-    factor = float(probe.grad)
-    if not math.isfinite(factor) or factor == 0.0:
-        raise RuntimeError(f"the backward= hook scales gradients by {factor}; expected a finite non-zero factor")
-    return factor
-
-
-def checked_loss(value: object) -> torch.Tensor:
-    """The closure's return value, which must be a scalar tensor."""
-    if not isinstance(value, torch.Tensor) or value.numel() != 1:
-        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-        raise ValueError(f"the closure must return a scalar loss tensor, got {shape}")
-    return value if value.dim() == 0 else value.reshape(())
-
-
-def loss_value(loss: torch.Tensor) -> torch.Tensor:
-    """``loss`` detached, in float32, or float64 for a float64 loss (no operator where it
-    already is): the finite differences of a float64 model keep its precision."""
-    if loss.requires_grad:
-        loss = loss.detach()
-    return loss if loss.dtype in (torch.float32, torch.float64) else loss.float()
-
-
-class StepCounter:
-    """A step counter and base seed that round-trip through ``state_dict``."""
-
-    def __init__(self, seed: int) -> None:
-        if not isinstance(seed, int) or isinstance(seed, bool):
-            raise ValueError(f"seed must be an int, got {seed!r}")
-        self.seed = seed
-        self.step = 0
-
-    def step_seed(self) -> int:
-        return derive_seed(self.seed, self.step)
-
-    def state_dict(self) -> dict:
-        return {"seed": self.seed, "step": self.step}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.seed, self.step = int(state["seed"]), int(state["step"])
-
-
-def stash_gradients(params: Sequence[nn.Parameter]) -> list[torch.Tensor | None]:
-    """Take existing ``.grad`` off ``params`` so a backward pass leaves only this step's."""
-    # Under DDP(gradient_as_bucket_view=True) a .grad is a view of a communication bucket
-    # that the next backward overwrites: keep a copy of such gradients.
-    previous = [g.clone() if g is not None and g._base is not None else g for g in (p.grad for p in params)]
-    for p in params:
-        p.grad = None
-    return previous
-
-
-def set_gradient(param: nn.Parameter, gradient: torch.Tensor, previous: torch.Tensor | None) -> None:
-    """``param.grad = gradient + previous`` (accumulation semantics of ``backward``).
-
-    The sum is formed in ``gradient`` (this call's tensor), so ``previous`` stays intact
-    until the assignment. For an FSDP parameter ``gradient`` may be the rank's local part;
-    it becomes a ``DTensor`` with the parameter's layout (no copy).
-    """
-    if _is_dtensor(param) and not _is_dtensor(gradient):
-        from torch.distributed.tensor import DTensor
-
-        gradient = DTensor.from_local(
-            gradient, param.device_mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()
-        )
-    param.grad = gradient if previous is None else gradient.add_(previous)
-
-
-class CallState:
-    """What one ``estimate`` call may change, captured when it starts (see the module docstring).
-
-    ``params`` (those that may receive a gradient) have their ``.grad`` taken off, so the
-    call's passes write fresh tensors; :meth:`commit` adds the previous ones back (as
-    ``backward`` accumulates) and advances the step counter; :meth:`restore` puts back the
-    gradients, buffers (and the step sizes of activation quantizers, which initialise
-    themselves in their first forward), the global RNG and the step counter, and with
-    ``advance=True`` (a skipped step) advances the counter. Cost: one copy of the model's
-    buffers (running statistics, not its weights; not the fixed ``α`` of fogzo's weight
-    quantizers, which no forward writes: :func:`~fogzo.estimators.perturbation.state_buffers`),
-    taken with one operator into a :class:`~fogzo.estimators.perturbation.Snapshot` that the
-    estimator keeps between calls (``snapshot``); ``model=None`` captures no buffers.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module | None,
-        params: Sequence[nn.Parameter],
-        counter: StepCounter,
-        snapshot: Snapshot | None = None,
-    ) -> None:
-        self.counter = counter
-        self.step = counter.step
-        self.rng = _rng_state()
-        targets: list[torch.Tensor] = []
-        if model is not None:
-            modules = list(model.modules())
-            targets = state_buffers(model, modules)
-            targets += [p for m in modules if isinstance(m, ActivationQuantizer) for p in m._parameters.values()
-                        if p is not None]
-        self.snapshot = Snapshot() if snapshot is None else snapshot
-        self.snapshot.take(targets)
-        self.params = list(params)
-        self.previous = stash_gradients(self.params)
-
-    def commit(self) -> None:
-        """Success: ``.grad = this call's gradient + the previous one``; the counter advances."""
-        totals = []
-        for param, previous in zip(self.params, self.previous):
-            gradient = param.grad
-            totals.append(previous if gradient is None else gradient if previous is None else gradient.add_(previous))
-        for param, total in zip(self.params, totals):
-            param.grad = total
-        self.counter.step = self.step + 1
-
-    def restore(self, advance: bool = False) -> None:
-        """Failure (or, with ``advance``, a skipped step): everything back as it was."""
-        for param, previous in zip(self.params, self.previous):
-            param.grad = previous
-        self.snapshot.restore()
-        _set_rng_state(self.rng)
-        self.counter.step = self.step + 1 if advance else self.step
-
-
-def run_guarded(state: CallState, step: Callable[[], EstimateInfo]) -> EstimateInfo:
-    """``step()``; on any exception (``KeyboardInterrupt`` too) ``state.restore()`` and re-raise."""
-    try:
-        return step()
-    except BaseException:
-        state.restore()
-        raise
+__all__ = ["Measured", "Verdict", "ZerothOrderMeasurement", "eager_compiled_code", "is_distributed"]
 
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-@dataclass(frozen=True)
-class Direction:
-    """Sample ``i`` of the perturbation ``v_i = guide_weight · ĝ + noise_weight · u_i``.
-
-    ``guide_weight = √β·s_i`` and ``noise_weight = √(1−β)`` are numbers (the noise tensor
-    ``u_i`` itself comes from :meth:`PerturbedSet.noise`); ``ĝ`` for one tensor is
-    ``Guide.norm_factor · c · g_W``.
-    """
-
-    sample: int
-    guide_weight: float
-    noise_weight: float
-
-
-@dataclass(frozen=True)
-class Guide:
-    """The STE direction of one tensor: ``ĝ = norm_factor · c · gradient`` (``gradient = g_W``).
-
-    ``norm_factor`` is ``r/‖g_x‖`` (``normalize="global"``) or ``r/(‖g_x,k‖·√K)``
-    (``"tensor"``), 0 where that norm is 0; a device scalar (no host sync). The guide holds
-    ``g_W`` and this factor, not ``ĝ``: ``c`` is applied where ``ĝ`` is used."""
-
-    gradient: torch.Tensor
-    norm_factor: torch.Tensor | float
-
-
-class ScaleSet:
-    """The coordinate scales ``c`` of the perturbed tensors for one step, arranged so that a
-    per-tensor coefficient ``f(c)`` costs a few operators for all tensors together.
-
-    ``values[k]`` is ``c`` of tensor ``k``: a 0-d tensor (one ``α`` per tensor), a tensor
-    broadcastable to the weight (per-channel/per-group ``α``) or a Python float
-    (``c = ε/ε̄``). The 0-d ones are stacked into one vector, so :meth:`per_tensor` evaluates
-    ``f`` once on the vector (one kernel per operator of ``f``, whatever the number of
-    tensors) and hands each tensor a view of its element; the others get ``f(c)`` one by one.
-    """
-
-    def __init__(self, perturbed: PerturbedSet) -> None:
-        eps_bar = perturbed.smoothing.eps_bar
-        self.values: list[torch.Tensor | float] = [entry.coordinate_scale(eps_bar) for entry in perturbed.tensors]
-        self.stacked = [i for i, c in enumerate(self.values) if isinstance(c, torch.Tensor) and c.dim() == 0]
-        self.others = [i for i in range(len(self.values)) if i not in set(self.stacked)]
-        self.vector = torch.stack([self.values[i] for i in self.stacked]) if self.stacked else None  # type: ignore[misc]
-        self._squares: ScaleSet | None = None
-
-    def squares(self) -> ScaleSet:
-        """``c²`` per tensor, as a :class:`ScaleSet` (computed once per step)."""
-        if self._squares is None:
-            squares = ScaleSet.__new__(ScaleSet)
-            squares.stacked, squares.others, squares._squares = self.stacked, self.others, None
-            squares.vector = None if self.vector is None else self.vector * self.vector
-            squares.values = [0.0 if i in set(self.stacked) else c * c for i, c in enumerate(self.values)]  # type: ignore[operator]
-            self._squares = squares
-        return self._squares
-
-    def per_tensor(self, f: Callable[[torch.Tensor | float], torch.Tensor | float]) -> list[torch.Tensor | float]:
-        """``[f(c_k) for every tensor k]`` (elementwise ``f``; the stacked scales in one call)."""
-        out: list[torch.Tensor | float] = [0.0] * len(self.values)
-        if self.vector is not None:
-            for i, value in zip(self.stacked, f(self.vector).unbind()):  # type: ignore[union-attr]
-                out[i] = value
-        for i in self.others:
-            out[i] = f(self.values[i])
-        return out
+def eager_compiled_code() -> contextlib.AbstractContextManager:
+    """Run code compiled with ``torch.compile`` eagerly inside the block (``torch.compiler.set_stance``;
+    torch >= 2.6, else a no-op): for perturbed passes that register hooks or a function mode,
+    which a compiled graph would otherwise be recompiled for (and then guard on tensors that
+    live for one pass only)."""
+    set_stance = getattr(torch.compiler, "set_stance", None) if hasattr(torch, "compiler") else None
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ built once, in the STE gradient's buffer, and ``G_W = d·(c·ε̄·v)/(ε̄·c²
 noise draw per step). For n > 1 nothing is stored per sample: the guided part of ``G_W`` is
 ``[(1/n) Σ_i d_i·√β·s_i·r/‖g_x‖]·g_W`` (the ``c`` cancels) and the noise part
 ``(1/n) Σ_i d_i·√(1−β)·u_i / c`` regenerates ``u_i`` from its seed (see
-:class:`~fogzo.estimators.base.ZerothOrderMeasurement`). The shifted weights exist one at a
+:class:`~fogzo.estimators.engine.ZerothOrderMeasurement`). The shifted weights exist one at a
 time, around the forward that reads each; a weight read outside every module's forward
 (e.g. in the closure) is shifted for the whole pass (:meth:`PerturbedSet.swapped`).
 
@@ -35,24 +35,13 @@ import torch.distributed as dist
 from torch import nn
 
 from ..smoothing import Smoothing
-from .engine import (
-    NONFINITE_ADVICE,
-    Backward,
-    CallState,
-    Closure,
-    Direction,
-    EstimateInfo,
-    Guide,
-    ScaleSet,
-    StepCounter,
-    ZerothOrderMeasurement,
-    checked_loss,
-    is_distributed,
-    run_backward,
-    run_guarded,
-    set_gradient,
-)
-from .perturbed_set import SIGN_STREAM, PerturbedSet, Snapshot, StateGuard, derive_seed, local_part
+from .base import Backward, Closure, EstimateInfo, checked_loss, run_backward
+from .directions import Direction, Guide, ScaleSet
+from .engine import NONFINITE_ADVICE, ZerothOrderMeasurement, is_distributed
+from .noise import SIGN_STREAM, derive_seed
+from .perturbed_set import PerturbedSet
+from .sharding import local_part
+from .state import CallState, Snapshot, StateGuard, StepCounter, run_guarded, set_gradient
 from .schedules import BetaSchedule, check_beta, constant_beta, linear_beta
 
 __all__ = ["FOGZO"]
@@ -168,7 +157,7 @@ class FOGZO:
 
     def estimate(self, closure: Closure) -> EstimateInfo:
         """One step: fills ``.grad`` (see the module docstring); state contract in
-        :mod:`fogzo.estimators.base`: on failure nothing changes, a skipped step changes
+        :mod:`fogzo.estimators.state`: on failure nothing changes, a skipped step changes
         nothing but the step counter."""
         self.perturbed.check_trainable()
         params = [p for p in self.model.parameters() if p.requires_grad]  # the STE backward writes these

@@ -56,8 +56,10 @@ from torch import nn
 from ..layers import QuantLinear
 from ..quantizers import LevelSet
 from ..smoothing import Smoothing
-from .engine import Closure, EstimateInfo, StepCounter, checked_loss, set_gradient, stash_gradients
-from .perturbed_set import PerturbedSet, PerturbedTensor, StateGuard, block_noise, derive_seed
+from .base import Closure, EstimateInfo, checked_loss
+from .noise import block_noise, derive_seed
+from .perturbed_set import PerturbedSet, PerturbedTensor
+from .state import StateGuard, StepCounter, set_gradient, stash_gradients
 
 __all__ = ["LevelMoves", "SmoothedGradient", "smoothed_partials"]
 

@@ -8,20 +8,11 @@ import torch
 from torch import nn
 
 from ..smoothing import Smoothing
-from .engine import (
-    Backward,
-    CallState,
-    Closure,
-    Direction,
-    EstimateInfo,
-    StepCounter,
-    ZerothOrderMeasurement,
-    checked_loss,
-    gradient_scale,
-    run_guarded,
-    set_gradient,
-)
-from .perturbed_set import PerturbedSet, Snapshot, StateGuard
+from .base import Backward, Closure, EstimateInfo, checked_loss, gradient_scale
+from .directions import Direction
+from .engine import ZerothOrderMeasurement
+from .perturbed_set import PerturbedSet
+from .state import CallState, Snapshot, StateGuard, StepCounter, run_guarded, set_gradient
 
 __all__ = ["SPSA"]
 
@@ -97,7 +88,7 @@ class SPSA:
 
     def estimate(self, closure: Closure) -> EstimateInfo:
         """One step: fills the perturbed parameters' ``.grad``; state contract in
-        :mod:`fogzo.estimators.base`: on failure nothing changes, a skipped step changes
+        :mod:`fogzo.estimators.state`: on failure nothing changes, a skipped step changes
         nothing but the step counter."""
         self.perturbed.check_trainable()
         params = [entry.param for entry in self.perturbed.tensors]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from .engine import Backward, CallState, Closure, EstimateInfo, StepCounter, checked_loss, run_guarded
-from .perturbed_set import Snapshot
+from .base import Backward, Closure, EstimateInfo, checked_loss
+from .state import CallState, Snapshot, StepCounter, run_guarded
 
 __all__ = ["STE"]
 

@@ -39,7 +39,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..estimators import EstimateInfo, Estimator
-from ..estimators.engine import Closure
+from ..estimators.base import Closure
 from . import estimator_logs
 
 __all__ = ["CHECKPOINT_KEY", "FogzoLightningMixin"]

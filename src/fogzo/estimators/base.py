@@ -1,0 +1,177 @@
+"""The estimator protocol: ``estimate(closure) -> EstimateInfo``, its info record, and the
+closure and ``backward=`` hook contracts.
+
+An estimator turns a loss closure into gradients in ``.grad``::
+
+    info = estimator.estimate(lambda: F.cross_entropy(model(x), y))
+    optimizer.step()
+
+The closure runs a *forward pass only* and returns a scalar tensor; the estimator calls it
+as often as it needs (with different weights swapped in), calls ``backward`` itself where
+it needs a first-order gradient, and fills ``.grad`` so that any ``torch.optim`` optimizer,
+scheduler, gradient clipping or AMP scaler works unchanged. Gradients accumulate into an
+existing ``.grad`` as ``backward`` would.
+
+What a failed or skipped call leaves behind: :mod:`fogzo.estimators.state`. The
+zeroth-order passes: :mod:`fogzo.estimators.engine`.
+
+Cost accounting (docs/method.md §5): a forward pass is 1 unit, a backward pass 2 units.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+
+__all__ = [
+    "Backward",
+    "Closure",
+    "EstimateInfo",
+    "Estimator",
+    "NONFINITE_MODES",
+    "SKIP_REASONS",
+    "run_backward",
+]
+
+
+SKIP_REASONS = ("loss", "ste_gradient", "perturbed_loss")
+NONFINITE_MODES = ("raise", "skip", "keep")
+"""``on_nonfinite``: raise ``FloatingPointError``; skip the step (nothing changes but the step
+counter); or keep the STE pass's gradient as back-propagated, finite or not, and flag the step
+skipped — what a loss scaler (``torch.amp.GradScaler``) needs to see an fp16 overflow, skip the
+optimizer step and lower its scale (n-SPSA has no STE gradient: there "keep" is "skip")."""
+"""Values of ``EstimateInfo.skip_reason``: the unperturbed loss ``L(W)`` (the STE pass, or
+n-SPSA's loss pass) was non-finite; the STE gradient was; a perturbed loss was."""
+
+Closure = Callable[[], torch.Tensor]
+Backward = Callable[[torch.Tensor], object]
+"""A ``backward=`` hook: called with the loss, back-propagates it (default ``loss.backward()``).
+
+Training frameworks pass their own: ``accelerator.backward`` (Hugging Face), Lightning's
+``manual_backward``, or ``lambda loss: scaler.scale(loss).backward()`` (AMP). Such a hook may
+scale the loss by a factor ``k`` (loss scaling ``S``, ``1/N`` for gradient accumulation):
+:func:`run_backward` measures ``k`` and the estimators multiply their zeroth-order
+gradients by it, so every ``.grad`` is in the units the optimizer step expects."""
+
+
+@dataclass(frozen=True)
+class EstimateInfo:
+    """What one ``estimate`` call did.
+
+    Attributes:
+        loss: the unperturbed loss ``L(W)`` (for n-SPSA without a loss pass: the mean of
+            the perturbed losses, an estimate of the smoothed loss).
+        forward_passes, backward_passes: passes run by this call.
+        beta: the mixing weight ``β_t`` (``None`` for a plain STE step, 0 for n-SPSA).
+        seed: the step seed from which all noise of this call was derived.
+        step: the estimator's step counter before this call.
+        differences: the finite differences ``d_i`` (empty for STE).
+        zero_differences: how many ``d_i`` are exactly 0 (typically: no quantized weight
+            changed level in the perturbed passes).
+        ste_grad_norm: ``‖g_x‖``, the STE gradient's norm in normalised coordinates.
+        skipped: ``on_nonfinite="skip"`` skipped this step: ``.grad``, parameters and
+            buffers are as before the call (only the step counter advanced).
+        skip_reason: why (one of :data:`SKIP_REASONS`), ``None`` for a step not skipped.
+
+    ``loss`` and ``ste_grad_norm`` may be filled in lazily: an estimator that had no reason
+    to read them on the host (the STE step) stores the device scalar, and the first read of
+    the attribute turns it into a float (one host sync then, none in the step).
+    """
+
+    loss: float
+    forward_passes: int
+    backward_passes: int
+    beta: float | None
+    seed: int | None
+    step: int
+    differences: tuple[float, ...] = ()
+    zero_differences: int = 0
+    ste_grad_norm: float | None = None
+    skipped: bool = False
+    skip_reason: str | None = None
+
+    @property
+    def compute_units(self) -> int:
+        """Forward = 1 unit, backward = 2 units."""
+        return self.forward_passes + 2 * self.backward_passes
+
+    def __getattribute__(self, name: str) -> object:
+        value = object.__getattribute__(self, name)
+        if name in _LAZY_FIELDS and isinstance(value, torch.Tensor):
+            value = float(value)
+            object.__setattr__(self, name, value)
+        return value
+
+
+_LAZY_FIELDS = frozenset({"loss", "ste_grad_norm"})
+
+
+@runtime_checkable
+class Estimator(Protocol):
+    """``estimate(closure) -> EstimateInfo`` plus a resumable step counter."""
+
+    def estimate(self, closure: Closure) -> EstimateInfo: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def run_backward(loss: torch.Tensor, backward: Backward | None) -> float:
+    """Back-propagate ``loss`` through ``backward`` (``None``: ``loss.backward()``); return ``k``.
+
+    ``k`` is the factor by which the hook scales the gradients it produces: the hook gets
+    ``loss + p`` for a float32 zero scalar ``p`` that requires grad (same value, same graph
+    plus one addition), and ``k = p.grad``. Without a hook ``k = 1`` and nothing is added.
+    """
+    if backward is None:
+        loss.backward()
+        return 1.0
+    probe = torch.zeros((), device=loss.device, dtype=torch.float32, requires_grad=True)
+    backward(loss + probe)
+    return _probe_factor(probe)
+
+
+def gradient_scale(backward: Backward | None, device: torch.device) -> float:
+    """``k`` of a ``backward`` hook for an estimator without a backward pass (n-SPSA).
+
+    The hook back-propagates a zero scalar that no parameter contributes to, so it only
+    measures ``k`` (for example the loss scale of an AMP ``GradScaler``).
+    """
+    if backward is None:
+        return 1.0
+    probe = torch.zeros((), device=device, dtype=torch.float32, requires_grad=True)
+    backward(probe * 1.0)  # a non-leaf root, as a loss would be
+    return _probe_factor(probe)
+
+
+def _probe_factor(probe: torch.Tensor) -> float:
+    if probe.grad is None:
+        raise RuntimeError(
+            "the backward= hook did not back-propagate the loss it was given; it must call "
+            "backward on that tensor (for example accelerator.backward(loss) or loss.backward())"
+        )
+    factor = float(probe.grad)
+    if not math.isfinite(factor) or factor == 0.0:
+        raise RuntimeError(f"the backward= hook scales gradients by {factor}; expected a finite non-zero factor")
+    return factor
+
+
+def checked_loss(value: object) -> torch.Tensor:
+    """The closure's return value, which must be a scalar tensor."""
+    if not isinstance(value, torch.Tensor) or value.numel() != 1:
+        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ValueError(f"the closure must return a scalar loss tensor, got {shape}")
+    return value if value.dim() == 0 else value.reshape(())
+
+
+def loss_value(loss: torch.Tensor) -> torch.Tensor:
+    """``loss`` detached, in float32, or float64 for a float64 loss (no operator where it
+    already is): the finite differences of a float64 model keep its precision."""
+    if loss.requires_grad:
+        loss = loss.detach()
+    return loss if loss.dtype in (torch.float32, torch.float64) else loss.float()

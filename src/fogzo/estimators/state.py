@@ -1,0 +1,249 @@
+"""The state guard: what an ``estimate`` call may change, and how it is put back.
+
+State contract (:class:`CallState`). A call that fails — an exception from the closure, a
+non-finite loss with ``on_nonfinite="raise"`` (``FloatingPointError`` saying which pass),
+a ``KeyboardInterrupt`` — leaves the model's parameters, buffers and ``.grad``, the
+estimator's step counter and the global RNG exactly as they were before the call. A
+*skipped* step (``on_nonfinite="skip"``) leaves them as they were too, except that the step
+counter advances (the next step draws new noise): ``.grad`` holds nothing an optimizer
+would apply, and ``info.skipped``/``info.skip_reason`` say which pass was non-finite. With
+``on_nonfinite="keep"`` a skipped step keeps the STE pass's gradient instead, finite or not
+(for loss scalers, see :data:`fogzo.estimators.base.NONFINITE_MODES`).
+
+Within a call, :class:`StateGuard` keeps the perturbed passes from changing the model's
+buffers or the global RNG (every pass sees the STE pass's dropout masks); both copy tensors
+with a :class:`Snapshot` that the estimator keeps between calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from ..quantizers import ActivationQuantizer, WeightQuantizer
+from .base import EstimateInfo
+from .noise import derive_seed
+from .sharding import _is_dtensor
+
+__all__ = ["CallState", "Snapshot", "StateGuard", "StepCounter", "run_guarded", "state_buffers"]
+
+
+class StepCounter:
+    """A step counter and base seed that round-trip through ``state_dict``."""
+
+    def __init__(self, seed: int) -> None:
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise ValueError(f"seed must be an int, got {seed!r}")
+        self.seed = seed
+        self.step = 0
+
+    def step_seed(self) -> int:
+        return derive_seed(self.seed, self.step)
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seed, self.step = int(state["seed"]), int(state["step"])
+
+
+def stash_gradients(params: Sequence[nn.Parameter]) -> list[torch.Tensor | None]:
+    """Take existing ``.grad`` off ``params`` so a backward pass leaves only this step's."""
+    # Under DDP(gradient_as_bucket_view=True) a .grad is a view of a communication bucket
+    # that the next backward overwrites: keep a copy of such gradients.
+    previous = [g.clone() if g is not None and g._base is not None else g for g in (p.grad for p in params)]
+    for p in params:
+        p.grad = None
+    return previous
+
+
+def set_gradient(param: nn.Parameter, gradient: torch.Tensor, previous: torch.Tensor | None) -> None:
+    """``param.grad = gradient + previous`` (accumulation semantics of ``backward``).
+
+    The sum is formed in ``gradient`` (this call's tensor), so ``previous`` stays intact
+    until the assignment. For an FSDP parameter ``gradient`` may be the rank's local part;
+    it becomes a ``DTensor`` with the parameter's layout (no copy).
+    """
+    if _is_dtensor(param) and not _is_dtensor(gradient):
+        from torch.distributed.tensor import DTensor
+
+        gradient = DTensor.from_local(
+            gradient, param.device_mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()
+        )
+    param.grad = gradient if previous is None else gradient.add_(previous)
+
+
+class CallState:
+    """What one ``estimate`` call may change, captured when it starts (see the module docstring).
+
+    ``params`` (those that may receive a gradient) have their ``.grad`` taken off, so the
+    call's passes write fresh tensors; :meth:`commit` adds the previous ones back (as
+    ``backward`` accumulates) and advances the step counter; :meth:`restore` puts back the
+    gradients, buffers (and the step sizes of activation quantizers, which initialise
+    themselves in their first forward), the global RNG and the step counter, and with
+    ``advance=True`` (a skipped step) advances the counter. Cost: one copy of the model's
+    buffers (running statistics, not its weights; not the fixed ``α`` of fogzo's weight
+    quantizers, which no forward writes: :func:`state_buffers`), taken with one operator
+    into a :class:`Snapshot` that the estimator keeps between calls (``snapshot``);
+    ``model=None`` captures no buffers.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | None,
+        params: Sequence[nn.Parameter],
+        counter: StepCounter,
+        snapshot: Snapshot | None = None,
+    ) -> None:
+        self.counter = counter
+        self.step = counter.step
+        self.rng = _rng_state()
+        targets: list[torch.Tensor] = []
+        if model is not None:
+            modules = list(model.modules())
+            targets = state_buffers(model, modules)
+            targets += [p for m in modules if isinstance(m, ActivationQuantizer) for p in m._parameters.values()
+                        if p is not None]
+        self.snapshot = Snapshot() if snapshot is None else snapshot
+        self.snapshot.take(targets)
+        self.params = list(params)
+        self.previous = stash_gradients(self.params)
+
+    def commit(self) -> None:
+        """Success: ``.grad = this call's gradient + the previous one``; the counter advances."""
+        totals = []
+        for param, previous in zip(self.params, self.previous):
+            gradient = param.grad
+            totals.append(previous if gradient is None else gradient if previous is None else gradient.add_(previous))
+        for param, total in zip(self.params, totals):
+            param.grad = total
+        self.counter.step = self.step + 1
+
+    def restore(self, advance: bool = False) -> None:
+        """Failure (or, with ``advance``, a skipped step): everything back as it was."""
+        for param, previous in zip(self.params, self.previous):
+            param.grad = previous
+        self.snapshot.restore()
+        _set_rng_state(self.rng)
+        self.counter.step = self.step + 1 if advance else self.step
+
+
+def run_guarded(state: CallState, step: Callable[[], EstimateInfo]) -> EstimateInfo:
+    """``step()``; on any exception (``KeyboardInterrupt`` too) ``state.restore()`` and re-raise."""
+    try:
+        return step()
+    except BaseException:
+        state.restore()
+        raise
+
+
+class Snapshot:
+    """A copy of some tensors, taken with one ``_foreach_copy_`` into storage that is kept
+    between calls (reallocated when the tensors change), and put back with another.
+
+    Bit-exact (a copy), one operator each way whatever the number of tensors (running
+    statistics of every BatchNorm, say); memory: one copy of the tensors, held by the owner
+    (an estimator) between steps.
+    """
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._storage: list[torch.Tensor] = []
+        self.tensors: list[torch.Tensor] = []
+
+    def take(self, tensors: list[torch.Tensor]) -> None:
+        key = tuple((id(t), t.shape, t.dtype, t.device) for t in tensors)
+        if key != self._key:
+            self._storage = [torch.empty_like(t, requires_grad=False) for t in tensors]
+            self._key = key
+        self.tensors = tensors
+        if tensors:
+            with torch.no_grad():
+                torch._foreach_copy_(self._storage, tensors)
+
+    def restore(self) -> None:
+        if self.tensors:
+            with torch.no_grad():
+                torch._foreach_copy_(self.tensors, self._storage)
+
+
+class StateGuard:
+    """Keeps perturbed passes from changing the model's buffers or the global RNG.
+
+    ``rewind()`` before a pass puts the global RNG back where it was before the STE pass
+    (same dropout masks) and restores any buffer a previous pass wrote; ``close()`` leaves
+    buffers as the STE pass left them and the RNG as it was after the STE pass.
+    ``snapshot``: a :class:`Snapshot` to reuse (an estimator keeps one between steps).
+    """
+
+    def __init__(self, model: nn.Module, snapshot: Snapshot | None = None) -> None:
+        self._model = model
+        self._rng_before = _rng_state()
+        self._rng_after: tuple | None = None
+        self._snapshot = Snapshot() if snapshot is None else snapshot
+        self._taken = False
+        self._ddp_sync: list[tuple[nn.Module, bool]] = []
+
+    def after_first_pass(self) -> None:
+        """Call after the unperturbed (STE) pass: snapshot its buffers and RNG state.
+
+        DistributedDataParallel wrappers stop broadcasting buffers at each forward until
+        :meth:`close`, so perturbed passes issue no collective of their own.
+        """
+        self._rng_after = _rng_state()
+        modules = list(self._model.modules())
+        self._snapshot.take(state_buffers(self._model, modules))
+        self._taken = True
+        for module in modules:
+            if isinstance(module, nn.parallel.DistributedDataParallel):
+                self._ddp_sync.append((module, module.require_forward_param_sync))
+                module.require_forward_param_sync = False
+
+    def rewind(self) -> None:
+        _set_rng_state(self._rng_before)
+        self._restore_buffers()
+
+    def close(self) -> None:
+        self._restore_buffers()
+        if self._rng_after is not None:
+            _set_rng_state(self._rng_after)
+        for module, sync in self._ddp_sync:
+            module.require_forward_param_sync = sync
+        self._ddp_sync = []
+
+    def _restore_buffers(self) -> None:
+        # Always copy: kernels such as batch_norm update running statistics in place
+        # without bumping the tensor's version counter, so a "changed?" check is unreliable.
+        if self._taken:
+            self._snapshot.restore()
+
+
+def state_buffers(model: nn.Module, modules: list[nn.Module] | None = None) -> list[torch.Tensor]:
+    """The buffers of ``model`` that a call may change: all but the fixed step sizes ``α`` of
+    fogzo's weight quantizers, which a forward pass only reads (their values are the
+    hot path's, see :class:`fogzo.WeightQuantizer`), so snapshots skip them. One pass over
+    ``modules`` (default ``list(model.modules())``)."""
+    seen: set[int] = set()
+    buffers = []
+    for module in model.modules() if modules is None else modules:
+        fixed = module.alpha if isinstance(module, WeightQuantizer) and not isinstance(module.alpha, nn.Parameter) else None
+        for buffer in module._buffers.values():
+            if buffer is None or buffer is fixed or id(buffer) in seen:
+                continue
+            seen.add(id(buffer))
+            buffers.append(buffer)
+    return buffers
+
+
+def _rng_state() -> tuple:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state: tuple) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
