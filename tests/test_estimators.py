@@ -741,6 +741,19 @@ def test_block_noise_of_any_range_is_the_slice_of_the_whole(law, monkeypatch):
         noise.block_noise(smoothing, key, (10,), torch.device("cpu"), torch.float32, 475, 481)
 
 
+def test_the_old_perturbation_module_re_exports_the_moved_names():
+    """fogzo.estimators.perturbation was split by concern; its public names still import from
+    there and are the very objects of their new homes."""
+    from fogzo.estimators import noise, perturbation, perturbed_set, sharding, state
+
+    homes = {"block_noise": noise, "counter_noise": noise, "counter_bits": noise, "derive_seed": noise,
+             "NOISE_STREAMS": noise, "SIGN_STREAM": noise, "PerturbedSet": perturbed_set,
+             "PerturbedTensor": perturbed_set, "local_part": sharding, "Snapshot": state, "StateGuard": state,
+             "state_buffers": state}
+    for name, home in homes.items():
+        assert getattr(perturbation, name) is getattr(home, name), name
+    assert set(homes) <= set(perturbation.__all__)
+
 
 def test_counter_noise_is_splitmix64_of_the_global_coordinate():
     """counter_bits(key, j) is the (j+1)-th SplitMix64 output seeded with key (wrapping int64)."""
