@@ -39,6 +39,11 @@ class SPSA:
     forward (same noise, same result up to float summation order): much faster for large
     ``n`` on small models, at K times the memory of the perturbed weights. The model must
     be vmappable (no in-place buffer writes in the forward, e.g. no BatchNorm in training).
+    Known exception to "same result": dropout inside attention (``nn.MultiheadAttention``,
+    ``nn.TransformerEncoderLayer`` in training mode, through ``scaled_dot_product_attention``)
+    draws other masks under vmap than in the one-by-one passes, so the finite differences then
+    carry dropout noise; ``nn.Dropout`` layers are reproduced. Use ``vectorize=None`` (or
+    attention dropout 0) for such models.
 
     ``backward``: n-SPSA runs no backward pass; a hook (``accelerator.backward``, an AMP
     scaler's ``scale(loss).backward()``) is called once per step on a zero scalar no
