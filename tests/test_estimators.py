@@ -1043,3 +1043,42 @@ def test_weight_frozen_after_the_estimator_was_built_raises():
     with pytest.raises(ValueError, match=r"\['0.weight'\] were frozen"):
         estimator.estimate(lambda: F.cross_entropy(model(x), y))
     assert model[0].weight.grad is None
+
+
+def test_vectorize_refuses_a_model_whose_random_ops_vmap_does_not_reproduce():
+    """nn.TransformerEncoderLayer in training mode: the masks of its dropouts differ under vmap
+    (attention runs through vmap's fallback), so vectorized finite differences would carry
+    dropout noise. The first vectorized step is checked against one looped pass and refused,
+    with nothing changed; the same model in eval mode, and nn.Dropout layers, pass the check."""
+
+    def make(dropout_model: bool):
+        torch.manual_seed(0)
+        if dropout_model:
+            return nn.Sequential(nn.TransformerEncoderLayer(16, 4, 32, dropout=0.1, batch_first=True))
+        return nn.Sequential(nn.Linear(16, 32), nn.Dropout(0.1), nn.Linear(32, 16), nn.Dropout(0.1))
+
+    x = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(1))
+    target = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(2))
+
+    model = make(True).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    estimator = fogzo.SPSA(model, n=3, vectorize=3, seed=0, perturb="all")
+    with pytest.raises(ValueError, match="vectorize=None"):
+        estimator.estimate(lambda: F.mse_loss(model(x), target))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+
+    for dropout_model, mode in ((True, "eval"), (False, "train")):
+        model = make(dropout_model)
+        getattr(model, mode)()
+        loss = float(F.mse_loss(model(x), target))
+        estimator = fogzo.SPSA(model, n=3, seed=0, perturb="all")
+        torch.manual_seed(1)  # the same dropout masks for both
+        looped = estimator.estimate(lambda: F.mse_loss(model(x), target))
+        torch.manual_seed(1)
+        vectorized = fogzo.SPSA(model, n=3, vectorize=3, seed=0, perturb="all").estimate(
+            lambda: F.mse_loss(model(x), target))
+        # d = (L₊ − L₋)/(2ε̄): each loss may move by the check's 256 ulps (eval mode runs torch's
+        # fused kernels alone, not under vmap), so d by 256·eps·|L|/ε̄ (|L₊| ≈ |L₋| ≈ 2|L| at most)
+        bound = 2 * 256 * torch.finfo(torch.float32).eps * loss / estimator.perturbed.smoothing.eps_bar
+        assert vectorized.differences == pytest.approx(looped.differences, rel=0, abs=bound)

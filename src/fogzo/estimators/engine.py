@@ -118,6 +118,7 @@ class ZerothOrderMeasurement:
         self.one_sided = one_sided
         self.on_nonfinite = on_nonfinite
         self.vectorize = vectorize
+        self._vmap_checked = False  # the first vectorized chunk is checked against one looped pass
 
     @property
     def passes_per_sample(self) -> int:
@@ -174,7 +175,19 @@ class ZerothOrderMeasurement:
                         for entry in self.perturbed.tensors
                     ]
                     guard.rewind()
-                    losses.extend(loss_value(self._vectorized_losses(closure, stacks)).unbind())
+                    vectorized = loss_value(self._vectorized_losses(closure, stacks))
+                    if not self._vmap_checked:
+                        # Once: the first pass again, one by one. vmap reproduces nn.Dropout's
+                        # masks but not every random op (attention under vmap's fallback).
+                        direction, sign = chunk[0]
+                        guard.rewind()
+                        with no_autograd(), eager_compiled_code(), self.perturbed.shifted(
+                            lambda e: shift(e, direction, sign), ready=False
+                        ):
+                            looped = loss_value(checked_loss(closure()))
+                        self._check_vectorized(float(vectorized[0]), float(looped), vectorized.dtype)
+                        self._vmap_checked = True
+                    losses.extend(vectorized.unbind())
         finally:
             guard.close()
         if self.one_sided:
@@ -224,6 +237,20 @@ class ZerothOrderMeasurement:
         if self.on_nonfinite == "raise":
             raise FloatingPointError(f"{message}; {NONFINITE_ADVICE}")
         return Verdict(loss, norm_value, losses, differences, reason, message)
+
+    @staticmethod
+    def _check_vectorized(vectorized: float, looped: float, dtype: torch.dtype) -> None:
+        """Refuse ``vectorize`` when vmap does not reproduce the one-by-one pass: summation
+        order may differ by a few hundred ulps of the loss, a different dropout mask by far more."""
+        if not (math.isfinite(vectorized) and math.isfinite(looped)):
+            return  # the non-finite handling reports these
+        tolerance = 256 * torch.finfo(dtype).eps * max(abs(vectorized), abs(looped), 1e-30)
+        if abs(vectorized - looped) > tolerance:
+            raise ValueError(
+                f"vectorize: the vmapped perturbed pass gives loss {vectorized!r}, the same pass run "
+                f"alone {looped!r}: the model draws random numbers that torch.func.vmap does not "
+                "reproduce (e.g. dropout after attention in training mode); use vectorize=None"
+            )
 
     def _vectorized_losses(self, closure: Closure, stacks: list[torch.Tensor]) -> torch.Tensor:
         """Losses of a stack of perturbed weight sets in one ``torch.func.vmap`` forward."""

@@ -39,11 +39,10 @@ class SPSA:
     forward (same noise, same result up to float summation order): much faster for large
     ``n`` on small models, at K times the memory of the perturbed weights. The model must
     be vmappable (no in-place buffer writes in the forward, e.g. no BatchNorm in training).
-    Known exception to "same result": dropout inside attention (``nn.MultiheadAttention``,
-    ``nn.TransformerEncoderLayer`` in training mode, through ``scaled_dot_product_attention``)
-    draws other masks under vmap than in the one-by-one passes, so the finite differences then
-    carry dropout noise; ``nn.Dropout`` layers are reproduced. Use ``vectorize=None`` (or
-    attention dropout 0) for such models.
+    vmap reproduces ``nn.Dropout``'s masks but not every random op's (``nn.TransformerEncoderLayer``
+    in training mode: attention runs through vmap's fallback and the later masks differ), so
+    the first vectorized step runs its first pass once more on its own and raises a
+    ``ValueError`` (nothing changed) if the two losses differ beyond summation order.
 
     ``backward``: n-SPSA runs no backward pass; a hook (``accelerator.backward``, an AMP
     scaler's ``scale(loss).backward()``) is called once per step on a zero scalar no
