@@ -52,6 +52,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .state import _rng_state, _set_rng_state  # saving the global RNG is not the method under test
+
 __all__ = ["ReferenceStep", "beta_at", "fogzo_step", "guide", "spsa_step", "ste_pass"]
 
 Scale = torch.Tensor | float
@@ -242,15 +244,3 @@ def spsa_step(
     result, differences, losses = _measure(evaluate, scales, directions, eps_bar=eps_bar, one_sided=one_sided,
                                            loss0=loss0)
     return ReferenceStep(result, differences, losses, directions, None, loss0)
-
-
-def _rng_state() -> tuple:
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    return torch.get_rng_state(), cuda
-
-
-def _set_rng_state(state: tuple) -> None:
-    cpu, cuda = state
-    torch.set_rng_state(cpu)
-    if cuda is not None:
-        torch.cuda.set_rng_state_all(cuda)
