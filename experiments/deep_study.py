@@ -182,7 +182,9 @@ def run_family(families: list[str], out: Path, workers: int, archive_path: Path 
     started, running, todo_all = time.time(), {}, {}
     with ThreadPoolExecutor(workers) as pool:
         while True:
-            todo = [run for family in families for run in needed(family, out) if run.name not in running]
+            # Row by row (2-bit for every family, then 1-bit), so that whole rows finish first.
+            pending = [run for family in families for run in needed(family, out) if run.name not in running]
+            todo = sorted(pending, key=lambda run: list(ROWS).index(run.row))  # stable: family order within a row
             for run in todo[: max(0, workers - len(running))]:
                 running[run.name] = pool.submit(_execute, run, out)
                 todo_all[run.name] = run

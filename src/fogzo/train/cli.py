@@ -6,7 +6,9 @@
 Every config key is an option: ``--estimator=fogzo --lr=3e-3 --seed=1 --steps=500``,
 ``--time-budget 120``, ``--device cuda``, ``--autocast bf16``, ``--threads 1``,
 ``--data-dir PATH``, ``--text-file PATH``, ``--one-sided`` / ``--no-augment``
-(``-`` and ``_`` are interchangeable). ``--help-keys`` lists them with their defaults.
+(``-`` and ``_`` are interchangeable), also with its section (``--optim.lr=3e-3``): the
+syntax ``fogzo reproduce`` shares (:func:`fogzo.train.config_io.parse_command_line`).
+``--help-keys`` lists them with their defaults.
 
 The run folder (``--out``, default ``runs/<name>-<estimator>-lr<lr>-seed<seed>``) is never
 overwritten silently: a folder that holds files needs ``--resume`` (continue that run; the
@@ -34,7 +36,7 @@ from pathlib import Path
 
 from .config import _HINTS, FIELDS, SECTIONS, ConfigError, _members, _type_name, load_config, parse_overrides, parse_value
 
-__all__ = ["EXIT_CODES", "add_train_parser", "main", "run_from_args"]
+__all__ = ["EXIT_CODES", "KeepUnknownOptions", "add_train_parser", "main", "run_from_args"]
 
 #: Exit status of ``fogzo train`` (and of ``fogzo reproduce``).
 EXIT_CODES = {
@@ -47,7 +49,7 @@ EXIT_CODES = {
 DESCRIPTION = "Train a quantized model with the STE, FOGZO or n-SPSA gradient estimator."
 EPILOG = (
     "Every config key is an option (--key=value or --key value; --flag / --no-flag for "
-    "booleans; - and _ are interchangeable). --help-keys lists the keys with their defaults. "
+    "booleans; - and _ are interchangeable; the key alone or with its section, --optim.lr=3e-3). --help-keys lists the keys with their defaults. "
     "A run folder that holds files needs --resume or --overwrite. Exit status: 0 done, "
     "1 diverged, 2 usage or config error, 130 interrupted (checkpoint saved; --resume continues)."
 )
@@ -101,9 +103,10 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-class _TrainParser(argparse.ArgumentParser):
-    """Keeps unrecognised arguments (``extra``) so that a wrong key gets the config's error
-    message (with the valid keys and a did-you-mean) instead of argparse's generic one."""
+class KeepUnknownOptions(argparse.ArgumentParser):
+    """Keeps unrecognised arguments (``extra``) for the config's own parser
+    (:func:`fogzo.train.config_io.parse_command_line`), so that a wrong key gets the config's
+    error message (with the valid keys and a did-you-mean) instead of argparse's generic one."""
 
     def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
         namespace, extra = super().parse_known_args(args, namespace)
@@ -123,7 +126,7 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         epilog=EPILOG,
         allow_abbrev=False,
     )
-    parser.__class__ = _TrainParser
+    parser.__class__ = KeepUnknownOptions
     return _configure(parser)
 
 

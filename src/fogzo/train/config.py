@@ -16,15 +16,20 @@ unique across sections). A ``[quick]`` table holds overrides applied by ``--quic
     eval_size = 200
 
 Resolution order: defaults < file < ``[quick]`` (with ``--quick``) < command-line overrides.
-Overrides are ``--key=value``, ``--key value``, ``--flag`` / ``--no-flag`` for booleans;
-``-`` and ``_`` are interchangeable in keys. Values are parsed and type-checked against the
-field's type; an unknown key raises :class:`ConfigError` listing the valid keys.
+Overrides use the syntax shared with ``fogzo reproduce`` (:func:`fogzo.train.config_io.parse_command_line`):
+``--key=value``, ``--key value``, ``--flag`` / ``--no-flag`` for booleans, the key bare
+(``--lr``) or with its section (``--optim.lr``); ``-`` and ``_`` are interchangeable. Values
+are parsed and type-checked against the field's type; an unknown key raises
+:class:`ConfigError` listing the valid keys.
+
+The ``[estimator]`` section is the estimator's keyword arguments: :func:`estimator_options`
+passes it to ``fogzo.FOGZO`` (or the subset ``fogzo.SPSA`` takes) unchanged, apart from
+``estimator`` (which class) and the arguments the run fixes (``total_steps``, ``seed``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import math
 import types
@@ -35,6 +40,8 @@ from typing import Any
 
 from . import config_io
 from .config_io import ConfigError  # a config file or override is wrong (unknown key, bad type, bad value)
+from .config_io import _members, toml_parser  # noqa: F401  (toml_parser: re-exported, tests hide tomllib through it)
+from .config_io import type_name as _type_name
 
 __all__ = [
     "ConfigError",
@@ -42,6 +49,7 @@ __all__ = [
     "SECTIONS",
     "TrainConfig",
     "config_from_dict",
+    "estimator_options",
     "load_config",
     "parse_overrides",
     "parse_value",
@@ -108,6 +116,11 @@ class TrainConfig:
     normalize: str = _f("global", "estimator", "fogzo: guide normalisation", ("global", "tensor"))
     on_nonfinite: str = _f("raise", "estimator", "non-finite perturbed loss", ("raise", "skip"))
     vectorize: int | None = _f(None, "estimator", "perturbed passes per vmap forward (None: one by one)")
+    noise_stream: str = _f(
+        "blocks", "estimator", "noise generator: per-block torch generators, or counter-based (docs/performance.md)",
+        ("blocks", "counter"),
+    )
+    compile_noise: bool = _f(False, "estimator", "noise_stream=counter: draw the noise in torch.compile kernels")
     # ------------------------------------------------------------------ optim
     optimizer: str = _f("adamw", "optim", "optimizer", ("adamw", "sgd"))
     lr: float = _f(1e-3, "optim", "peak learning rate")
@@ -191,6 +204,38 @@ RUN_CONTROL_KEYS = frozenset(
 )
 
 
+#: The estimator classes' arguments that the run fixes, not the ``[estimator]`` section.
+RUN_FIXED_ESTIMATOR_ARGS = frozenset({"model", "total_steps", "seed", "smoothing", "backward", "report_loss"})
+
+
+def estimator_options(config: TrainConfig, kind: str | None = None) -> dict[str, Any]:
+    """The ``[estimator]`` section as keyword arguments of the estimator class ``kind``.
+
+    ``fogzo``: every key of the section but ``estimator``; ``spsa``: the keys ``fogzo.SPSA``
+    takes (the FOGZO-only ones must keep their defaults); ``ste``: none (``fogzo.STE`` takes
+    no options; the section's values are ignored). The run adds ``total_steps`` and ``seed``.
+    """
+    kind = kind or config.estimator
+    options = {name: getattr(config, name) for name, f in FIELDS.items()
+               if f.metadata["section"] == "estimator" and name != "estimator"}
+    if kind == "fogzo":
+        return options
+    if kind == "ste":
+        return {}
+    import inspect
+
+    from ..estimators import SPSA
+
+    accepted = set(inspect.signature(SPSA).parameters)
+    ignored = {name: value for name, value in options.items()
+               if name not in accepted and value != FIELDS[name].default}
+    if ignored:
+        raise ConfigError(
+            f"{', '.join(sorted(ignored))} appl{'ies' if len(ignored) == 1 else 'y'} to estimator=fogzo only"
+        )
+    return {name: value for name, value in options.items() if name in accepted}
+
+
 def valid_keys_message() -> str:
     lines = []
     for section in SECTIONS:
@@ -200,40 +245,25 @@ def valid_keys_message() -> str:
 
 
 def _unknown_key(key: str, where: str) -> ConfigError:
-    close = difflib.get_close_matches(key, list(FIELDS), n=3)
-    hint = f" (did you mean {' or '.join(close)}?)" if close else ""
-    return ConfigError(f"unknown config key {key!r} in {where}{hint}; {valid_keys_message()}")
+    return config_io.unknown_key_error(key, where, list(ALIASES), valid_keys_message())
 
 
 def _normalise_key(key: str) -> str:
-    return key.strip().lstrip("-").replace("-", "_")
+    return config_io.normalise_key(key)
 
 
 # ---------------------------------------------------------------------------- values
-# Type coercion is :mod:`fogzo.train.config_io`'s (shared with ``fogzo reproduce``).
+# Type coercion and the command-line syntax are :mod:`fogzo.train.config_io`'s (shared
+# with ``fogzo reproduce``).
 
-
-def _members(hint: Any) -> tuple[Any, ...]:
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return typing.get_args(hint)
-    return (hint,)
-
-
-def _type_name(hint: Any) -> str:
-    names = []
-    for member in _members(hint):
-        if member is type(None):
-            names.append("None")
-        elif typing.get_origin(member) is tuple:
-            names.append("comma-separated list")
-        else:
-            names.append(getattr(member, "__name__", str(member)))
-    return " | ".join(names)
+#: Every spelling of a key: ``lr`` and ``optim.lr``.
+ALIASES = config_io.key_aliases(FIELDS, {name: f.metadata["section"] for name, f in FIELDS.items()})
 
 
 def parse_value(key: str, text: str) -> Any:
     """Parse the command-line string ``text`` for field ``key`` (type-checked)."""
     key = _normalise_key(key)
+    key = ALIASES.get(key, key)
     if key not in FIELDS:
         raise _unknown_key(key, "the command line")
     hint = _HINTS[key]
@@ -284,8 +314,8 @@ def _validate(config: TrainConfig) -> None:
         raise ConfigError(f"threads must be >= 1, got {config.threads}")
     if config.dropout is not None and not 0.0 <= config.dropout < 1.0:
         raise ConfigError(f"dropout must lie in [0, 1), got {config.dropout}")
-    if config.estimator == "spsa" and config.ste_fraction:
-        raise ConfigError("ste_fraction applies to estimator=fogzo only")
+    if config.estimator == "spsa":
+        estimator_options(config)  # FOGZO-only keys changed for SPSA
 
 
 def config_from_dict(values: dict[str, Any], where: str = "a dict") -> TrainConfig:
@@ -345,94 +375,18 @@ def _flatten(table: dict[str, Any], where: str) -> tuple[dict[str, Any], dict[st
     return flat, quick
 
 
-def toml_parser() -> types.ModuleType:
-    """``tomllib`` (Python >= 3.11), else ``tomli`` (the same parser; a dependency on 3.10)."""
-    try:
-        import tomllib
-    except ModuleNotFoundError:
-        try:
-            import tomli as tomllib
-        except ModuleNotFoundError:
-            raise ConfigError(
-                "reading a TOML config on Python < 3.11 needs the tomli package: pip install 'tomli>=1.1' "
-                "(or use a JSON config)"
-            ) from None
-    return tomllib
-
-
 def read_config_file(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """Parse a ``.toml`` or ``.json`` config file into (flat values, quick overrides).
 
-    Every way a file can be unreadable (missing, a folder, not UTF-8, malformed JSON or
-    TOML, not a table) is a :class:`ConfigError` naming the file and, for syntax errors,
-    the line and column.
+    Unreadable files are :func:`fogzo.train.config_io.read_table`'s one-line errors.
     """
-    path = Path(path)
-    if path.is_dir():
-        raise ConfigError(f"config file {path} is a folder; pass a .toml or .json file")
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise ConfigError(
-            f"config file {path} is not UTF-8 text (byte {error.start}: {error.reason}); save it as UTF-8"
-        ) from None
-    except OSError as error:
-        raise ConfigError(f"cannot read config file {path}: {error.strerror or error}") from None
-    if path.suffix.lower() == ".json":
-        try:
-            table = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise ConfigError(f"{path} is not valid JSON: {error.msg} (line {error.lineno}, column {error.colno})") from None
-    else:
-        toml = toml_parser()
-        try:
-            table = toml.loads(text)
-        except toml.TOMLDecodeError as error:
-            raise ConfigError(f"{path} is not valid TOML: {error}") from None
-    if not isinstance(table, dict):
-        raise ConfigError(f"{path} must hold a table of keys, got a JSON {type(table).__name__}")
-    return _flatten(table, str(path))
+    return _flatten(config_io.read_table(path), str(Path(path)))
 
 
 def parse_overrides(tokens: list[str]) -> dict[str, Any]:
-    """``["--lr=3e-3", "--seed", "1", "--one-sided", "--no-augment"]`` → typed values."""
-    overrides: dict[str, Any] = {}
-    index = 0
-    while index < len(tokens):
-        token = tokens[index]
-        if not token.startswith("--") or token == "--":
-            raise ConfigError(f"expected --key=value, got {token!r}; {valid_keys_message()}")
-        body = token[2:]
-        if "=" in body:
-            key, text = body.split("=", 1)
-            index += 1
-        else:
-            key = _normalise_key(body)
-            negated = key.startswith("no_") and key[3:] in FIELDS and key not in FIELDS
-            name = key[3:] if negated else key
-            if name not in FIELDS:
-                raise _unknown_key(key, "the command line")
-            is_bool = bool in _members(_HINTS[name])
-            following = tokens[index + 1] if index + 1 < len(tokens) else None
-            if negated:
-                if not is_bool:
-                    raise ConfigError(f"--no-{name.replace('_', '-')}: {name} is not a boolean")
-                overrides[name] = False
-                index += 1
-                continue
-            if is_bool and (following is None or following.startswith("--")):
-                overrides[name] = True
-                index += 1
-                continue
-            if following is None or following.startswith("--"):
-                raise ConfigError(f"--{body} needs a value (expected {_type_name(_HINTS[name])})")
-            text = following
-            index += 2
-        name = _normalise_key(key)
-        overrides[name] = parse_value(name, text)
-    return overrides
+    """``["--lr=3e-3", "--seed", "1", "--one-sided", "--no-augment", "--optim.lr=1e-3"]`` → typed values."""
+    texts = config_io.parse_command_line(tokens, _HINTS, ALIASES, valid_keys_message())
+    return {name: parse_value(name, text) for name, text in texts.items()}
 
 
 def load_config(

@@ -8,23 +8,41 @@ Used by :class:`fogzo.train.config.TrainConfig` and :class:`fogzo.reproduce.mnis
   ``lrs=1e-3,3e-3``, parsed by the field's type.
 * :func:`format_config`: one ``name = value`` line per field.
 * :class:`ConfigError`: a config, option, file or output folder is wrong.
+
+The one command-line syntax of ``fogzo train`` and ``fogzo reproduce`` (and of
+``python -m fogzo.train.compare``) is parsed here by :func:`parse_command_line`: a key is
+its TOML path, dotted (``--optim.lr=3e-3``, ``--fogzo.beta-min=0.99``), or its last part
+alone where no other key ends the same way (``--lr=3e-3``, ``--beta-min=0.99``); ``--key=value``
+or ``--key value``; ``--flag`` / ``--no-flag`` for booleans; ``-`` and ``_`` are
+interchangeable. Config files (TOML or JSON) are read by :func:`read_table`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
+import math
 import types
 import typing
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 __all__ = [
     "ConfigError",
     "apply_overrides",
+    "apply_table",
     "config_from_dict",
+    "config_keys",
     "config_to_dict",
     "format_config",
+    "key_aliases",
+    "normalise_key",
+    "parse_command_line",
+    "read_table",
+    "toml_parser",
+    "type_name",
 ]
 
 
@@ -165,7 +183,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             try:
                 return int(text)
             except ValueError:
-                number = float(text)  # accepts "2e3"
+                try:
+                    number = float(text)  # accepts "2e3"
+                except ValueError:
+                    number = math.nan
                 if number.is_integer():
                     return int(number)
         raise ValueError(f"{key}: expected an int, got {value!r}")
@@ -175,7 +196,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, (int, float)):
             return float(value)
         if isinstance(value, str):
-            return float(value)
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ValueError(f"{key}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
@@ -200,3 +224,222 @@ def format_config(config: Any, indent: str = "  ") -> str:
     walk(config, indent)
     return "\n".join(lines)
 
+
+
+# ------------------------------------------------------------ the command-line syntax
+
+
+def config_keys(cls: type) -> dict[str, Any]:
+    """Every settable key of dataclass ``cls`` → its type; nested dataclasses give dotted keys."""
+    keys: dict[str, Any] = {}
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        if not field.init:
+            continue
+        hint = hints[field.name]
+        if dataclasses.is_dataclass(hint):
+            keys.update({f"{field.name}.{inner}": tp for inner, tp in config_keys(hint).items()})
+        else:
+            keys[field.name] = hint
+    return keys
+
+
+def key_aliases(keys: Iterable[str], sections: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Every spelling of a key → the key: the key itself, ``section.key`` where ``sections``
+    gives a flat key a section, and a dotted key's last part where no other key ends so."""
+    keys = list(keys)
+    aliases = {key: key for key in keys}
+    for key, section in (sections or {}).items():
+        aliases[f"{section}.{key}"] = key
+    last_parts: dict[str, list[str]] = {}
+    for key in keys:
+        last_parts.setdefault(key.rsplit(".", 1)[-1], []).append(key)
+    for last, owners in last_parts.items():
+        if len(owners) == 1 and last not in aliases:
+            aliases[last] = owners[0]
+    return aliases
+
+
+def normalise_key(text: str) -> str:
+    """``--fogzo.beta-min`` → ``fogzo.beta_min`` (``-`` and ``_`` are interchangeable)."""
+    return text.strip().lstrip("-").replace("-", "_")
+
+
+def _members(hint: Any) -> tuple[Any, ...]:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return typing.get_args(hint)
+    return (hint,)
+
+
+def type_name(hint: Any) -> str:
+    """``int | None`` → ``"int | None"``; tuples read as a comma-separated list."""
+    names = []
+    for member in _members(hint):
+        if member is type(None):
+            names.append("None")
+        elif typing.get_origin(member) is tuple:
+            names.append("comma-separated list")
+        else:
+            names.append(getattr(member, "__name__", str(member)))
+    return " | ".join(names)
+
+
+def unknown_key_error(key: str, where: str, aliases: Iterable[str], valid: str) -> ConfigError:
+    """The one-line error for a key that is not a config key, with a did-you-mean."""
+    # A dotted key is compared with the dotted spellings; a bare one with every key's last
+    # part (its bare spelling where there is one: lr for lr_rate, a.eps or b.eps for eps).
+    pool: dict[str, list[str]] = {}
+    for alias in aliases:
+        if "." in key:
+            if "." in alias:
+                pool[alias] = [alias]
+            continue
+        last = alias.rsplit(".", 1)[-1]
+        if last == alias:
+            pool[last] = [alias]
+        elif last not in pool or "." in pool[last][0]:
+            pool.setdefault(last, []).append(alias)
+    close = [alias for match in difflib.get_close_matches(key, list(pool), n=3) for alias in pool[match]]
+    hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+    return ConfigError(f"unknown config key {key!r} in {where}{hint}; {valid}")
+
+
+def parse_command_line(
+    tokens: Iterable[str], keys: Mapping[str, Any], aliases: Mapping[str, str], valid: str
+) -> dict[str, str]:
+    """Command-line overrides → ``{key: text}`` (a later one wins); the texts are not parsed yet.
+
+    ``tokens`` are ``--key=value``, ``--key value``, ``--flag`` or ``--no-flag`` (booleans:
+    the text becomes ``"true"`` / ``"false"``); a key is any spelling in ``aliases`` (see
+    :func:`key_aliases`), with ``-`` and ``_`` interchangeable. ``keys`` maps each key to its
+    type. An unknown key, a missing value or a stray word is a :class:`ConfigError` whose
+    message ends with ``valid`` (the list of keys).
+    """
+    tokens = list(tokens)
+    texts: dict[str, str] = {}
+    index = 0
+    while index < len(tokens):
+        token = tokens[index]
+        if not token.startswith("--") or token == "--":
+            raise ConfigError(f"expected --key=value, got {token!r}; {valid}")
+        body = token[2:]
+        if "=" in body:
+            spelled, text = body.split("=", 1)
+            name = normalise_key(spelled)
+            if name not in aliases:
+                raise unknown_key_error(name, "the command line", aliases, valid)
+            texts[aliases[name]] = text
+            index += 1
+            continue
+        name = normalise_key(body)
+        head, _, last = name.rpartition(".")
+        negated = [spelling for spelling in (  # --no-fogzo.one-sided and --fogzo.no-one-sided
+            name[3:] if name.startswith("no_") else None,
+            f"{head}.{last[3:]}" if head and last.startswith("no_") else None,
+        ) if spelling in aliases]
+        if name not in aliases and negated:
+            key = aliases[negated[0]]
+            if bool not in _members(keys[key]):
+                raise ConfigError(f"--{body}: {key} is not a boolean")
+            texts[key] = "false"
+            index += 1
+            continue
+        if name not in aliases:
+            raise unknown_key_error(name, "the command line", aliases, valid)
+        key = aliases[name]
+        following = tokens[index + 1] if index + 1 < len(tokens) else None
+        if following is None or following.startswith("--"):
+            if bool not in _members(keys[key]):
+                raise ConfigError(f"--{body} needs a value (expected {type_name(keys[key])})")
+            texts[key] = "true"
+            index += 1
+            continue
+        texts[key] = following
+        index += 2
+    return texts
+
+
+# -------------------------------------------------------------------- config files
+
+
+def toml_parser() -> types.ModuleType:
+    """``tomllib`` (Python >= 3.11), else ``tomli`` (the same parser; a dependency on 3.10)."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:
+        try:
+            import tomli as tomllib
+        except ModuleNotFoundError:
+            raise ConfigError(
+                "reading a TOML config on Python < 3.11 needs the tomli package: pip install 'tomli>=1.1' "
+                "(or use a JSON config)"
+            ) from None
+    return tomllib
+
+
+def read_table(path: str | Path) -> dict[str, Any]:
+    """The table of keys in a ``.toml`` or ``.json`` config file.
+
+    Every way a file can be unreadable (missing, a folder, not UTF-8, malformed JSON or
+    TOML, not a table) is a :class:`ConfigError` naming the file and, for syntax errors,
+    the line and column.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; pass a .toml or .json file")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text (byte {error.start}: {error.reason}); save it as UTF-8"
+        ) from None
+    except OSError as error:
+        raise ConfigError(f"cannot read config file {path}: {error.strerror or error}") from None
+    if path.suffix.lower() == ".json":
+        try:
+            table = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"{path} is not valid JSON: {error.msg} (line {error.lineno}, column {error.colno})") from None
+    else:
+        toml = toml_parser()
+        try:
+            table = toml.loads(text)
+        except toml.TOMLDecodeError as error:
+            raise ConfigError(f"{path} is not valid TOML: {error}") from None
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path} must hold a table of keys, got a JSON {type(table).__name__}")
+    return table
+
+
+def apply_table(config: Any, table: Mapping[str, Any], where: str) -> Any:
+    """A copy of dataclass ``config`` with a config file's ``table`` applied.
+
+    Nested tables set nested dataclasses (``[fogzo]`` → ``config.fogzo``); keys starting with
+    ``_`` are comments; ``-`` and ``_`` are interchangeable. Unknown keys and wrong types are
+    a :class:`ConfigError` naming ``where``.
+    """
+    hints = typing.get_type_hints(type(config))
+    names = [field.name for field in dataclasses.fields(config) if field.init]
+    changes: dict[str, Any] = {}
+    for spelled, value in table.items():
+        if spelled.startswith("_"):
+            continue
+        name = normalise_key(spelled)
+        if name not in names:
+            valid = ", ".join(names)
+            raise unknown_key_error(name, where, names, f"{type(config).__name__} has: {valid}")
+        if dataclasses.is_dataclass(hints[name]):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{name} in {where}: expected a table, got {value!r}")
+            changes[name] = apply_table(getattr(config, name), value, f"{where} [{name}]")
+            continue
+        try:
+            changes[name] = _coerce(value, hints[name], name)
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"{where}: {error}") from None
+    try:
+        return dataclasses.replace(config, **changes) if changes else config
+    except (TypeError, ValueError) as error:  # the dataclass's own checks
+        raise ConfigError(f"{where}: {error}") from None
