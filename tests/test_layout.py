@@ -130,3 +130,14 @@ def test_import_fogzo_loads_no_harness_module():
     assert Path(where).resolve() == PACKAGE / "__init__.py"  # this tree's fogzo
     assert "fogzo.estimators" in loaded
     assert [name for name in loaded if _is_harness(name)] == []
+
+
+@pytest.mark.parametrize("folder", ["src", "tests", "benchmarks", "experiments", "examples"])
+def test_every_file_parses_as_python_3_10(folder):
+    """pyproject says requires-python >= 3.10: no syntax newer than 3.10 (``except*``, PEP 695
+    type parameters, ...). The standard-library side (tomllib) is the tomli fallback's test."""
+    root = Path(__file__).resolve().parents[1] / folder
+    files = sorted(root.rglob("*.py"))
+    assert files
+    for path in files:
+        ast.parse(path.read_text(encoding="utf-8"), filename=str(path), feature_version=(3, 10))
