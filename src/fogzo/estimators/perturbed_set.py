@@ -43,7 +43,7 @@ from .noise import (
     derive_seed,
 )
 from .read_plan import _ReadCheck, _ReadPlan
-from .sharding import _fsdp_forward_records, _is_dtensor, _is_fsdp, _shard_rows, local_part
+from .sharding import _is_dtensor, _is_fsdp, _shard_rows, local_part, shifted_shards
 
 __all__ = ["PerturbedSet", "PerturbedTensor"]
 
@@ -301,10 +301,8 @@ class PerturbedSet:
         with no forward hooks (a compiled model keeps its graphs). Passes whose reads are
         still being checked (:meth:`swapped`) always use the hooks.
 
-        FSDP: ``t`` is the rank's local part; it is added to the local shard in place (after
-        a copy of the shard is kept) and FSDP modules are resharded, so the forward
-        all-gathers the shifted shards; on exit each shard is copied back bit for bit and
-        resharded again.
+        FSDP: :func:`~fogzo.estimators.sharding.shifted_shards` (the shift is added to each
+        rank's shard in place and restored bit for bit on exit).
         """
         if not self.sharded:
             plan = self._plan
@@ -330,27 +328,8 @@ class PerturbedSet:
                 for layer in layers:
                     layer._weight_shift = None  # type: ignore[assignment]
             return
-        saved: list[tuple[torch.Tensor, torch.Tensor]] = []
-        records = _fsdp_forward_records(self._fsdp_modules)
-        try:
-            with torch.no_grad():
-                self._reshard()
-                for entry in self.tensors:
-                    local = entry.local_param()
-                    saved.append((local, local.clone()))
-                    tensor, alpha = shift(entry)
-                    local.add_(tensor, alpha=alpha)
+        with shifted_shards(self._fsdp_modules, self.tensors, shift):
             yield
-        finally:
-            with torch.no_grad():
-                for local, original in saved:
-                    local.copy_(original)
-                self._reshard()
-            # FSDP2 records the order of forwards to pick what to prefetch in the next
-            # backward; the perturbed forwards have no backward, so forget them (otherwise
-            # the next backward prefetches a module it does not need: one wasted all-gather).
-            for log, length in records:
-                del log[length:]
 
     def hook_free(self, ready: bool) -> bool:
         """True when a :meth:`shifted` pass with ``ready`` registers no hook and no function mode:
@@ -359,9 +338,6 @@ class PerturbedSet:
         assert plan is not None
         return self.sharded or (ready and not plan.needs_check() and len(plan.fast) == len(self.tensors))
 
-    def _reshard(self) -> None:
-        for module in self._fsdp_modules:
-            module.reshard()  # type: ignore[operator]
 
     @contextlib.contextmanager
     def swapped(

@@ -9,10 +9,14 @@ estimator builds for a perturbed parameter is the rank's *local* part (see
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
 import torch
 from torch import nn
 
-__all__ = ["local_part"]
+__all__ = ["local_part", "shifted_shards"]
 
 
 def _is_dtensor(tensor: object) -> bool:
@@ -63,3 +67,42 @@ def _is_fsdp(module: nn.Module) -> bool:
     except ImportError:  # pragma: no cover - torch without FSDP2
         return False
     return isinstance(module, FSDPModule)
+
+
+@contextlib.contextmanager
+def shifted_shards(
+    fsdp_modules: list[nn.Module], tensors: Iterable[Any], shift: Callable[[Any], tuple[torch.Tensor, float]]
+) -> Iterator[None]:
+    """FSDP's :meth:`~fogzo.estimators.perturbed_set.PerturbedSet.shifted`: inside the block the
+    model computes with ``W + a·t`` for ``(t, a) = shift(entry)`` of each perturbed tensor.
+
+    ``t`` is the rank's local part; it is added to the local shard in place (after a copy of
+    the shard is kept) and the FSDP modules are resharded, so the forward all-gathers the
+    shifted shards; on exit each shard is copied back bit for bit and resharded again.
+    """
+    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+    records = _fsdp_forward_records(fsdp_modules)
+    try:
+        with torch.no_grad():
+            _reshard(fsdp_modules)
+            for entry in tensors:
+                local = entry.local_param()
+                saved.append((local, local.clone()))
+                tensor, alpha = shift(entry)
+                local.add_(tensor, alpha=alpha)
+        yield
+    finally:
+        with torch.no_grad():
+            for local, original in saved:
+                local.copy_(original)
+            _reshard(fsdp_modules)
+        # FSDP2 records the order of forwards to pick what to prefetch in the next
+        # backward; the perturbed forwards have no backward, so forget them (otherwise
+        # the next backward prefetches a module it does not need: one wasted all-gather).
+        for log, length in records:
+            del log[length:]
+
+
+def _reshard(modules: list[nn.Module]) -> None:
+    for module in modules:
+        module.reshard()  # type: ignore[operator]

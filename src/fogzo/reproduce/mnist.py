@@ -63,7 +63,7 @@ def validate(config: MnistConfig) -> None:
 
     The device, and every estimator of the plan constructed exactly as the runs will
     construct it (FOGZO with ``config.fogzo``, n-SPSA with each ``spsa_n``), on the seed-0
-    model: ``--set fogzo.n=0`` fails here with the estimator's own message, not after
+    model: ``--fogzo.n=0`` fails here with the estimator's own message, not after
     the STE runs. Raises :class:`~fogzo.train.config_io.ConfigError`.
     """
     if config.device.startswith("cuda") and not torch.cuda.is_available():
@@ -75,7 +75,7 @@ def validate(config: MnistConfig) -> None:
         try:
             make_estimator(spec, model, config)
         except (TypeError, ValueError) as error:
-            where = "the FOGZO options (--set fogzo.KEY=VALUE)" if spec.estimator == "fogzo" else f"the n-SPSA rung n={spec.n}"
+            where = "the FOGZO options (--fogzo.KEY=VALUE)" if spec.estimator == "fogzo" else f"the n-SPSA rung n={spec.n}"
             raise ConfigError(f"{where}: {error}") from None
 
 
@@ -169,7 +169,7 @@ def reproduce(
         if len(data.train_x) < config.batch_size:
             raise ConfigError(
                 f"the MNIST training set from {data.source} holds {len(data.train_x)} images, fewer than "
-                f"batch_size={config.batch_size}; use the full data set or a smaller --set batch_size=..."
+                f"batch_size={config.batch_size}; use the full data set or a smaller --batch-size=..."
             )
         if overwrite:
             for name in OUTPUT_FILES:

@@ -242,7 +242,7 @@ def summary_markdown(
             "**Grid-edge warning**: "
             + "; ".join(f"{label}'s best learning rate is the {where} of its grid" for label, where in edges.items())
             + ". A learning rate beyond the edge might do better; extend the grid (`--lrs`, "
-            "`--set spsa_lrs=...`) before reading the comparison as final.\n"
+            "`--spsa-lrs=...`) before reading the comparison as final.\n"
         )
 
     # Best-lr comparison.
