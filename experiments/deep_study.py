@@ -14,6 +14,7 @@ first, so a finished run is never repeated in a later session. Commit the archiv
 
     python experiments/deep_study.py run resnet --out results/deep --workers 2
     python experiments/deep_study.py summarize
+    python experiments/deep_study.py plot          # docs/img/deep-<family>-<row>-{steps,time}.png
 
 Families (sized so that one family's table costs a few core-hours on this CPU; docs/results.md
 says what was cut against the configs in experiments/configs/):
@@ -36,6 +37,7 @@ images, perplexity for text).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import subprocess
@@ -236,6 +238,57 @@ def summarize(out: Path | None, archive_path: Path = ARCHIVE) -> str:
     return "\n".join(lines)
 
 
+def best_runs(family: str, row: str, estimator: str, out: Path | None) -> tuple[float, list[dict[str, Any]]] | None:
+    """(best lr, its archived records over the seeds) once the lr grid has run, else None."""
+
+    def scored(lr: float, seed: int) -> float | None:
+        record = result(Run(family, row, estimator, lr, seed), out)
+        return None if record is None else score(record)
+
+    best = tuning.best_lr(LRS, SEEDS[0], scored)
+    if best is None:
+        return None
+    names = [Run(family, row, estimator, best, seed).name for seed in SEEDS]
+    return best, [_archive[name] for name in names if name in _archive]
+
+
+LABELS = {"ste": "STE", "fogzo": "FOGZO (paper: ‖ĝ‖ = 1, β_min = 0.999)", "fogzo-best": "FOGZO best MNIST variant (‖ĝ‖ = 10)"}
+
+
+def plot(out_dir: Path, archive_path: Path = ARCHIVE) -> list[Path]:
+    """Training loss (mean of each 100 steps) against steps and against training seconds, each
+    estimator at its best learning rate, mean ± std over its seeds: one PNG per family and row."""
+    sys.path.insert(0, str(ROOT.parent / "src"))
+    from fogzo.train.summaries import mean_curve, plot_curves
+
+    read_archive(archive_path)
+    written = []
+    for family in FAMILIES:
+        for row in ROWS:
+            for x_key, x_label, suffix in (("step", "training step", "steps"), ("wall_time", "training seconds (1 core)", "time")):
+                curves = []
+                for estimator in ESTIMATORS:
+                    found = best_runs(family, row, estimator, None)
+                    if found is None or not found[1]:
+                        continue
+                    lr, records = found
+                    points = [[point for point in record["curve"] if point.get("event") == "train"
+                               and point.get("loss_avg") is not None] for record in records]
+                    label = f"{LABELS[estimator]}, lr {lr:g}, {len(records)} seed{'s' if len(records) > 1 else ''}"
+                    curve = mean_curve(label, [[(p["step"], p["loss_avg"]) for p in run] for run in points])
+                    if x_key == "wall_time":  # the seeds' mean training time at each logged step
+                        times = mean_curve(label, [[(p["step"], p["wall_time"]) for p in run] for run in points])
+                        curve = dataclasses.replace(curve, x=times.mean)
+                    curves.append(curve)
+                if not curves:
+                    continue
+                path = out_dir / f"deep-{family}-{row}-{suffix}.png"
+                plot_curves(path, curves, xlabel=x_label, ylabel="training loss (mean of 100 steps)", log_y=True,
+                            title=f"{family}, {row}: each estimator at its best learning rate (mean ± std over seeds)")
+                written.append(path)
+    return written
+
+
 def main() -> None:
     global STEPS
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -249,6 +302,9 @@ def main() -> None:
     show = sub.add_parser("summarize", help="Markdown table of what has finished")
     show.add_argument("out", type=Path, nargs="?", default=None, help="also read run folders here (default: the archive only)")
     show.add_argument("--archive", type=Path, default=ARCHIVE)
+    draw = sub.add_parser("plot", help="training-loss curves from the archive, one PNG per family and row")
+    draw.add_argument("--to", type=Path, default=ROOT.parent / "docs" / "img", help="folder of the PNGs (default docs/img)")
+    draw.add_argument("--archive", type=Path, default=ARCHIVE)
     args = parser.parse_args()
     if args.command == "run":
         families = [f for f in args.families.split(",") if f]
@@ -257,6 +313,9 @@ def main() -> None:
             raise SystemExit(f"deep_study: unknown family {unknown}; choose from {sorted(FAMILIES)}")
         STEPS = args.steps
         run_family(families, args.out, args.workers, args.archive)
+    elif args.command == "plot":
+        for path in plot(args.to, args.archive):
+            print(path)
     else:
         print(summarize(args.out, args.archive))
 
