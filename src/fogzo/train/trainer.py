@@ -69,7 +69,6 @@ import signal
 import sys
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -103,7 +102,8 @@ from .data import build_data
 from .diagnosis_log import DIAGNOSE_STREAM, diagnosis_record, write_diagnostics_report
 from .parallel import _barrier, _broadcast_buffers, _config_digest, _mean_over_ranks, _synchronize, launch_world_size
 from .records import JsonlLogger, RunInterrupted, progress
-from .step import StepRunner, _phase, calibrate
+from .step import StepRunner, calibrate
+from .tally import Tally
 
 __all__ = [
     "TrainingInterrupted",
@@ -230,328 +230,316 @@ def _train(
     command: list[str] | None,
     log: Callable[[str], None] | None,
 ) -> dict[str, Any]:
-    device = resolve_device(config.device)
-    if world > 1:
-        device = fd.init_from_env(device=device.type)
-    rank = fd.rank()
-    main = rank == 0
-    if not main or log is None:
-        log = (lambda message: None) if not main else (lambda message: print(message, flush=True))
-    if world > 1:
-        fd.check_same_on_all_ranks(config.seed, "seed (model init, data order, estimator noise)")
-        fd.check_same_on_all_ranks(_config_digest(config), "the training config")
-    checkpoint_path = out / CHECKPOINT
-    if checkpoint is not None:
-        saved_world = int(checkpoint.get("world_size", 1))
-        log(
-            f"resuming from {checkpoint_path} at step {checkpoint['step']}"
-            + (f" (saved by {saved_world} ranks, now {world})" if saved_world != world else "")
-        )
-    elif resume:
-        log(f"--resume: no checkpoint in {out}; starting from scratch")
-    if world > 1:
-        # Every rank must agree on whether (and from which step) it resumes.
-        fd.check_same_on_all_ranks(-1 if checkpoint is None else int(checkpoint["step"]), "the resumed step")
-
+    run = _Run(config, out, world, log)
+    run.start(checkpoint, resume=resume, overwrite=overwrite)
+    run.write_config(command, resumed=checkpoint)
+    # A resumed run keeps the records up to its checkpoint (rewritten atomically), then appends.
+    kept = _kept_records(out / METRICS, run.tally.step) if checkpoint is not None and run.main else []
+    run.logger = JsonlLogger(out / METRICS, keep=kept if checkpoint is not None else None) if run.main else None
     try:
-        data = build_data(config, device, log, rank=rank, world_size=world)
-    except (FileNotFoundError, ValueError) as error:  # data missing, malformed, or too small
-        raise ConfigError(f"cannot load the data: {error}") from None
-    if data.kind == "text":
-        check_text_tokens(data.sizes["train_tokens"] + data.sizes["val_tokens"], f"the text ({data.name})", config)
-    if main:
-        if overwrite:
-            removed = _remove_outputs(out)
-            if removed:
-                log(f"--overwrite: removed the earlier run's {', '.join(removed)} from {out}")
-        out.mkdir(parents=True, exist_ok=True)
-    model = build_quantized_model(config, data.dims).to(device)
-    model.train()
-    if world > 1 and rank > 0:
-        # Dropout masks: rank 0 keeps the 1-process RNG stream, the others get their own.
-        _seed_rank_rng(config.seed, 0, rank, device)
+        return run.train()
+    finally:
+        if run.logger is not None:
+            run.logger.close()
 
-    calibration: dict[str, Any] = {}
-    if checkpoint is not None:
-        total_steps = int(checkpoint["total_steps"])
-        calibration = checkpoint.get("calibration") or {}
-    elif config.time_budget is not None and config.budget_steps == "measure":
-        calibration = calibrate(config, model, data, device, log)
-        total_steps = calibration["total_steps"]
-    else:
-        total_steps = config.steps
-    fd.check_same_on_all_ranks(total_steps, "total steps T")
 
-    if checkpoint is not None:
-        state = checkpoint["model"]
-        model.load_state_dict({key.removeprefix("module."): value for key, value in state.items()})
-    ddp = fd.wrap_ddp(model)  # the model itself in one process
-    estimator = build_estimator(config, ddp, total_steps)
-    if world > 1 and getattr(estimator, "counter", None) is not None:
-        fd.check_same_on_all_ranks(estimator.counter.seed, "estimator seed")
-    optimizer = build_optimizer(config, model)
-    scheduler = build_scheduler(config, optimizer, total_steps)
-    scaler = None
-    if config.autocast == "fp16":
-        scaler = torch.amp.GradScaler(device.type)
-    runner = StepRunner(config, ddp, data, estimator, optimizer, scheduler, device, scaler)
+class _Run:
+    """One run of :func:`train` on this rank: what it built (data, model, estimator,
+    optimizer, schedule, step runner), its :class:`~fogzo.train.tally.Tally`, and the steps
+    that use them: :meth:`start`, :meth:`write_config`, :meth:`train` (the loop),
+    :meth:`finish`, with :meth:`save_checkpoint`, :meth:`evaluate` and :meth:`diagnose`."""
 
-    counters = {"forward_passes": 0, "backward_passes": 0, "compute_units": 0, "zero_differences": 0, "differences": 0}
-    phase_time: dict[str, float] = {}
-    phase_steps: dict[str, int] = {}
-    step, elapsed = 0, 0.0
-    recent: deque[float] = deque(maxlen=50)
-    if checkpoint is not None:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        estimator.load_state_dict(checkpoint["estimator"])
-        data.stream.load_state_dict(checkpoint["data"])
-        if scaler is not None and checkpoint.get("scaler"):
-            scaler.load_state_dict(checkpoint["scaler"])
-        step, elapsed = int(checkpoint["step"]), float(checkpoint["elapsed"])
+    def __init__(self, config: TrainConfig, out: Path, world: int, log: Callable[[str], None] | None) -> None:
+        self.config, self.out, self.world = config, out, world
+        self.device = resolve_device(config.device)
+        if world > 1:
+            self.device = fd.init_from_env(device=self.device.type)
+        self.rank = fd.rank()
+        self.main = self.rank == 0
+        if not self.main or log is None:
+            log = (lambda message: None) if not self.main else (lambda message: print(message, flush=True))
+        self.log = log
+        self.checkpoint_path = out / CHECKPOINT
+        self.tally = Tally()
+        self.calibration: dict[str, Any] = {}
+        self.logger: JsonlLogger | None = None
+
+    # ------------------------------------------------------------------- build, resume
+
+    def start(self, checkpoint: dict[str, Any] | None, *, resume: bool, overwrite: bool) -> None:
+        """Data, model, ``T``, estimator, optimizer and schedule; the checkpoint's state."""
+        config, world, log, device = self.config, self.world, self.log, self.device
+        if world > 1:
+            fd.check_same_on_all_ranks(config.seed, "seed (model init, data order, estimator noise)")
+            fd.check_same_on_all_ranks(_config_digest(config), "the training config")
+        if checkpoint is not None:
+            saved_world = int(checkpoint.get("world_size", 1))
+            log(
+                f"resuming from {self.checkpoint_path} at step {checkpoint['step']}"
+                + (f" (saved by {saved_world} ranks, now {world})" if saved_world != world else "")
+            )
+        elif resume:
+            log(f"--resume: no checkpoint in {self.out}; starting from scratch")
+        if world > 1:
+            # Every rank must agree on whether (and from which step) it resumes.
+            fd.check_same_on_all_ranks(-1 if checkpoint is None else int(checkpoint["step"]), "the resumed step")
+
+        try:
+            data = build_data(config, device, log, rank=self.rank, world_size=world)
+        except (FileNotFoundError, ValueError) as error:  # data missing, malformed, or too small
+            raise ConfigError(f"cannot load the data: {error}") from None
+        if data.kind == "text":
+            check_text_tokens(data.sizes["train_tokens"] + data.sizes["val_tokens"], f"the text ({data.name})", config)
+        if self.main:
+            if overwrite:
+                removed = _remove_outputs(self.out)
+                if removed:
+                    log(f"--overwrite: removed the earlier run's {', '.join(removed)} from {self.out}")
+            self.out.mkdir(parents=True, exist_ok=True)
+        model = build_quantized_model(config, data.dims).to(device)
+        model.train()
+        if world > 1 and self.rank > 0:
+            # Dropout masks: rank 0 keeps the 1-process RNG stream, the others get their own.
+            _seed_rank_rng(config.seed, 0, self.rank, device)
+
+        if checkpoint is not None:
+            total_steps = int(checkpoint["total_steps"])
+            self.calibration = checkpoint.get("calibration") or {}
+        elif config.time_budget is not None and config.budget_steps == "measure":
+            self.calibration = calibrate(config, model, data, device, log)
+            total_steps = self.calibration["total_steps"]
+        else:
+            total_steps = config.steps
+        fd.check_same_on_all_ranks(total_steps, "total steps T")
+
+        if checkpoint is not None:
+            state = checkpoint["model"]
+            model.load_state_dict({key.removeprefix("module."): value for key, value in state.items()})
+        ddp = fd.wrap_ddp(model)  # the model itself in one process
+        estimator = build_estimator(config, ddp, total_steps)
+        if world > 1 and getattr(estimator, "counter", None) is not None:
+            fd.check_same_on_all_ranks(estimator.counter.seed, "estimator seed")
+        optimizer = build_optimizer(config, model)
+        scheduler = build_scheduler(config, optimizer, total_steps)
+        scaler = torch.amp.GradScaler(device.type) if config.autocast == "fp16" else None
+        self.data, self.model, self.ddp, self.total_steps = data, model, ddp, total_steps
+        self.estimator, self.optimizer, self.scheduler, self.scaler = estimator, optimizer, scheduler, scaler
+        self.runner = StepRunner(config, ddp, data, estimator, optimizer, scheduler, device, scaler)
+        if checkpoint is not None:
+            self._restore(checkpoint)
+
+    def _restore(self, checkpoint: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        self.estimator.load_state_dict(checkpoint["estimator"])
+        self.data.stream.load_state_dict(checkpoint["data"])
+        if self.scaler is not None and checkpoint.get("scaler"):
+            self.scaler.load_state_dict(checkpoint["scaler"])
+        self.tally.load_state_dict(checkpoint)
         # The global RNG (dropout, nothing else: data and noise have their own generators).
         # Rank r restores the state rank r saved; a rank the checkpoint has no state for
         # (more ranks than before) is seeded from (seed, step, rank).
         saved_world = int(checkpoint.get("world_size", 1))
         states = checkpoint.get("rng_per_rank") or [checkpoint["rng"]]
-        if rank < min(saved_world, len(states)):
-            _set_rng_state(states[rank], device)
+        if self.rank < min(saved_world, len(states)):
+            _set_rng_state(states[self.rank], self.device)
         else:
-            _seed_rank_rng(config.seed, step, rank, device)
-        counters.update(checkpoint["counters"])
-        phase_time.update(checkpoint["phase_time"])
-        phase_steps.update(checkpoint["phase_steps"])
-        recent.extend(checkpoint["recent_losses"])
-    kept = _kept_records(out / METRICS, step) if checkpoint is not None and main else []
+            _seed_rank_rng(self.config.seed, self.tally.step, self.rank, self.device)
 
-    layers = [name for name, _ in quantized_layers(model)]
-    resolved = {
-        "data": data.describe(),
-        "model_parameters": count_parameters(model),
-        "quantized_layers": len(layers),
-        "quantized_parameters": sum(
-            layer._parameters[name].numel() for _, layer in quantized_layers(model) for name, _ in layer.quantized_weights()
-        ),
-        "total_steps": total_steps,
-        "warmup_steps": warmup_length(config, total_steps),
-        "ste_steps": round(config.ste_fraction * total_steps) if config.estimator == "fogzo" else None,
-        "calibration": calibration,
-        "device": str(device),
-        "world_size": world,
-        "batch_size_per_rank": config.batch_size // world,
-        "backend": dist.get_backend() if fd.is_distributed() else None,
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "command": command if command is not None else sys.argv,
-        "resumed_from_step": step if checkpoint is not None else None,
-        "resumed_from_world_size": int(checkpoint.get("world_size", 1)) if checkpoint is not None else None,
-    }
-    config_record = {**config.to_dict(), "_resolved": resolved}
-    if main:
-        _write_json(out / CONFIG, config_record)
-    log("resolved config:\n" + json.dumps(config_record, indent=2, default=str))
+    def write_config(self, command: list[str] | None, resumed: dict[str, Any] | None) -> None:
+        """``config.json``: the config and the ``_resolved`` record (what the run really is)."""
+        config, model, data = self.config, self.model, self.data
+        resolved = {
+            "data": data.describe(),
+            "model_parameters": count_parameters(model),
+            "quantized_layers": len(list(quantized_layers(model))),
+            "quantized_parameters": sum(
+                layer._parameters[name].numel() for _, layer in quantized_layers(model) for name, _ in layer.quantized_weights()
+            ),
+            "total_steps": self.total_steps,
+            "warmup_steps": warmup_length(config, self.total_steps),
+            "ste_steps": round(config.ste_fraction * self.total_steps) if config.estimator == "fogzo" else None,
+            "calibration": self.calibration,
+            "device": str(self.device),
+            "world_size": self.world,
+            "batch_size_per_rank": config.batch_size // self.world,
+            "backend": dist.get_backend() if fd.is_distributed() else None,
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "command": command if command is not None else sys.argv,
+            "resumed_from_step": self.tally.step if resumed is not None else None,
+            "resumed_from_world_size": int(resumed.get("world_size", 1)) if resumed is not None else None,
+        }
+        record = {**config.to_dict(), "_resolved": resolved}
+        if self.main:
+            _write_json(self.out / CONFIG, record)
+        self.log("resolved config:\n" + json.dumps(record, indent=2, default=str))
 
-    def save_checkpoint() -> None:
+    # ----------------------------------------------------------- outputs during the run
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.logger is not None:
+            self.logger.log(record)
+
+    def save_checkpoint(self) -> None:
         # A collective under DDP (the ranks' RNG states are gathered); rank 0 writes.
-        rng = _rng_state(device)
+        rng = _rng_state(self.device)
         per_rank = None
         if fd.is_distributed():
-            per_rank = [None] * world
+            per_rank = [None] * self.world
             dist.all_gather_object(per_rank, rng)
-        if not main:
+        if not self.main:
             return
         _atomic_save(
             {
-                "config": config.to_dict(),
-                "step": step,
-                "total_steps": total_steps,
-                "world_size": world,
-                "model": model.state_dict(),  # the unwrapped model: no "module." prefix
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "estimator": estimator.state_dict(),
-                "data": data.stream.state_dict(),  # in global batches
-                "scaler": scaler.state_dict() if scaler is not None else None,
+                "config": self.config.to_dict(),
+                "total_steps": self.total_steps,
+                "world_size": self.world,
+                "model": self.model.state_dict(),  # the unwrapped model: no "module." prefix
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "estimator": self.estimator.state_dict(),
+                "data": self.data.stream.state_dict(),  # in global batches
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "rng": rng,
                 "rng_per_rank": per_rank,
-                "elapsed": elapsed,
-                "counters": dict(counters),
-                "phase_time": dict(phase_time),
-                "phase_steps": dict(phase_steps),
-                "recent_losses": list(recent),
-                "calibration": calibration,
+                **self.tally.state_dict(),  # step, elapsed, counters, phase times, recent losses
+                "calibration": self.calibration,
             },
-            checkpoint_path,
+            self.checkpoint_path,
         )
 
-    # A resumed run keeps the records up to its checkpoint (rewritten atomically), then appends.
-    logger = JsonlLogger(out / METRICS, keep=kept if checkpoint is not None else None) if main else None
-
-    def write(record: dict[str, Any]) -> None:
-        if logger is not None:
-            logger.log(record)
-
-    def evaluate() -> dict[str, float]:
+    def evaluate(self) -> dict[str, float]:
         begin = time.perf_counter()
-        _broadcast_buffers(model)
-        metrics = data.evaluate(model, runner.forward)  # sharded over the ranks
-        write({"event": "eval", "step": step, "wall_time": elapsed, **metrics, "eval_time": time.perf_counter() - begin})
+        _broadcast_buffers(self.model)
+        metrics = self.data.evaluate(self.model, self.runner.forward)  # sharded over the ranks
+        self.write({"event": "eval", "step": self.tally.step, "wall_time": self.tally.elapsed, **metrics,
+                    "eval_time": time.perf_counter() - begin})
         return metrics
 
-    def diagnose(closure: Callable[[], torch.Tensor]) -> None:
+    def diagnose(self, closure: Callable[[], torch.Tensor]) -> None:
         """The STE against the exact smoothed gradient on this step's batch (docs/diagnostics.md)."""
+        config, step = self.config, self.tally.step
         report = fogzo_diagnose(
-            ddp, closure, coordinates=config.diagnose_coordinates, draws=config.diagnose_draws,
+            self.ddp, closure, coordinates=config.diagnose_coordinates, draws=config.diagnose_draws,
             seed=derive_seed(config.seed, DIAGNOSE_STREAM, step),
         )
         overall = report.overall
-        write({"event": "diagnose", "step": step, **diagnosis_record(report)})
-        log(f"step {step}: STE vs the smoothed gradient: cosine {overall.cosine:.3f}"
-            + (f" (noise-corrected {overall.cosine_corrected:.3f})" if overall.cosine_corrected is not None else "")
-            + f", sign agreement {overall.sign_agreement:.3f}, norm ratio {overall.norm_ratio:.3f}")
+        self.write({"event": "diagnose", "step": step, **diagnosis_record(report)})
+        self.log(f"step {step}: STE vs the smoothed gradient: cosine {overall.cosine:.3f}"
+                 + (f" (noise-corrected {overall.cosine_corrected:.3f})" if overall.cosine_corrected is not None else "")
+                 + f", sign agreement {overall.sign_agreement:.3f}, norm ratio {overall.norm_ratio:.3f}")
 
-    # On a terminal: a tqdm bar on stderr. Redirected: a line every progress_every steps
-    # (0: about 20 lines a run). progress=false: neither. Rank 0 only.
-    every = config.progress_every or max(1, math.ceil(total_steps / 20))
-    bar = progress(total_steps, config.name, enabled=None if config.progress and main else False, every=every)
-    bar.update(step)
-    stop_reason = "steps"
-    diverged = False
-    failure: str | None = None
-    interval_losses: list[float] = []
-    interval_time = 0.0
-    interval_zero, interval_differences = 0, 0
-    stop = _StopRequest()
-    try:
-        with stop:
-            while True:
-                if step >= total_steps:
-                    stop_reason = "steps"
-                    break
-                if config.time_budget is not None and elapsed >= config.time_budget:
-                    stop_reason = "time_budget"
-                    break
-                if config.stop_at is not None and step >= config.stop_at:
-                    stop_reason = "stop_at"
-                    break
-                lr = optimizer.param_groups[0]["lr"]
-                batch = data.stream.next_batch()
-                if config.diagnose_every and step % config.diagnose_every == 0:
-                    diagnose(runner.closure_for(*batch))  # not timed: outside the training step
-                begin = time.perf_counter()
-                try:
-                    info, loss = runner.step(batch)
-                except FloatingPointError as error:
-                    # The estimator refused a step with a non-finite (perturbed) loss; it
-                    # changed no weight. The run cannot go on: it diverged.
-                    info, loss, failure = None, math.nan, str(error)
-                _synchronize(device)
-                seconds = time.perf_counter() - begin
-                # The loss of the global batch (mean of the ranks' shard means), a step time
-                # and a Ctrl-C flag that every rank agrees on (time budget, divergence and
-                # interruption: the same decision everywhere).
-                loss, seconds, interrupted = _mean_over_ranks([loss, seconds, float(stop.requested)], device)
-                step += 1
-                elapsed += seconds
-                interval_losses.append(loss)
-                interval_time += seconds
-                recent.append(loss)
-                if info is not None:
-                    phase = _phase(info)
-                    phase_time[phase] = phase_time.get(phase, 0.0) + seconds
-                    phase_steps[phase] = phase_steps.get(phase, 0) + 1
-                    counters["forward_passes"] += info.forward_passes
-                    counters["backward_passes"] += info.backward_passes
-                    counters["compute_units"] += info.compute_units
-                    counters["zero_differences"] += info.zero_differences
-                    counters["differences"] += len(info.differences)
-                    interval_zero += info.zero_differences
-                    interval_differences += len(info.differences)
-                if not math.isfinite(loss):
-                    diverged = True
-                    stop_reason = "diverged"
-                    cause = failure or f"training loss is {loss}"
-                    log(f"step {step}: {cause}; stopping (diverged)")
-                if step % config.log_every == 0 or diverged or step == total_steps:
-                    beta = info.beta if info is not None else None
-                    write(
-                        {
-                            "event": "train",
-                            "step": step,
-                            "loss": loss,
-                            "loss_avg": sum(interval_losses) / len(interval_losses),
-                            "lr": lr,
-                            "beta": beta,
-                            "phase": _phase(info) if info is not None else None,
-                            "forward_passes": counters["forward_passes"],
-                            "backward_passes": counters["backward_passes"],
-                            "compute_units": counters["compute_units"],
-                            "wall_time": elapsed,
-                            "step_time": interval_time / len(interval_losses),
-                            "zero_difference_fraction": interval_zero / interval_differences if interval_differences else None,
-                            **({"error": failure} if failure else {}),
-                        }
-                    )
-                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", beta=beta if beta is None else f"{beta:.4f}")
-                    interval_losses, interval_time, interval_zero, interval_differences = [], 0.0, 0, 0
-                bar.update(1)
-                if diverged:
-                    break
-                if config.eval_every and step % config.eval_every == 0 and step < total_steps:
-                    evaluate()
-                if config.checkpoint_every and step % config.checkpoint_every == 0:
-                    save_checkpoint()
-                if interrupted > 0:
-                    stop_reason = "interrupted"
-                    break
-        bar.close()
+    # ------------------------------------------------------------------------ the loop
+
+    def train(self) -> dict[str, Any]:
+        """Steps until ``T``, the time budget, ``stop_at``, divergence or Ctrl-C; then :meth:`finish`."""
+        config, tally = self.config, self.tally
+        # On a terminal: a tqdm bar on stderr. Redirected: a line every progress_every steps
+        # (0: about 20 lines a run). progress=false: neither. Rank 0 only.
+        every = config.progress_every or max(1, math.ceil(self.total_steps / 20))
+        bar = progress(self.total_steps, config.name, enabled=None if config.progress and self.main else False, every=every)
+        bar.update(tally.step)
+        stop_reason, failure = "steps", None
+        stop = _StopRequest()
+        try:
+            with stop:
+                while True:
+                    if tally.step >= self.total_steps:
+                        stop_reason = "steps"
+                        break
+                    if config.time_budget is not None and tally.elapsed >= config.time_budget:
+                        stop_reason = "time_budget"
+                        break
+                    if config.stop_at is not None and tally.step >= config.stop_at:
+                        stop_reason = "stop_at"
+                        break
+                    lr = self.optimizer.param_groups[0]["lr"]
+                    batch = self.data.stream.next_batch()
+                    if config.diagnose_every and tally.step % config.diagnose_every == 0:
+                        self.diagnose(self.runner.closure_for(*batch))  # not timed: outside the training step
+                    begin = time.perf_counter()
+                    try:
+                        info, loss = self.runner.step(batch)
+                    except FloatingPointError as error:
+                        # The estimator refused a step with a non-finite (perturbed) loss; it
+                        # changed no weight. The run cannot go on: it diverged.
+                        info, loss, failure = None, math.nan, str(error)
+                    _synchronize(self.device)
+                    seconds = time.perf_counter() - begin
+                    # The loss of the global batch (mean of the ranks' shard means), a step time
+                    # and a Ctrl-C flag that every rank agrees on (time budget, divergence and
+                    # interruption: the same decision everywhere).
+                    loss, seconds, interrupted = _mean_over_ranks([loss, seconds, float(stop.requested)], self.device)
+                    tally.add(loss, seconds, info)
+                    diverged = not math.isfinite(loss)
+                    if diverged:
+                        stop_reason = "diverged"
+                        self.log(f"step {tally.step}: {failure or f'training loss is {loss}'}; stopping (diverged)")
+                    if tally.step % config.log_every == 0 or diverged or tally.step == self.total_steps:
+                        record = tally.train_record(loss, lr, info, failure)
+                        self.write(record)
+                        beta = record["beta"]
+                        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", beta=beta if beta is None else f"{beta:.4f}")
+                    bar.update(1)
+                    if diverged:
+                        break
+                    if config.eval_every and tally.step % config.eval_every == 0 and tally.step < self.total_steps:
+                        self.evaluate()
+                    if config.checkpoint_every and tally.step % config.checkpoint_every == 0:
+                        self.save_checkpoint()
+                    if interrupted > 0:
+                        stop_reason = "interrupted"
+                        break
+            bar.close()
+            return self.finish(stop_reason, failure)
+        finally:
+            bar.close()
+
+    def finish(self, stop_reason: str, failure: str | None) -> dict[str, Any]:
+        """The last checkpoint, evaluation and ``results.json`` (or the interrupt)."""
+        config, tally, log = self.config, self.tally, self.log
+        diverged = stop_reason == "diverged"
         if not diverged:
-            save_checkpoint()
+            self.save_checkpoint()
         base = {
             "name": config.name,
             "estimator": config.estimator,
             "lr": config.lr,
             "seed": config.seed,
-            "steps_done": step,
-            "total_steps": total_steps,
+            "steps_done": tally.step,
+            "total_steps": self.total_steps,
             "stop_reason": stop_reason,
-            "wall_time": elapsed,
-            "world_size": world,
-            **counters,
-            "phase_steps": phase_steps,
-            "phase_step_time": {k: phase_time[k] / phase_steps[k] for k in phase_time},
-            "mean_step_time": elapsed / step if step else None,
-            "final_train_loss": sum(recent) / len(recent) if recent else None,
-            "data": data.name,
-            "data_note": data.note,
-            "primary_metric": data.primary[0],
-            "higher_is_better": data.primary[1],
-            "calibration": calibration,
-            "out": str(out),
+            "wall_time": tally.elapsed,
+            "world_size": self.world,
+            **tally.summary(),
+            "data": self.data.name,
+            "data_note": self.data.note,
+            "primary_metric": self.data.primary[0],
+            "higher_is_better": self.data.primary[1],
+            "calibration": self.calibration,
+            "out": str(self.out),
         }
+        step = tally.step
         if stop_reason == "interrupted":
-            write({"event": "interrupted", "step": step, "wall_time": elapsed})
-            log(f"interrupted at step {step}; checkpoint saved to {checkpoint_path}; continue with --resume")
-            _barrier(device)
-            raise TrainingInterrupted(step, total_steps, checkpoint_path)
+            self.write({"event": "interrupted", "step": step, "wall_time": tally.elapsed})
+            log(f"interrupted at step {step}; checkpoint saved to {self.checkpoint_path}; continue with --resume")
+            _barrier(self.device)
+            raise TrainingInterrupted(step, self.total_steps, self.checkpoint_path)
         if stop_reason == "stop_at":
             log(f"stopped at step {step} (stop_at); resume with --resume")
-            _barrier(device)  # the checkpoint is on disk when any rank returns
+            _barrier(self.device)  # the checkpoint is on disk when any rank returns
             return base
-        metrics = {} if diverged else evaluate()
+        metrics = {} if diverged else self.evaluate()
         if config.diagnose_every and not diverged and step % config.diagnose_every == 0:
-            diagnose(runner.closure_for(*data.stream.next_batch()))  # the trained model, too
+            self.diagnose(self.runner.closure_for(*self.data.stream.next_batch()))  # the trained model, too
         results = {**base, **metrics, "diverged": diverged, **({"error": failure} if failure else {})}
-        write({"event": "final", "step": step, **{k: v for k, v in results.items() if not isinstance(v, dict)}})
-        if main:
-            _write_json(out / RESULTS, results)
+        self.write({"event": "final", "step": step, **{k: v for k, v in results.items() if not isinstance(v, dict)}})
+        if self.main:
+            _write_json(self.out / RESULTS, results)
             if config.diagnose_every:
-                write_diagnostics_report(out)
+                write_diagnostics_report(self.out)
         summary = "".join(f"; {k}={v:.4g}" for k, v in metrics.items())
-        log(f"done: {step}/{total_steps} steps ({stop_reason}), {elapsed:.1f} s training{summary}")
-        _barrier(device)
+        log(f"done: {step}/{self.total_steps} steps ({stop_reason}), {tally.elapsed:.1f} s training{summary}")
+        _barrier(self.device)
         return results
-    finally:
-        bar.close()
-        if logger is not None:
-            logger.close()
