@@ -211,9 +211,22 @@ def _execute(run: Run, out: Path) -> tuple[int, float]:
 
 
 def summarize(out: Path | None, archive_path: Path = ARCHIVE) -> str:
+    """One Markdown row per family, row and estimator whose lr grid has run: the best lr, the
+    held-out metric and final training loss (mean ± std over its seeds), wall time, and the
+    first seed's metric at every tried lr."""
     read_archive(archive_path)
-    lines = ["| family | row | estimator | best lr | seeds | metric | mean ± std | wall s / run | tried lrs |",
+    lines = ["| family | row | estimator | best lr | seeds | held-out metric | final train loss | wall s / run | "
+             "seed 0 at each tried lr |",
              "|---|---|---|---|---|---|---|---|---|"]
+
+    def mean_std_text(values: list[float], digits: int) -> str:
+        finite = [v for v in values if v is not None and math.isfinite(v)]
+        if not finite:
+            return "–"
+        mean = sum(finite) / len(finite)
+        std = math.sqrt(sum((v - mean) ** 2 for v in finite) / (len(finite) - 1)) if len(finite) > 1 else 0.0
+        return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
     for family in FAMILIES:
         for row in ROWS:
             for estimator in ESTIMATORS:
@@ -227,14 +240,17 @@ def summarize(out: Path | None, archive_path: Path = ARCHIVE) -> str:
                     continue
                 records = [r for r in (result(Run(family, row, estimator, best, s), out) for s in SEEDS) if r]
                 metric = records[0]["primary_metric"]
-                values = [r.get(metric) for r in records]
-                finite = [v for v in values if v is not None and math.isfinite(v)]
-                mean = sum(finite) / len(finite) if finite else math.nan
-                std = math.sqrt(sum((v - mean) ** 2 for v in finite) / (len(finite) - 1)) if len(finite) > 1 else 0.0
+                scale, digits, unit = (100.0, 1, " %") if records[0]["higher_is_better"] else (1.0, 2, " ppl")
+                held_out = mean_std_text([r.get(metric) * scale if r.get(metric) is not None else None for r in records], digits)
+                train_loss = mean_std_text([r.get("final_train_loss") for r in records], 3)
                 wall = sum(r["wall_time"] for r in records) / len(records)
-                tried = tuning.tried_lrs(LRS, SEEDS[0], scored)
-                lines.append(f"| {family} | {row} | {estimator} | {best:g} | {len(records)} | {metric} | "
-                             f"{mean:.4g} ± {std:.2g} | {wall:.0f} | {', '.join(f'{lr:g}' for lr in tried)} |")
+                tried = []
+                for lr in tuning.tried_lrs(LRS, SEEDS[0], scored):
+                    first = result(Run(family, row, estimator, lr, SEEDS[0]), out)
+                    value = first.get(metric) if first and not first.get("diverged") else None
+                    tried.append(f"{lr:g}: " + ("diverged" if value is None else f"{value * scale:.{digits}f}"))
+                lines.append(f"| {family} | {row} | {estimator} | {best:g} | {len(records)} | {held_out}{unit} | "
+                             f"{train_loss} | {wall:.0f} | {'; '.join(tried)} |")
     return "\n".join(lines)
 
 
