@@ -141,3 +141,17 @@ def test_every_file_parses_as_python_3_10(folder):
     assert files
     for path in files:
         ast.parse(path.read_text(encoding="utf-8"), filename=str(path), feature_version=(3, 10))
+
+
+def test_engine_names_still_import_from_their_old_module_with_a_warning():
+    import fogzo.estimators.base as base
+    from fogzo.estimators import directions, engine, state
+
+    for name, module in (("ZerothOrderMeasurement", engine), ("Direction", directions), ("CallState", state)):
+        with pytest.warns(DeprecationWarning, match=f"base.{name} moved to {module.__name__}"):
+            assert getattr(base, name) is getattr(module, name)
+    with pytest.raises(AttributeError, match="no attribute 'Nothing'"):
+        base.Nothing  # noqa: B018
+    with pytest.warns(DeprecationWarning):
+        from fogzo.estimators.base import Guide  # the statement form goes through __getattr__ too
+    assert Guide is directions.Guide

@@ -175,3 +175,27 @@ def loss_value(loss: torch.Tensor) -> torch.Tensor:
     if loss.requires_grad:
         loss = loss.detach()
     return loss if loss.dtype in (torch.float32, torch.float64) else loss.float()
+
+
+# The zeroth-order engine used to live in this module. Its names still import from here, lazily
+# (an eager import would be a cycle: the engine imports this protocol) and with a warning.
+_MOVED = {
+    "CallState": "state",
+    "Direction": "directions",
+    "Guide": "directions",
+    "ScaleSet": "directions",
+    "Measured": "engine",
+    "Verdict": "engine",
+    "ZerothOrderMeasurement": "engine",
+}
+
+
+def __getattr__(name: str):
+    if name not in _MOVED:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+    import warnings
+
+    where = f"fogzo.estimators.{_MOVED[name]}"
+    warnings.warn(f"fogzo.estimators.base.{name} moved to {where}; import it from there", DeprecationWarning, stacklevel=2)
+    return getattr(importlib.import_module(where), name)
