@@ -169,11 +169,7 @@ def needed(family: str, out: Path) -> list[Run]:
     runs = []
     for row in ROWS:
         for estimator in ESTIMATORS:
-
-            def scored(lr: float, seed: int) -> float | None:
-                record = result(Run(family, row, estimator, lr, seed), out)
-                return None if record is None else score(record)
-
+            scored = _scorer(family, row, estimator, out)
             runs += [Run(family, row, estimator, lr, seed) for lr, seed in tuning.needed(LRS, SEEDS, scored)]
     return runs
 
@@ -230,22 +226,17 @@ def summarize(out: Path | None, archive_path: Path = ARCHIVE) -> str:
     for family in FAMILIES:
         for row in ROWS:
             for estimator in ESTIMATORS:
-
-                def scored(lr: float, seed: int, e: str = estimator, r: str = row) -> float | None:
-                    record = result(Run(family, r, e, lr, seed), out)
-                    return None if record is None else score(record)
-
-                best = tuning.best_lr(LRS, SEEDS[0], scored)
-                if best is None:
+                found = best_runs(family, row, estimator, out)
+                if found is None:
                     continue
-                records = [r for r in (result(Run(family, row, estimator, best, s), out) for s in SEEDS) if r]
+                best, records = found
                 metric = records[0]["primary_metric"]
                 scale, digits, unit = (100.0, 1, " %") if records[0]["higher_is_better"] else (1.0, 2, " ppl")
                 held_out = mean_std_text([r.get(metric) * scale if r.get(metric) is not None else None for r in records], digits)
                 train_loss = mean_std_text([r.get("final_train_loss") for r in records], 3)
                 wall = sum(r["wall_time"] for r in records) / len(records)
                 tried = []
-                for lr in tuning.tried_lrs(LRS, SEEDS[0], scored):
+                for lr in tuning.tried_lrs(LRS, SEEDS[0], _scorer(family, row, estimator, out)):
                     first = result(Run(family, row, estimator, lr, SEEDS[0]), out)
                     value = first.get(metric) if first and not first.get("diverged") else None
                     tried.append(f"{lr:g}: " + ("diverged" if value is None else f"{value * scale:.{digits}f}"))
@@ -254,18 +245,21 @@ def summarize(out: Path | None, archive_path: Path = ARCHIVE) -> str:
     return "\n".join(lines)
 
 
-def best_runs(family: str, row: str, estimator: str, out: Path | None) -> tuple[float, list[dict[str, Any]]] | None:
-    """(best lr, its archived records over the seeds) once the lr grid has run, else None."""
-
+def _scorer(family: str, row: str, estimator: str, out: Path | None):
     def scored(lr: float, seed: int) -> float | None:
         record = result(Run(family, row, estimator, lr, seed), out)
         return None if record is None else score(record)
 
-    best = tuning.best_lr(LRS, SEEDS[0], scored)
+    return scored
+
+
+def best_runs(family: str, row: str, estimator: str, out: Path | None) -> tuple[float, list[dict[str, Any]]] | None:
+    """(best lr, its finished results over the seeds) once the lr grid has run, else None."""
+    best = tuning.best_lr(LRS, SEEDS[0], _scorer(family, row, estimator, out))
     if best is None:
         return None
-    names = [Run(family, row, estimator, best, seed).name for seed in SEEDS]
-    return best, [_archive[name] for name in names if name in _archive]
+    records = [result(Run(family, row, estimator, best, seed), out) for seed in SEEDS]
+    return best, [record for record in records if record]
 
 
 LABELS = {"ste": "STE", "fogzo": "FOGZO (paper: ‖ĝ‖ = 1, β_min = 0.999)", "fogzo-best": "FOGZO best MNIST variant (‖ĝ‖ = 10)"}
@@ -274,7 +268,6 @@ LABELS = {"ste": "STE", "fogzo": "FOGZO (paper: ‖ĝ‖ = 1, β_min = 0.999)", 
 def plot(out_dir: Path, archive_path: Path = ARCHIVE) -> list[Path]:
     """Training loss (mean of each 100 steps) against steps and against training seconds, each
     estimator at its best learning rate, mean ± std over its seeds: one PNG per family and row."""
-    sys.path.insert(0, str(ROOT.parent / "src"))
     from fogzo.train.summaries import mean_curve, plot_curves
 
     read_archive(archive_path)
@@ -288,9 +281,11 @@ def plot(out_dir: Path, archive_path: Path = ARCHIVE) -> list[Path]:
                     if found is None or not found[1]:
                         continue
                     lr, records = found
-                    points = [[point for point in record["curve"] if point.get("event") == "train"
-                               and point.get("loss_avg") is not None] for record in records]
-                    label = f"{LABELS[estimator]}, lr {lr:g}, {len(records)} seed{'s' if len(records) > 1 else ''}"
+                    curves_of = [_archive[Run(family, row, estimator, lr, seed).name]["curve"] for seed in SEEDS
+                                 if Run(family, row, estimator, lr, seed).name in _archive]
+                    points = [[point for point in curve if point.get("event") == "train"
+                               and point.get("loss_avg") is not None] for curve in curves_of]
+                    label = f"{LABELS[estimator]}, lr {lr:g}, {len(points)} seed{'s' if len(points) > 1 else ''}"
                     curve = mean_curve(label, [[(p["step"], p["loss_avg"]) for p in run] for run in points])
                     if x_key == "wall_time":  # the seeds' mean training time at each logged step
                         times = mean_curve(label, [[(p["step"], p["wall_time"]) for p in run] for run in points])
