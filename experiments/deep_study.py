@@ -102,8 +102,8 @@ def perturbed_coordinates(config_path: Path, values: dict[str, Any]) -> int:
     from fogzo.train.data import data_dimensions
     from fogzo.train.trainer import build_quantized_model
 
-    keys = ("model_args", "bits", "ste")
-    config = load_config(config_path, {k: values[k] for k in keys})
+    keys = ("model", "model_args", "bits", "ste")
+    config = load_config(config_path, {k: values[k] for k in keys if k in values})
     model = build_quantized_model(config, data_dimensions(config))
     return sum(entry.param.numel() for entry in fogzo.PerturbedSet.from_model(model).tensors)
 

@@ -7,29 +7,38 @@ autocast, fixed iterations (equal-iteration comparison), 2-bit weights, identity
 * ResNet-20 on Fashion-MNIST (32 × 32), 20 epochs at batch 128 (9,375 steps);
 * the ViT-tiny of `vit_tiny_fmnist.toml` on Fashion-MNIST, 20 epochs at batch 128.
 
-Each family runs STE, FOGZO in the paper's reading (β_min 0.999, ‖ĝ‖ = 1) and FOGZO with
-‖ĝ‖ = 10, two seeds, at one learning rate per family (the CPU tables' best, docs/results.md).
-Writes ``OUT/runs/<name>/`` (the trainer's usual folder), ``OUT/results.jsonl`` (one line per
-finished run) and ``OUT/summary.md``. Runs still going at the deadline are stopped with a
-checkpoint (their folders resume with ``--resume``) and marked unfinished.
+Each family runs STE, FOGZO in the paper's reading (β_min 0.999, ‖ĝ‖ = 1) and FOGZO's best
+variant of the CPU tables (‖ĝ‖ = 10, β_min = 1 − 0.8/d, d = the model's quantized weights), two
+seeds, each estimator at its tuned learning rate of the CPU tables (docs/results.md §5; the ViT,
+which has none, at 1e-3 for all). Every run evaluates EVALS = 8 times, at the same steps, and
+checkpoints there. Runs still going at the deadline are stopped (SIGINT: the trainer saves a
+checkpoint, ``--resume`` continues the folder), so the summary compares each family at the last
+evaluation step that all its runs reached. Writes ``OUT/runs/<name>/`` (the trainer's usual
+folders), ``OUT/results.jsonl`` (one line per run: exit code, steps, median seconds per step,
+every evaluation, results), ``OUT/summary.md`` and ``OUT/runs.tar.gz`` (every run's config,
+metrics, results and log, no checkpoints: what the device tool can bring back). ``--summarize``
+rewrites the summary from the run folders (e.g. after unpacking the archive).
 
     # on the CPU machine, once: the data the GPU machine cannot download
     python experiments/gpu_suite.py --prepare-data .gpu-data
     # a 2-step rehearsal of every run on the CPU (builds everything, bf16 autocast included)
     python experiments/gpu_suite.py --dry-run --data .gpu-data --out results/gpu-dry
     # on the GPU (PYTHONPATH=src; torch with CUDA; no network)
-    python experiments/gpu_suite.py --data .gpu-data --out $OUT/gpu --deadline 510
+    python experiments/gpu_suite.py --data .gpu-data --out /tmp/gpu --deadline 400
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
+import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,32 +57,55 @@ class Job:
 ESTIMATORS = {
     "ste": {"estimator": "ste"},
     "fogzo": {"estimator": "fogzo", "beta_min": 0.999, "guide_norm": 1.0},
-    "fogzo-g10": {"estimator": "fogzo", "beta_min": 0.999, "guide_norm": 10.0},
+    "fogzo-best": {"estimator": "fogzo", "guide_norm": 10.0, "beta_min": "1-0.8/d"},
 }
+# Each family's steps come in EVALS equal parts, so runs stopped at the deadline still share
+# evaluation points (the summary compares every estimator at the last point all its runs reached).
+EVALS = 8
 FAMILIES = {
     "llama10m": (
         "llama1m_shakespeare.toml",
-        {"model": "llama-10m", "batch_size": 32, "seq_len": 256, "steps": 3000, "lr": 1e-3, "eval_every": 1000},
+        {"model": "llama-10m", "batch_size": 32, "seq_len": 256, "steps": 3000},
     ),
     "resnet20": (
         "resnet20_fmnist.toml",
-        {"batch_size": 128, "steps": 9375, "lr": 3e-3, "eval_every": 2345, "eval_size": 10000},
+        {"batch_size": 128, "steps": 9375, "eval_size": 10000, "train_eval_size": 10000},
     ),
     "vit": (
         "vit_tiny_fmnist.toml",
-        {"batch_size": 128, "steps": 9375, "lr": 1e-3, "eval_every": 2345, "eval_size": 10000},
+        {"batch_size": 128, "steps": 9375, "eval_size": 10000, "train_eval_size": 10000},
     ),
+}
+# Each estimator at its tuned learning rate of the CPU tables (docs/results.md §5: LM 224 k and
+# ResNet-20 w8, 2-bit); the ViT has no CPU table, so all three take its config's 1e-3.
+LRS = {
+    "llama10m": {"ste": 1e-3, "fogzo": 3e-2, "fogzo-best": 1e-3},
+    "resnet20": {"ste": 3e-3, "fogzo": 1e-2, "fogzo-best": 1e-2},
+    "vit": {"ste": 1e-3, "fogzo": 1e-3, "fogzo-best": 1e-3},
 }
 SEEDS = (0, 1)
 
 
 def jobs() -> list[Job]:
     return [
-        Job(f"{family}-{estimator}-seed{seed}", config, {**values, **ESTIMATORS[estimator], "seed": seed})
+        Job(
+            f"{family}-{estimator}-seed{seed}",
+            config,
+            {**values, **ESTIMATORS[estimator], "lr": LRS[family][estimator], "seed": seed,
+             "eval_every": values["steps"] // EVALS},
+        )
         for family, (config, values) in FAMILIES.items()
         for estimator in ESTIMATORS
         for seed in SEEDS
     ]
+
+
+def family_of(name: str) -> str:
+    return name.split("-")[0]
+
+
+def estimator_of(name: str) -> str:
+    return name.split("-", 1)[1].rsplit("-seed", 1)[0]
 
 
 def prepare_data(folder: Path) -> None:
@@ -97,11 +129,14 @@ def prepare_data(folder: Path) -> None:
 
 def command(job: Job, out: Path, data: Path | None, dry_run: bool) -> list[str]:
     values = dict(job.values)
-    values.update(out=str(out / "runs" / job.name), threads=2, progress=False, checkpoint_every=500)
+    values.update(out=str(out / "runs" / job.name), threads=1, progress=False, checkpoint_every=values["eval_every"])
+    if values.get("beta_min") == "1-0.8/d":
+        values["beta_min"] = 1.0 - 0.8 / _coordinates(job.config, values.get("model"))
     if dry_run:
         # Every model at its full size, bf16 autocast included, on small batches: it checks that
         # each run builds and steps, not its speed (no deadline applies).
-        values.update(steps=2, eval_every=0, eval_size=64, train_eval_size=64, device="cpu", autocast="bf16", batch_size=4)
+        values.update(steps=2, eval_every=1, checkpoint_every=1, eval_size=64, train_eval_size=64, device="cpu",
+                      autocast="bf16", batch_size=4)
         if "seq_len" in values:
             values["seq_len"] = 64
     else:
@@ -116,19 +151,30 @@ def command(job: Job, out: Path, data: Path | None, dry_run: bool) -> list[str]:
     return args
 
 
+@functools.cache
+def _coordinates(config: str, model: str | None) -> int:
+    """d of the family's model (quantized weights), for the best variant's β_min = 1 − 0.8/d."""
+    from deep_study import perturbed_coordinates
+
+    values = {"bits": 2, "ste": "identity", **({"model": model} if model else {})}
+    return perturbed_coordinates(CONFIGS / config, values)
+
+
 def run_all(out: Path, data: Path | None, dry_run: bool, deadline: float, parallel: int) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "runs").mkdir(exist_ok=True)
+    if out.exists() and any(out.iterdir()):
+        raise SystemExit(f"gpu_suite: {out} is not empty; choose another --out (nothing is overwritten)")
+    (out / "runs").mkdir(parents=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     started = time.time()
     queue = jobs()
+    commands = {job.name: command(job, out, data, dry_run) for job in queue}  # β_min's d before any start
     running: dict[str, tuple[subprocess.Popen, object]] = {}
     finished: dict[str, int] = {}
     while queue or running:
         while queue and len(running) < parallel:
             job = queue.pop(0)
             log = (out / "runs" / f"{job.name}.log").open("w")
-            process = subprocess.Popen(command(job, out, data, dry_run), stdout=log, stderr=subprocess.STDOUT, env=env)
+            process = subprocess.Popen(commands[job.name], stdout=log, stderr=subprocess.STDOUT, env=env)
             running[job.name] = (process, log)
             print(f"[{time.time() - started:6.1f} s] started {job.name}", flush=True)
         for name, (process, log) in list(running.items()):
@@ -137,40 +183,91 @@ def run_all(out: Path, data: Path | None, dry_run: bool, deadline: float, parall
                 log.close()
                 del running[name]
                 print(f"[{time.time() - started:6.1f} s] {name} exited {process.returncode}", flush=True)
-        if time.time() - started > deadline:
-            for name, (process, log) in running.items():
-                process.send_signal(signal.SIGINT)  # the trainer checkpoints on Ctrl-C
+        if running and time.time() - started > deadline:
+            print(f"deadline of {deadline:.0f} s reached: stopping {len(running)} runs (checkpoint each)", flush=True)
+            for process, _ in running.values():
+                process.send_signal(signal.SIGINT)  # the trainer stops after the step and checkpoints
+            grace = time.time() + 40  # one shared grace period, not one per run
             for name, (process, log) in running.items():
                 try:
-                    process.wait(timeout=30)
+                    process.wait(timeout=max(0.1, grace - time.time()))
                 except subprocess.TimeoutExpired:
                     process.kill()
-                finished[name] = -1
+                    process.wait()
+                finished[name] = process.returncode
                 log.close()
             running.clear()
             queue.clear()
-            print(f"deadline of {deadline:.0f} s reached", flush=True)
         time.sleep(0.5)
     write_summary(out, finished, time.time() - started, dry_run)
+    bundle(out)
+
+
+def bundle(out: Path) -> None:
+    """``OUT/runs.tar.gz``: every run's config, metrics, results and log, no checkpoints (the
+    device tool brings back a few files two folders deep at most)."""
+    with tarfile.open(out / "runs.tar.gz", "w:gz") as tar:
+        for path in sorted((out / "runs").rglob("*")):
+            if path.is_file() and path.suffix != ".pt":
+                tar.add(path, arcname=str(path.relative_to(out)))
+
+
+def run_record(out: Path, name: str, exit_code: int | None) -> dict:
+    """What one run reached: its evaluations, its steps, its time per step (from metrics.jsonl,
+    so a run stopped at the deadline counts too) and its results when it finished."""
+    folder = out / "runs" / name
+    metrics = folder / "metrics.jsonl"
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.exists() else []
+    train = [r for r in records if r.get("event") == "train"]
+    results = folder / "results.json"
+    return {
+        "name": name,
+        "exit": exit_code,
+        "steps": train[-1]["step"] if train else 0,
+        "step_time": statistics.median(r["step_time"] for r in train[len(train) // 4:]) if train else None,
+        "evals": {r["step"]: {k: v for k, v in r.items() if k.startswith(("eval_", "train_eval_"))}
+                  for r in records if r.get("event") == "eval"},
+        "results": json.loads(results.read_text()) if results.exists() else None,
+    }
 
 
 def write_summary(out: Path, finished: dict[str, int], wall: float, dry_run: bool) -> None:
-    lines, records = [], []
-    for job in jobs():
-        results = out / "runs" / job.name / "results.json"
-        record = json.loads(results.read_text()) if results.exists() else None
-        records.append({"name": job.name, "exit": finished.get(job.name), "results": record})
+    runs = [run_record(out, job.name, finished.get(job.name)) for job in jobs()]
+    for run in runs:  # the final evaluation counts as the evaluation at the last step
+        if run["results"]:
+            run["evals"][run["results"]["steps_done"]] = {
+                k: v for k, v in run["results"].items() if k.startswith(("eval_", "train_eval_")) and k != "eval_time"
+            }
     with (out / "results.jsonl").open("w") as handle:
-        for record in records:
-            handle.write(json.dumps(record) + "\n")
-    lines.append(f"# GPU suite{' (dry run on CPU)' if dry_run else ''}\n")
-    lines.append(f"Command: `{' '.join(sys.argv)}`; wall time {wall:.0f} s.\n")
-    lines.append("| run | exit | final metrics |\n|---|---|---|")
-    for record in records:
-        metrics = record["results"] or {}
-        shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        text = ", ".join(f"{k} {v:.4g}" for k, v in sorted(shown.items())[:8]) or "unfinished"
-        lines.append(f"| {record['name']} | {record['exit']} | {text} |")
+        for run in runs:
+            handle.write(json.dumps(run) + "\n")
+    title = "GPU suite" + (" (dry run on CPU)" if dry_run else "")
+    lines = [f"# {title}\n", f"Command: `{' '.join(sys.argv)}`; wall time {wall:.0f} s.\n",
+             "| run | lr | exit | steps | s / step | last eval (step: metric) |", "|---|---|---|---|---|---|"]
+    lrs = {job.name: job.values["lr"] for job in jobs()}
+    for run in runs:
+        last = max(run["evals"], default=None)
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in run["evals"][last].items()) if last is not None else "none"
+        step_time = f"{run['step_time']:.4f}" if run["step_time"] else "-"
+        lines.append(f"| {run['name']} | {lrs[run['name']]:g} | {run['exit']} | {run['steps']} | {step_time} | {last}: {shown} |")
+    lines += ["", "Per family, every estimator at the last evaluation step that all of the family's runs",
+              "reached (mean over seeds; the seeds' values in brackets; s / step is the median over the",
+              "run's last three quarters, with all runs sharing the GPU):", "",
+              "| family | step | estimator | metric | seeds | s / step |", "|---|---|---|---|---|---|"]
+    for family in FAMILIES:
+        mine = [run for run in runs if family_of(run["name"]) == family]
+        common = set.intersection(*(set(run["evals"]) for run in mine)) if mine else set()
+        if not common:
+            lines.append(f"| {family} | - | - | no evaluation reached by every run | - | - |")
+            continue
+        step = max(common)
+        metric = "eval_ppl" if "eval_ppl" in mine[0]["evals"][step] else "eval_accuracy"
+        for estimator in ESTIMATORS:
+            values = [run["evals"][step][metric] for run in mine if estimator_of(run["name"]) == estimator]
+            times = [run["step_time"] for run in mine if estimator_of(run["name"]) == estimator and run["step_time"]]
+            seeds = ", ".join(f"{v:.4g}" for v in values)
+            time_text = f"{statistics.mean(times):.4f}" if times else "-"
+            lines.append(f"| {family} | {step} | {estimator} | {metric} {statistics.mean(values):.4g} | [{seeds}] | {time_text} |")
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     print((out / "summary.md").read_text())
 
@@ -181,13 +278,20 @@ def main() -> None:
     parser.add_argument("--data", type=Path, help="folder written by --prepare-data (default: the local installs)")
     parser.add_argument("--prepare-data", type=Path, metavar="FOLDER", help="write the data to carry, then exit")
     parser.add_argument("--dry-run", action="store_true", help="2 steps of every run on the CPU")
-    parser.add_argument("--deadline", type=float, default=510.0, help="stop every run after this many seconds")
+    parser.add_argument("--deadline", type=float, help="stop every run after this many seconds (default 480; none in a dry run)")
     parser.add_argument("--parallel", type=int, default=18, help="runs at a time")
+    parser.add_argument("--summarize", action="store_true",
+                        help="rewrite summary.md and results.jsonl from the run folders under --out, then exit")
     args = parser.parse_args()
+    if args.summarize:
+        previous = args.out / "results.jsonl"
+        exits = {r["name"]: r["exit"] for r in map(json.loads, previous.read_text().splitlines())} if previous.exists() else {}
+        write_summary(args.out, exits, float("nan"), dry_run=False)
+        return
     if args.prepare_data:
         prepare_data(args.prepare_data)
         return
-    deadline = float("inf") if args.dry_run else args.deadline
+    deadline = args.deadline if args.deadline is not None else (float("inf") if args.dry_run else 480.0)
     run_all(args.out, args.data, args.dry_run, deadline, 2 if args.dry_run else args.parallel)
 
 
