@@ -188,3 +188,36 @@ def test_noise_speed_compares_the_three_generators(tmp_path):
     assert row["counter_compiled_equals_eager"] is True and row["elements"] == 1000
     assert set(row["ns_per_element"]) == {"blocks", "counter_eager", "counter_compiled"}
     assert all(value > 0 for value in row["ns_per_element"].values())
+
+
+def test_gpu_suite_summary_compares_each_family_at_its_last_common_evaluation(tmp_path, monkeypatch):
+    """experiments/gpu_suite.py: runs stopped at the deadline reached different steps; the
+    family table takes the last evaluation step all of a family's runs reached, the final
+    results count as an evaluation at the run's last step, and timings are not metrics."""
+    path = Path(__file__).resolve().parents[1] / "experiments" / "gpu_suite.py"
+    spec = importlib.util.spec_from_file_location("gpu_suite", path)
+    suite = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "gpu_suite", suite)  # its dataclass looks itself up there
+    spec.loader.exec_module(suite)
+    jobs = suite.jobs()
+    assert len(jobs) == len(suite.FAMILIES) * len(suite.ESTIMATORS) * len(suite.SEEDS)
+    assert all(job.values["lr"] == suite.LRS[suite.family_of(job.name)][suite.estimator_of(job.name)] for job in jobs)
+    for index, job in enumerate(jobs):
+        folder = tmp_path / "runs" / job.name
+        folder.mkdir(parents=True)
+        reached = 3 if index % 2 == 0 else 2  # evaluations 100, 200 (and 300 for every other run)
+        records = [{"event": "train", "step": 10 * k, "step_time": 0.5} for k in range(1, 10 * reached + 1)]
+        for k in range(1, reached + 1):
+            metric = {"eval_ppl": float(index + k)} if "llama" in job.name else {"eval_accuracy": 0.1 * k}
+            records.append({"event": "eval", "step": 100 * k, **metric, "eval_time": 9.0})
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    finished = jobs[0].name  # one run finished: its results are an evaluation at step 400
+    (tmp_path / "runs" / finished / "results.json").write_text(json.dumps({"steps_done": 400, "eval_ppl": 0.5, "eval_time": 1.0}))
+    suite.write_summary(tmp_path, {job.name: 130 for job in jobs}, 1.0, dry_run=False)
+    runs = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert runs[0]["evals"]["400"] == {"eval_ppl": 0.5} and runs[0]["steps"] == 300
+    assert all("eval_time" not in e for run in runs for e in run["evals"].values())
+    summary = (tmp_path / "summary.md").read_text()
+    # llama10m-ste-seed0 is job 0 (index + 2 at step 200), seed1 job 1: mean of 2 and 3.
+    assert "| llama10m | 200 | ste | eval_ppl 2.5 | [2, 3] | 0.5000 |" in summary
+    assert "| resnet20 | 200 | ste | eval_accuracy 0.2 |" in summary

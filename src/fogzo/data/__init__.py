@@ -15,7 +15,7 @@ random-resized-crop + flip).
 Files (:mod:`fogzo.data.idx`): :func:`read_idx` and :func:`write_idx` for the IDX format.
 """
 
-from fogzo.data.batching import batches
+from fogzo.data.batching import batches, host_to_device
 from fogzo.data.idx import read_idx, write_idx
 from fogzo.data.image_folder import IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataset, list_image_folder
 from fogzo.data.images import (
@@ -25,6 +25,8 @@ from fogzo.data.images import (
     MNIST_MEAN,
     MNIST_STD,
     ImageDataset,
+    crop_flip,
+    draw_crop_flip,
     load_fashion_mnist,
     load_mnist,
     pad_to_32,
@@ -54,6 +56,9 @@ __all__ = [
     "ImageFolderDataset",
     "batches",
     "bpe_tokens",
+    "crop_flip",
+    "draw_crop_flip",
+    "host_to_device",
     "list_image_folder",
     "load_fashion_mnist",
     "load_mnist",

@@ -1,4 +1,4 @@
-"""Shuffled mini-batches over in-memory tensors."""
+"""Shuffled mini-batches over in-memory tensors; :func:`host_to_device` for batches drawn on the CPU."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import torch
 
-__all__ = ["batches"]
+__all__ = ["batches", "host_to_device"]
 
 
 def batches(
@@ -55,3 +55,13 @@ def _iterate(
     for start in range(0, end, batch_size):
         indices = order[start : start + batch_size]
         yield images[indices], labels[indices]
+
+
+def host_to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``tensor.to(device)``; from the CPU to a CUDA device through pinned memory and without
+    waiting (``non_blocking``): a copy from pageable memory makes the host wait for the GPU.
+    Safe to drop the source afterwards: the pinned block is not reused before the copy ends."""
+    device = torch.device(device)
+    if tensor.device.type == "cpu" and device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)

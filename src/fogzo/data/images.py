@@ -47,6 +47,8 @@ __all__ = [
     "ImageDataset",
     "load_fashion_mnist",
     "load_mnist",
+    "crop_flip",
+    "draw_crop_flip",
     "pad_to_32",
     "random_crop_flip",
     "to_float",
@@ -467,6 +469,8 @@ def random_crop_flip(
     Each image is zero-padded by ``padding`` pixels on every side, an ``H x W`` window is
     cut at a random offset, and (if ``flip``) the window is mirrored left-right with
     probability 1/2. Done for the whole batch at once with indexing, no Python loop.
+    Equal to ``crop_flip(batch, padding, *draw_crop_flip(len(batch), padding, generator=...))``
+    (the draws moved to ``batch``'s device).
 
     Randomness comes only from ``generator``; the global RNG is neither used nor changed,
     so the same generator seed gives the same augmentation.
@@ -483,17 +487,38 @@ def random_crop_flip(
     """
     if batch.ndim != 4:
         raise ValueError(f"random_crop_flip expects a batch [B, C, H, W], got shape {list(batch.shape)}")
+    offsets, flips = draw_crop_flip(batch.shape[0], padding, generator=generator, flip=flip)
+    return crop_flip(batch, padding, offsets.to(batch.device), flips.to(batch.device))
+
+
+def draw_crop_flip(
+    batch_size: int, padding: int = 4, *, generator: torch.Generator, flip: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The random part of :func:`random_crop_flip`, on ``generator``'s device.
+
+    Returns:
+        ``(offsets, flips)``: int64 ``[2, batch_size]`` crop offsets (rows, columns) in
+        ``[0, 2 * padding]`` and bool ``[batch_size]`` flips (all False without ``flip``; the
+        flip draw is made either way, so the generator advances the same).
+    """
+    if padding < 0:
+        raise ValueError(f"padding must be >= 0, got {padding}")
+    offsets = torch.randint(0, 2 * padding + 1, (2, batch_size), generator=generator, device=generator.device)
+    flips = torch.rand(batch_size, generator=generator, device=generator.device) < 0.5
+    if not flip:
+        flips = torch.zeros_like(flips)
+    return offsets, flips
+
+
+def crop_flip(batch: torch.Tensor, padding: int, offsets: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+    """The deterministic part of :func:`random_crop_flip`: crop each zero-padded image of
+    ``batch`` ``[B, C, H, W]`` at ``offsets`` ``[2, B]`` and mirror those with ``flips``
+    ``[B]`` (both on ``batch``'s device, as :func:`draw_crop_flip` makes them)."""
+    if batch.ndim != 4:
+        raise ValueError(f"crop_flip expects a batch [B, C, H, W], got shape {list(batch.shape)}")
     if padding < 0:
         raise ValueError(f"padding must be >= 0, got {padding}")
     batch_size, _, height, width = batch.shape
-    random_device = generator.device
-    offsets = torch.randint(
-        0, 2 * padding + 1, (2, batch_size), generator=generator, device=random_device
-    ).to(batch.device)
-    flips = torch.rand(batch_size, generator=generator, device=random_device).to(batch.device) < 0.5
-    if not flip:
-        flips = torch.zeros_like(flips)
-
     padded = functional.pad(batch, (padding, padding, padding, padding))
     row_positions = torch.arange(height, device=batch.device)
     column_positions = torch.arange(width, device=batch.device)
@@ -505,3 +530,4 @@ def random_crop_flip(
     # Put channels last so the three advanced indices are adjacent: result [B, H, W, C].
     cropped = padded.permute(0, 2, 3, 1)[image_index, rows[:, :, None], columns[:, None, :]]
     return cropped.permute(0, 3, 1, 2).contiguous()
+

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from .batching import host_to_device
+
 if TYPE_CHECKING:
     import tokenizers
 
@@ -291,9 +293,10 @@ def random_batches(
         raise ValueError(
             f"need more than seq_len={seq_len} tokens to make (input, target) windows, got {len(tokens)}"
         )
-    starts = torch.randint(
-        0, len(tokens) - seq_len, (batch_size,), generator=generator, device=generator.device
-    ).to(tokens.device)
+    starts = host_to_device(
+        torch.randint(0, len(tokens) - seq_len, (batch_size,), generator=generator, device=generator.device),
+        tokens.device,
+    )
     positions = starts[:, None] + torch.arange(seq_len + 1, device=tokens.device)
     windows = tokens[positions].long()
     return windows[:, :-1], windows[:, 1:]

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..data import random_batches, random_crop_flip, to_float
+from ..data import crop_flip, draw_crop_flip, host_to_device, random_batches, to_float
 from ..data.image_folder import IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataset
 from ..estimators import derive_seed
 from .config import TrainConfig
@@ -61,11 +61,20 @@ class ImageTensorStream:
                 self.epoch += 1
             self.order = torch.randperm(len(self.images), generator=self.generator)
             self.position = 0
-        index = self.order[self.position : self.position + self.batch_size].to(self.images.device)
-        self.position += self.batch_size
-        batch = self.images[index]
+        size = self.batch_size
+        index = self.order[self.position : self.position + size]
+        self.position += size
         if self.augment:
-            batch = random_crop_flip(batch, self.padding, generator=self.generator, flip=self.flip)
+            # The same draws as random_crop_flip, made on the generator's device; the index and
+            # the draws then go to the images' device in one copy (on CUDA: pinned, no wait).
+            offsets, flips = draw_crop_flip(size, self.padding, generator=self.generator, flip=self.flip)
+            packed = torch.cat([index, offsets.reshape(-1).to(index.device), flips.to(index.device, torch.int64)])
+            packed = host_to_device(packed, self.images.device)
+            index, offsets, flips = packed[:size], packed[size : 3 * size].view(2, size), packed[3 * size :].bool()
+            batch = crop_flip(self.images[index], self.padding, offsets, flips)
+        else:
+            index = host_to_device(index, self.images.device)
+            batch = self.images[index]
         batch, labels = self.shard.take(batch, self.labels[index])
         return to_float(batch, self.mean, self.std), labels
 
