@@ -22,7 +22,8 @@ evaluation step that all its runs reached. Writes ``OUT/runs/<name>/`` (the trai
 folders), ``OUT/results.jsonl`` (one line per run: exit code, steps, median seconds per step,
 every evaluation, results), ``OUT/summary.md`` and ``OUT/runs.tar.gz`` (every run's config,
 metrics, results and log, no checkpoints: what the device tool can bring back). ``--summarize``
-rewrites the summary from the run folders (e.g. after unpacking the archive).
+rewrites the summary from the run folders (e.g. after unpacking the archive), ``--plot FOLDER``
+draws each family's training curves.
 
     # on the CPU machine, once: the data the GPU machine cannot download
     python experiments/gpu_suite.py --prepare-data .gpu-data
@@ -30,6 +31,9 @@ rewrites the summary from the run folders (e.g. after unpacking the archive).
     python experiments/gpu_suite.py --dry-run --data .gpu-data --out results/gpu-dry
     # on the GPU (PYTHONPATH=src; torch with CUDA; no network)
     python experiments/gpu_suite.py --data .gpu-data --out /tmp/gpu --deadline 480
+    # here again, from the archive of the run folders
+    tar xzf runs.tar.gz -C FOLDER && python experiments/gpu_suite.py --summarize --out FOLDER
+    python experiments/gpu_suite.py --plot docs/img --out FOLDER
 """
 
 from __future__ import annotations
@@ -279,6 +283,37 @@ def write_summary(out: Path, finished: dict[str, int], wall: float, dry_run: boo
     print((out / "summary.md").read_text())
 
 
+def plot(out: Path, images: Path) -> list[Path]:
+    """Training loss (mean of each 100 steps) against steps, mean ± std over the seeds, one PNG
+    per family (``images/gpu-deep-<family>.png``), from the run folders under ``out``; a run
+    stopped early shortens its estimator's curve to the steps every seed reached."""
+    from fogzo.train.summaries import mean_curve, plot_curves
+
+    written = []
+    for family in FAMILIES:
+        curves = []
+        for estimator in ESTIMATORS:
+            runs = []
+            for job in jobs():
+                metrics = out / "runs" / job.name / "metrics.jsonl"
+                if family_of(job.name) != family or estimator_of(job.name) != estimator or not metrics.exists():
+                    continue
+                train = [r for r in map(json.loads, metrics.read_text().splitlines()) if r.get("event") == "train"]
+                windows: dict[int, list[float]] = {}
+                for record in train:
+                    windows.setdefault((record["step"] - 1) // 100, []).append(record["loss"])
+                runs.append([(100 * (w + 1), statistics.mean(v)) for w, v in sorted(windows.items()) if len(v) == 10])
+            if runs:
+                lr = LRS[family][estimator]
+                curves.append(mean_curve(f"{estimator}, lr {lr:g}, {len(runs)} seeds", runs))
+        if curves:
+            path = images / f"gpu-deep-{family}.png"
+            plot_curves(path, curves, xlabel="training step", ylabel="training loss (mean of 100 steps)", log_y=True,
+                        title=f"{family} on one H200 (18 runs sharing it), 2-bit: mean ± std over seeds")
+            written.append(path)
+    return written
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("results/gpu"))
@@ -289,7 +324,13 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=18, help="runs at a time")
     parser.add_argument("--summarize", action="store_true",
                         help="rewrite summary.md and results.jsonl from the run folders under --out, then exit")
+    parser.add_argument("--plot", type=Path, metavar="FOLDER",
+                        help="write gpu-deep-<family>.png plots of the runs under --out into FOLDER, then exit")
     args = parser.parse_args()
+    if args.plot:
+        for path in plot(args.out, args.plot):
+            print(f"wrote {path}")
+        return
     if args.summarize:
         previous = args.out / "results.jsonl"
         exits = {r["name"]: r["exit"] for r in map(json.loads, previous.read_text().splitlines())} if previous.exists() else {}
