@@ -45,10 +45,10 @@ __all__ = [
     "MNIST_MEAN",
     "MNIST_STD",
     "ImageDataset",
-    "load_fashion_mnist",
-    "load_mnist",
     "crop_flip",
     "draw_crop_flip",
+    "load_fashion_mnist",
+    "load_mnist",
     "pad_to_32",
     "random_crop_flip",
     "to_float",
@@ -530,4 +530,3 @@ def crop_flip(batch: torch.Tensor, padding: int, offsets: torch.Tensor, flips: t
     # Put channels last so the three advanced indices are adjacent: result [B, H, W, C].
     cropped = padded.permute(0, 2, 3, 1)[image_index, rows[:, :, None], columns[:, None, :]]
     return cropped.permute(0, 3, 1, 2).contiguous()
-
