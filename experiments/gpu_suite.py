@@ -228,12 +228,19 @@ def run_lr(out: Path, job: Job) -> float:
     return json.loads(config.read_text())["lr"] if config.exists() else job.values["lr"]
 
 
+def _records(out: Path, name: str) -> list[dict]:
+    """The run's metrics.jsonl records (none if it never started)."""
+    from fogzo.train.records import read_jsonl
+
+    metrics = out / "runs" / name / "metrics.jsonl"
+    return read_jsonl(metrics) if metrics.exists() else []
+
+
 def run_record(out: Path, name: str, exit_code: int | None) -> dict:
     """What one run reached: its evaluations, its steps, its time per step (from metrics.jsonl,
     so a run stopped at the deadline counts too) and its results when it finished."""
     folder = out / "runs" / name
-    metrics = folder / "metrics.jsonl"
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.exists() else []
+    records = _records(out, name)
     train = [r for r in records if r.get("event") == "train"]
     results = folder / "results.json"
     return {
@@ -300,18 +307,18 @@ def plot(out: Path, images: Path) -> list[Path]:
     for family in FAMILIES:
         curves = []
         for estimator in ESTIMATORS:
+            mine = [job for job in jobs() if family_of(job.name) == family and estimator_of(job.name) == estimator]
             runs = []
-            for job in jobs():
-                metrics = out / "runs" / job.name / "metrics.jsonl"
-                if family_of(job.name) != family or estimator_of(job.name) != estimator or not metrics.exists():
+            for job in mine:
+                train = [r for r in _records(out, job.name) if r.get("event") == "train"]
+                if not train:
                     continue
-                train = [r for r in map(json.loads, metrics.read_text().splitlines()) if r.get("event") == "train"]
                 windows: dict[int, list[float]] = {}
                 for record in train:
                     windows.setdefault((record["step"] - 1) // 100, []).append(record["loss"])
                 runs.append([(100 * (w + 1), statistics.mean(v)) for w, v in sorted(windows.items()) if len(v) == 10])
             if runs:
-                lr = run_lr(out, next(job for job in jobs() if job.name == f"{family}-{estimator}-seed{SEEDS[0]}"))
+                lr = run_lr(out, mine[0])
                 curves.append(mean_curve(f"{estimator}, lr {lr:g}, {len(runs)} seeds", runs))
         if curves:
             path = images / f"gpu-deep-{family}.png"
