@@ -341,6 +341,12 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, metavar="FOLDER",
                         help="write gpu-deep-<family>.png plots of the runs under --out into FOLDER, then exit")
     args = parser.parse_args()
+    if args.deadline is not None and not args.deadline > 0:
+        parser.error(f"--deadline must be a positive number of seconds, got {args.deadline:g}")
+    if args.parallel < 1:
+        parser.error(f"--parallel must be at least 1, got {args.parallel}")
+    if (args.plot or args.summarize) and not (args.out / "runs").is_dir():
+        parser.error(f"{args.out} holds no runs/ folder (a suite's --out, or an unpacked runs.tar.gz)")
     if args.plot:
         for path in plot(args.out, args.plot):
             print(f"wrote {path}")
