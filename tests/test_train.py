@@ -331,18 +331,22 @@ def test_image_folder_data(tmp_path, num_classes):
     assert saved["data"]["epoch"] == 1 and saved["data"]["position"] == 4  # 3 batches per epoch
 
 
-def test_diagnose_every_logs_the_ste_bias_and_leaves_training_unchanged(tmp_path, corpus):
-    """The diagnostic runs beside training: the run's weights are bit-identical without it."""
-    common = {"text_file": corpus, "steps": 4, "estimator": "fogzo", **FAST}
-    plain = train(tiny("llama", tmp_path / "plain", **common), log=quiet)
+@pytest.mark.parametrize("family", ["llama", "resnet20"])
+def test_diagnose_every_logs_the_ste_bias_and_leaves_training_unchanged(family, tmp_path, corpus):
+    """The diagnostic runs beside training: the run is bit-identical without it (LLaMA with
+    dropout: the global RNG; ResNet-20: BatchNorm statistics; issue 21.1)."""
+    common = {"steps": 4, "estimator": "fogzo", **FAST}
+    common.update({"text_file": corpus, "dropout": 0.1} if family == "llama" else {})
+    plain = train(tiny(family, tmp_path / "plain", **common), log=quiet)
     watched = train(
-        tiny("llama", tmp_path / "watched", diagnose_every=2, diagnose_coordinates=4, diagnose_draws=2, **common),
+        tiny(family, tmp_path / "watched", diagnose_every=2, diagnose_coordinates=4, diagnose_draws=2, **common),
         log=quiet,
     )
-    assert plain["eval_ppl"] == watched["eval_ppl"]
+    metric = "eval_ppl" if family == "llama" else "eval_loss"
+    assert plain[metric] == watched[metric]
     a = torch.load(tmp_path / "plain" / "checkpoint.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "watched" / "checkpoint.pt", weights_only=False)["model"]
-    assert all(torch.equal(a[key], b[key]) for key in a)
+    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
     records = [r for r in read_records(tmp_path / "watched" / "metrics.jsonl") if r["event"] == "diagnose"]
     assert [r["step"] for r in records] == [0, 2, 4]  # before steps 0 and 2, and the trained model
     layers = records[0]["layers"]

@@ -38,7 +38,7 @@ from torch import nn
 from .estimators.base import Closure, checked_loss
 from .estimators.noise import derive_seed
 from .estimators.perturbed_set import PerturbedSet
-from .estimators.state import StateGuard
+from .estimators.state import CallState, StateGuard
 from .estimators.smoothed import COORDINATE_STREAM, _coordinate_scale, smoothed_partials
 from .smoothing import Smoothing
 
@@ -191,14 +191,20 @@ def diagnose(
         else:
             generator = torch.Generator().manual_seed(derive_seed(seed, COORDINATE_STREAM, entry.index))
             chosen.append(torch.randperm(numel, generator=generator)[:coordinates].sort().values.to(entry.param.device))
-    guard = StateGuard(model)
-    loss = checked_loss(closure())
-    gradients = torch.autograd.grad(loss, params, allow_unused=True)
-    guard.after_first_pass()
-    results = smoothed_partials(
-        perturbed, closure, guard, seed=seed, coordinates=chosen, draws=draws, chunk=chunk, fast=fast,
-        vectorize=vectorize,
-    )
+    # The STE pass is a real forward: it would update BatchNorm statistics and advance the
+    # global RNG (dropout). Everything it and the oracle's passes change is put back at the end.
+    before = CallState(model, [], None)
+    try:
+        guard = StateGuard(model)
+        loss = checked_loss(closure())
+        gradients = torch.autograd.grad(loss, params, allow_unused=True)
+        guard.after_first_pass()
+        results = smoothed_partials(
+            perturbed, closure, guard, seed=seed, coordinates=chosen, draws=draws, chunk=chunk, fast=fast,
+            vectorize=vectorize,
+        )
+    finally:
+        before.restore()
     rows, pooled = [], {"ste": [], "slope": [], "partials": []}
     for entry, coords, gradient, result in zip(perturbed.tensors, chosen, gradients, results):
         scale = _coordinate_scale(entry, eps_bar)

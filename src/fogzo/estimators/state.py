@@ -87,18 +87,19 @@ class CallState:
     buffers (running statistics, not its weights; not the fixed ``α`` of fogzo's weight
     quantizers, which no forward writes: :func:`state_buffers`), taken with one operator
     into a :class:`Snapshot` that the estimator keeps between calls (``snapshot``);
-    ``model=None`` captures no buffers.
+    ``model=None`` captures no buffers; ``counter=None`` (an instrument such as
+    :func:`fogzo.diagnose`, which has no step counter) restores the rest.
     """
 
     def __init__(
         self,
         model: nn.Module | None,
         params: Sequence[nn.Parameter],
-        counter: StepCounter,
+        counter: StepCounter | None,
         snapshot: Snapshot | None = None,
     ) -> None:
         self.counter = counter
-        self.step = counter.step
+        self.step = 0 if counter is None else counter.step
         self.rng = _rng_state()
         targets: list[torch.Tensor] = []
         if model is not None:
@@ -119,7 +120,8 @@ class CallState:
             totals.append(previous if gradient is None else gradient if previous is None else gradient.add_(previous))
         for param, total in zip(self.params, totals):
             param.grad = total
-        self.counter.step = self.step + 1
+        if self.counter is not None:
+            self.counter.step = self.step + 1
 
     def restore(self, advance: bool = False) -> None:
         """Failure (or, with ``advance``, a skipped step): everything back as it was."""
@@ -127,7 +129,8 @@ class CallState:
             param.grad = previous
         self.snapshot.restore()
         _set_rng_state(self.rng)
-        self.counter.step = self.step + 1 if advance else self.step
+        if self.counter is not None:
+            self.counter.step = self.step + 1 if advance else self.step
 
 
 def run_guarded(state: CallState, step: Callable[[], EstimateInfo]) -> EstimateInfo:
