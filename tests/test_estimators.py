@@ -698,10 +698,12 @@ def test_keep_mode_keeps_the_ste_gradient_when_a_perturbed_loss_is_not_finite():
 
 @pytest.mark.parametrize("n,draws_per_tensor", [(1, 1), (3, 9)])
 def test_noise_draws_per_step(n, draws_per_tensor, monkeypatch):
-    """n = 1 draws each tensor's noise once per step; n > 1 regenerates it (2 passes + gradient)."""
+    """n = 1 draws each tensor's noise once per step; n > 1 regenerates it (2 passes + gradient).
+    (The first step draws once more per tensor: the check that shifts survive the dtype.)"""
     x, y = _batch()
     model = _mlp()
     estimator = fogzo.FOGZO(model, total_steps=10, n=n, beta=0.5, seed=0)
+    estimator.estimate(lambda: F.cross_entropy(model(x), y))
     calls = []
     original = fogzo.PerturbedSet.noise
 

@@ -30,6 +30,7 @@ otherwise).
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ __all__ = [
     "TorchaoAdapter",
     "TorchaoIntxView",
     "adapters",
+    "foreign_quantized_layers",
     "quantizer_parameters",
     "quantizer_views",
     "register_adapter",
@@ -234,3 +236,26 @@ def quantizer_parameters(model: nn.Module) -> Iterable[nn.Parameter]:
     for module in model.modules():
         for adapter in _ADAPTERS:
             yield from adapter.quantizer_parameters(module)
+
+
+_FOREIGN_QUANTIZER = re.compile(r"^weight_(fake_)?quant(izer)?$")
+
+
+def foreign_quantized_layers(model: nn.Module) -> list[str]:
+    """Layers that look quantized by a library no registered adapter knows: a module with a
+    ``weight`` parameter and a child module named ``weight_quant``, ``weight_quantizer``,
+    ``weight_fake_quant`` or ``weight_fake_quantizer`` (Brevitas, torch.ao's QAT modules, ...)
+    whose weight no adapter reports. One ``"name (Layer, quantizer: Quantizer)"`` each."""
+    known = quantizer_views(model)
+    found = []
+    for name, module in model.named_modules():
+        weight = module._parameters.get("weight")
+        if weight is None or id(weight) in known:
+            continue
+        quantizers = [(child_name, child) for child_name, child in module.named_children()
+                      if _FOREIGN_QUANTIZER.match(child_name)]
+        if quantizers:
+            child_name, child = quantizers[0]
+            found.append(f"{name or '(the model)'} ({type(module).__name__}, {child_name}: "
+                         f"{type(child).__name__})")
+    return found

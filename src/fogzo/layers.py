@@ -48,10 +48,15 @@ class QuantizedLayer(nn.Module):
         self._weight_shift = None  # an instance attribute from the start: compiled graphs guard on it
 
     def latent_weight(self) -> torch.Tensor:
-        """``W``, or ``W + a·t`` while an estimator's perturbed pass shifts this layer."""
+        """``W``, or ``W + a·t`` while an estimator's perturbed pass shifts this layer.
+
+        A bf16/fp16 weight is shifted in float32: a shift of a small fraction of a quantization
+        step is far below those formats' spacing and would round back to ``W``."""
         shift = self._weight_shift
         if shift is None:
             return self.weight
+        if self.weight.dtype in (torch.float16, torch.bfloat16):
+            return torch.add(self.weight.float(), shift[0].float(), alpha=shift[1])
         return torch.add(self.weight, shift[0], alpha=shift[1])
 
     def quantized_weights(self) -> list[tuple[str, WeightQuantizer]]:
@@ -61,9 +66,9 @@ class QuantizedLayer(nn.Module):
     def quantized_weight(self) -> torch.Tensor:
         """``Q(W)``, or the latent ``W`` inside :func:`fogzo.full_precision` (shifted in a perturbed pass)."""
         weight = self.latent_weight()
-        if not self.quantization_enabled:
-            return weight
-        return self.weight_quantizer(weight)
+        if self.quantization_enabled:
+            weight = self.weight_quantizer(weight)
+        return weight if weight.dtype == self.weight.dtype else weight.to(self.weight.dtype)  # a float32 shift
 
     def _quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_quantizer is None or not self.quantization_enabled:
@@ -102,14 +107,18 @@ class QuantEmbedding(nn.Embedding, QuantizedLayer):
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
         rows = F.embedding(indices, self.weight, self.padding_idx)
         shift = self._weight_shift
+        dtype = rows.dtype
         if shift is not None:  # rows of W + a·t, without building the shifted table
-            rows = torch.add(rows, F.embedding(indices, shift[0], self.padding_idx), alpha=shift[1])
-        if not self.quantization_enabled:
-            return rows
-        alpha = self.weight_quantizer.step_size()
-        if alpha.dim() > 0:  # per-row step sizes: gather the ones used
-            alpha = F.embedding(indices, alpha.reshape(-1, 1))
-        return self.weight_quantizer(rows, alpha)
+            shifted = F.embedding(indices, shift[0], self.padding_idx)
+            if dtype in (torch.float16, torch.bfloat16):  # in float32, as latent_weight does
+                rows, shifted = rows.float(), shifted.float()
+            rows = torch.add(rows, shifted, alpha=shift[1])
+        if self.quantization_enabled:
+            alpha = self.weight_quantizer.step_size()
+            if alpha.dim() > 0:  # per-row step sizes: gather the ones used
+                alpha = F.embedding(indices, alpha.reshape(-1, 1))
+            rows = self.weight_quantizer(rows, alpha)
+        return rows if rows.dtype == dtype else rows.to(dtype)
 
 
 class QuantMultiheadAttention(nn.MultiheadAttention, QuantizedLayer):

@@ -76,6 +76,10 @@ class EstimateInfo:
         skipped: ``on_nonfinite="skip"`` skipped this step: ``.grad``, parameters and
             buffers are as before the call (only the step counter advanced).
         skip_reason: why (one of :data:`SKIP_REASONS`), ``None`` for a step not skipped.
+        measured: ``False`` when every finite difference was exactly 0: the perturbed passes
+            did not change the loss, so the step measured nothing (a warning says so, once
+            per estimator). FOGZO then keeps the STE gradient for the step instead of
+            replacing it with 0; n-SPSA, which has no other gradient, leaves 0.
 
     ``loss`` and ``ste_grad_norm`` may be filled in lazily: an estimator that had no reason
     to read them on the host (the STE step) stores the device scalar, and the first read of
@@ -93,6 +97,7 @@ class EstimateInfo:
     ste_grad_norm: float | None = None
     skipped: bool = False
     skip_reason: str | None = None
+    measured: bool = True
 
     @property
     def compute_units(self) -> int:
@@ -159,6 +164,18 @@ def _probe_factor(probe: torch.Tensor) -> float:
     if not math.isfinite(factor) or factor == 0.0:
         raise RuntimeError(f"the backward= hook scales gradients by {factor}; expected a finite non-zero factor")
     return factor
+
+
+def nothing_measured_message(estimator: str, model: torch.nn.Module, perturbed: list, action: str) -> str:
+    """The warning for a step whose finite differences were all exactly 0 (``info.measured``)."""
+    zero = [entry.name for entry in perturbed if not bool(entry.param.detach().any())]
+    where = f" All-zero perturbed tensors (they sit exactly on a level): {zero[:5]}." if zero else ""
+    return (
+        f"{estimator}: every finite difference of this step was exactly 0, so the step measured nothing: "
+        "no perturbed pass changed the loss (no quantized weight crossed a level, or the loss does not depend on "
+        f"the perturbed weights, e.g. a LoRA B matrix initialised to zero).{where} {action} "
+        "info.measured is False for such steps; this warning is shown once per estimator."
+    )
 
 
 def checked_loss(value: object) -> torch.Tensor:

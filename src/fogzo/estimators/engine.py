@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -119,6 +120,7 @@ class ZerothOrderMeasurement:
         self.on_nonfinite = on_nonfinite
         self.vectorize = vectorize
         self._vmap_checked = False  # the first vectorized chunk is checked against one looped pass
+        self._shifts_checked = False  # the first measured step checks that every tensor's shift survives
 
     @property
     def passes_per_sample(self) -> int:
@@ -155,6 +157,12 @@ class ZerothOrderMeasurement:
             delta = self._delta(entry, scales.values[entry.index], guides[entry.index], step_seed, direction)
             return delta, sign
 
+        side_effects = None
+        if not self._shifts_checked:  # the first measured step: checks that run once
+            self.check_shifts(scales, step_seed)
+            self._shifts_checked = True
+            if not self.perturbed.sharded:  # (FSDP shifts its shards in place by design)
+                side_effects = guard.watch_side_effects()
         # FSDP's forward sets version counters, which inference tensors do not have.
         no_autograd = torch.no_grad if self.perturbed.sharded else torch.inference_mode
         losses: list[torch.Tensor] = []
@@ -190,6 +198,13 @@ class ZerothOrderMeasurement:
                     losses.extend(vectorized.unbind())
         finally:
             guard.close()
+        if side_effects is not None and (changed := side_effects()):
+            warnings.warn(
+                f"the perturbed forward passes changed the model beyond its buffers: {'; '.join(changed[:5])}. "
+                "A forward that writes a parameter or counts its own calls (e.g. an activation calibration) makes "
+                "every pass see a different model; finish such calibration before training with a zeroth-order "
+                "estimator", stacklevel=4,
+            )
         if self.one_sided:
             assert loss0 is not None
             reference = loss_value(loss0)
@@ -237,6 +252,45 @@ class ZerothOrderMeasurement:
         if self.on_nonfinite == "raise":
             raise FloatingPointError(f"{message}; {NONFINITE_ADVICE}")
         return Verdict(loss, norm_value, losses, differences, reason, message)
+
+    def check_shifts(self, scales: ScaleSet, step_seed: int) -> None:
+        """Raise ``ValueError`` if a full-size noise shift ``c·ε̄·u`` rounds back to ``W`` on most
+        coordinates of a tensor, in the precision the pass adds it in: such a tensor's finite
+        differences measure nothing and its noise gradient ``d·u/c`` would be pure noise (a bf16
+        bias of 4 has spacing 1/32; ``eps=1e-3`` moves it by nothing). Run once, on the first
+        measured step (one noise draw, a few operators and one host read per tensor). The
+        guided part of a tensor with a small share of ``ĝ`` may still round away; its gradient
+        ``d·ĝ/c`` stays the measured directional derivative along the STE direction.
+
+        fogzo's own layers add the shift to a bf16/fp16 weight in float32 (in their forward:
+        :meth:`fogzo.QuantizedLayer.latent_weight`), so a quantized weight stored in low
+        precision loses nothing; other tensors are shifted in their own dtype.
+        """
+        eps_bar = self.perturbed.smoothing.eps_bar
+        lost = []
+        for entry in self.perturbed.tensors:
+            tensor, alpha = self.perturbed.noise(entry, step_seed, 0), eps_bar
+            tensor.mul_(scales.values[entry.index])  # c·u, shifted by ε̄·c·u
+            weight = entry.local_param()
+            if entry.upcast_shift:
+                weight, tensor = weight.float(), tensor.float()
+            with torch.no_grad():
+                moving = tensor != 0
+                stuck = (torch.add(weight, tensor, alpha=alpha) == weight) & moving
+                count, stuck_count = int(moving.sum()), int(stuck.sum())
+            if count and stuck_count > count // 2:
+                spacing = torch.finfo(weight.dtype).eps * torch.frexp(weight[stuck].float()).exponent.sub(1).exp2()
+                needed = float((spacing / (tensor[stuck].float() * alpha).abs()).median())
+                if entry.quantizer is None:
+                    fix = f"use eps >= {2 * needed * (entry.eps or 0.0):.2g} (now {entry.eps:g})"
+                else:
+                    fix = "keep the latent weights in float32 (use autocast for a low-precision forward)"
+                lost.append(f"{entry.name!r} ({weight.dtype}, {stuck_count} of {count} shifts lost: {fix})")
+        if lost:
+            raise ValueError(
+                "the perturbation rounds away: W ± shift == W in the tensor's own precision for most coordinates of "
+                + "; ".join(lost[:5]) + ". Its finite differences would measure nothing"
+            )
 
     @staticmethod
     def _check_vectorized(vectorized: float, looped: float, dtype: torch.dtype) -> None:

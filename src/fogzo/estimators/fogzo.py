@@ -28,6 +28,7 @@ time, around the forward that reads each; a weight read outside every module's f
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable
 
 import torch
@@ -35,7 +36,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..smoothing import Smoothing
-from .base import Backward, Closure, EstimateInfo, checked_loss, run_backward
+from .base import Backward, Closure, EstimateInfo, checked_loss, nothing_measured_message, run_backward
 from .directions import Direction, Guide, ScaleSet
 from .engine import NONFINITE_ADVICE, ZerothOrderMeasurement, is_distributed
 from .noise import SIGN_STREAM, derive_seed
@@ -154,6 +155,7 @@ class FOGZO:
         self.measurement = ZerothOrderMeasurement(self.perturbed, one_sided, on_nonfinite, vectorize)
         self.counter = StepCounter(seed)
         self._snapshots = (Snapshot(), Snapshot())  # reused by every call (CallState, StateGuard)
+        self._warned_unmeasured = False
 
     def estimate(self, closure: Closure) -> EstimateInfo:
         """One step: fills ``.grad`` (see the module docstring); state contract in
@@ -227,15 +229,25 @@ class FOGZO:
                 state.restore(advance=True)
             return EstimateInfo(verdict.loss, forward_passes, 1, beta, step_seed, step, ste_grad_norm=verdict.norm,
                                 skipped=True, skip_reason=verdict.reason)
+        differences = verdict.differences
+        if not any(differences):  # every d_i is exactly 0: nothing measured, keep the STE gradient
+            if not self._warned_unmeasured:
+                warnings.warn(nothing_measured_message("FOGZO", self.model, self.perturbed.tensors,
+                              "The STE gradient was kept for such steps (not replaced by 0)."), stacklevel=3)
+                self._warned_unmeasured = True
+            self._redo_ste_pass(closure, guard, state)
+            state.commit()
+            return EstimateInfo(verdict.loss, forward_passes + 1, 2, beta, step_seed, step, differences=differences,
+                                zero_differences=len(differences), ste_grad_norm=verdict.norm, measured=False)
         if gradients is None:
             gradients = self.measurement.gradients(step_seed, directions, measured, guides)
         if hook_factor != 1.0:
             torch._foreach_mul_(gradients, hook_factor)
+        self.perturbed.mask_padding_rows(gradients)
         for entry, gradient in zip(self.perturbed.tensors, gradients):
             entry.param.grad = None
             set_gradient(entry.param, gradient, None)  # replaces this call's STE gradient
         state.commit()  # adds the gradients from before the call, as backward would
-        differences = verdict.differences
         return EstimateInfo(
             loss=verdict.loss,  # type: ignore[arg-type]
             forward_passes=forward_passes,
@@ -247,6 +259,18 @@ class FOGZO:
             zero_differences=sum(d == 0.0 for d in differences),
             ste_grad_norm=verdict.norm,
         )
+
+    def _redo_ste_pass(self, closure: Closure, guard: StateGuard, state: CallState) -> None:
+        """The STE pass again, with its dropout masks, for a step that measured nothing (the
+        one-direction path built the shift in the STE gradient's buffer); buffers and the
+        global RNG end as after the first STE pass."""
+        for param in state.params:
+            param.grad = None
+        guard.rewind()
+        try:
+            run_backward(checked_loss(closure()), self.backward)
+        finally:
+            guard.close()
 
     def _nonfinite(
         self,

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..adapters import QuantizerView, quantizer_parameters, quantizer_views
+from ..adapters import QuantizerView, foreign_quantized_layers, quantizer_parameters, quantizer_views
 from ..smoothing import Smoothing
 from .noise import (
     _GAMMA,
@@ -42,7 +42,7 @@ from .noise import (
     counter_noise,
     derive_seed,
 )
-from .read_plan import _ReadCheck, _ReadPlan
+from .read_plan import _ReadCheck, _ReadPlan, _shifts_itself
 from .sharding import _is_dtensor, _is_fsdp, _shard_rows, local_part, shifted_shards
 
 __all__ = ["PerturbedSet", "PerturbedTensor"]
@@ -67,6 +67,9 @@ class PerturbedTensor:
     first_row: int = 0
     rows: int = 0
     start: int = 0
+    padding_row: int | None = None
+    """``nn.Embedding(padding_idx=p)``'s weight: row ``p`` never gets a gradient from backward,
+    so the zeroth-order estimators give it none either (:meth:`PerturbedSet.mask_padding_rows`)."""
 
     def __post_init__(self) -> None:
         if _is_dtensor(self.param):
@@ -75,6 +78,16 @@ class PerturbedTensor:
             self.start = self.first_row * (self.param[0].numel() if self.param.dim() else 1)
         else:
             self.rows = self.param.shape[0] if self.param.dim() else 1
+
+    @property
+    def upcast_shift(self) -> bool:
+        """True when the owner layer adds the shift in float32 (a bf16/fp16 weight of one of
+        fogzo's single-weight layers, see :meth:`fogzo.QuantizedLayer.latent_weight`)."""
+        return (
+            self.param.dtype in (torch.float16, torch.bfloat16)
+            and len(self.owners) == 1
+            and _shifts_itself(*self.owners[0])
+        )
 
     def local_param(self) -> torch.Tensor:
         """The (local part of the) detached parameter."""
@@ -136,6 +149,7 @@ class PerturbedSet:
     _generators: dict[torch.device, torch.Generator] = field(default_factory=dict, repr=False)
     noise_stream: str = "blocks"
     compile_noise: bool = False
+    _left_frozen: list[tuple[str, nn.Parameter]] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         if self.noise_stream not in NOISE_STREAMS:
@@ -176,6 +190,14 @@ class PerturbedSet:
             frozen = [name for name, p in model.named_parameters() if id(p) in quantizer_of and id(p) not in trainable]
         elif perturb == "all":
             chosen = {pid for pid in trainable if pid not in quantizer_params}
+            foreign = foreign_quantized_layers(model)
+            if foreign:
+                raise ValueError(
+                    "perturb='all' would perturb the weights of quantized layers as if they were float: "
+                    f"{'; '.join(foreign[:5])} are quantized by a library fogzo has no adapter for, so their step size is unknown. Register "
+                    "one with fogzo.adapters.register_adapter (docs/integrations.md), or pass perturb= the float "
+                    "parameters to perturb"
+                )
         elif isinstance(perturb, str):
             raise ValueError(f"perturb must be 'quantized', 'all' or an iterable of parameters, got {perturb!r}")
         else:
@@ -203,6 +225,13 @@ class PerturbedSet:
                 tensors.append(entry)
         if not tensors:
             why = f" (its quantized weights are frozen: {frozen[:3]})" if frozen else ""
+            foreign = foreign_quantized_layers(model) if perturb == "quantized" else []
+            if foreign:
+                raise ValueError(
+                    f"nothing to perturb in {type(model).__name__}: no registered adapter recognises its quantized "
+                    f"layers {'; '.join(foreign[:5])}; write one for that quantizer with fogzo.adapters.register_adapter "
+                    "(docs/integrations.md), or quantize the model with fogzo.quantize or a torchao QAT prepare step"
+                )
             raise ValueError(
                 f"nothing to perturb in {type(model).__name__} with perturb={perturb!r}{why}: "
                 "quantize the model first (fogzo.quantize or a torchao QAT prepare step) or pass perturb='all'"
@@ -213,8 +242,20 @@ class PerturbedSet:
         for module in model.modules():
             for name, param in module._parameters.items():
                 if param is not None and id(param) in by_id:
-                    by_id[id(param)].owners.append((module, name))
-                    owners.setdefault(module, []).append((name, by_id[id(param)]))
+                    entry = by_id[id(param)]
+                    entry.owners.append((module, name))
+                    owners.setdefault(module, []).append((name, entry))
+                    if isinstance(module, nn.Embedding) and name == "weight" and module.padding_idx is not None:
+                        entry.padding_row = module.padding_idx % module.num_embeddings
+        # Parameters left out because they were frozen, which perturb would otherwise take: one
+        # unfrozen later must not silently get no gradient (n-SPSA) or the plain STE's (FOGZO).
+        if perturb == "quantized":
+            candidates = set(quantizer_of)
+        elif perturb == "all":
+            candidates = {id(p) for p in model.parameters()} - quantizer_params
+        else:
+            candidates = set()
+        left_frozen = [(name, p) for name, p in model.named_parameters() if id(p) in candidates and id(p) not in trainable]
         smoothings = {entry.quantizer.smoothing for entry in tensors if entry.quantizer is not None}
         if smoothing is None:
             if len(smoothings) > 1:
@@ -231,16 +272,33 @@ class PerturbedSet:
             )
         fsdp_modules = [m for m in model.modules() if callable(getattr(m, "reshard", None)) and _is_fsdp(m)]
         return cls(tensors, smoothing, owners, fsdp_modules, model, noise_stream=noise_stream,
-                   compile_noise=compile_noise)
+                   compile_noise=compile_noise, _left_frozen=left_frozen)
 
     def check_trainable(self) -> None:
-        """Raise if a perturbed parameter was frozen (``requires_grad=False``) since."""
+        """Raise if a perturbed parameter was frozen (``requires_grad=False``) since, or one that
+        ``perturb`` left out because it was frozen has been unfrozen: either way the estimator
+        would give it the wrong gradient."""
         frozen = [entry.name for entry in self.tensors if not entry.param.requires_grad]
         if frozen:
             raise ValueError(
                 f"perturbed parameters {frozen[:5]} were frozen (requires_grad=False) after the estimator was "
                 "built; a frozen parameter must get no gradient: build a new estimator"
             )
+        unfrozen = [name for name, param in self._left_frozen if param.requires_grad]
+        if unfrozen:
+            raise ValueError(
+                f"parameters {unfrozen[:5]} were frozen when the estimator was built and have been unfrozen "
+                "since; the estimator does not perturb them, so they would get no zeroth-order gradient: "
+                "build a new estimator after changing requires_grad"
+            )
+
+    def mask_padding_rows(self, gradients: list[torch.Tensor]) -> None:
+        """Zero the padding row of every ``nn.Embedding(padding_idx=…)`` weight's gradient in
+        place (this rank's rows under FSDP), as backward leaves it."""
+        for entry, gradient in zip(self.tensors, gradients):
+            row = entry.padding_row
+            if row is not None and entry.first_row <= row < entry.first_row + entry.rows:
+                gradient[row - entry.first_row] = 0.0
 
     @property
     def num_coordinates(self) -> int:

@@ -59,7 +59,7 @@ from ..smoothing import Smoothing
 from .base import Closure, EstimateInfo, checked_loss
 from .noise import block_noise, derive_seed
 from .perturbed_set import PerturbedSet, PerturbedTensor
-from .state import StateGuard, StepCounter, set_gradient, stash_gradients
+from .state import CallState, StateGuard, StepCounter, run_guarded
 
 __all__ = ["LevelMoves", "SmoothedGradient", "smoothed_partials"]
 
@@ -456,40 +456,44 @@ class SmoothedGradient:
         return chosen
 
     def estimate(self, closure: Closure) -> EstimateInfo:
+        """One step: fills ``.grad``; the state contract of FOGZO and n-SPSA
+        (:mod:`fogzo.estimators.state`): a call that fails changes nothing."""
+        self.perturbed.check_trainable()
+        params = [p for p in self.model.parameters() if p.requires_grad]  # the STE backward writes these
+        state = CallState(self.model, params, self.counter)
+        return run_guarded(state, lambda: self._step(closure, state))
+
+    def _step(self, closure: Closure, state: CallState) -> EstimateInfo:
         step, step_seed = self.counter.step, self.counter.step_seed()
-        params = [entry.param for entry in self.perturbed.tensors]
-        previous = stash_gradients(params)
-        try:
-            guard = StateGuard(self.model)
-            loss0 = checked_loss(closure())
-            loss0.backward()
-            guard.after_first_pass()
-            coordinates = self.select_coordinates(step_seed)
-            if self._engine is None:
-                self._engine = _MoveEngine(
-                    self.perturbed, closure, guard, chunk=self.chunk, fast=self.fast, vectorize=self.vectorize
-                )
-            if not self._checked:
-                self._check_fast_path(closure, guard, step_seed)
-            results = smoothed_partials(
-                self.perturbed, closure, guard, seed=step_seed, coordinates=coordinates, draws=self.draws,
-                engine=self._engine,
+        guard = StateGuard(self.model)
+        loss0 = checked_loss(closure())
+        loss0.backward()
+        guard.after_first_pass()
+        coordinates = self.select_coordinates(step_seed)
+        if self._engine is None:
+            self._engine = _MoveEngine(
+                self.perturbed, closure, guard, chunk=self.chunk, fast=self.fast, vectorize=self.vectorize
             )
-        except BaseException:
-            for param, prior in zip(params, previous):
-                param.grad = prior
-            raise
+        if not self._checked:
+            self._check_fast_path(closure, guard, step_seed)
+        results = smoothed_partials(
+            self.perturbed, closure, guard, seed=step_seed, coordinates=coordinates, draws=self.draws,
+            engine=self._engine,
+        )
         eps_bar = self.perturbed.smoothing.eps_bar
         moves = 0
-        for entry, result, prior in zip(self.perturbed.tensors, results, previous):
+        gradients = []
+        for entry, result in zip(self.perturbed.tensors, results):
             gradient = torch.zeros_like(entry.param)
             weight = entry.param.numel() / len(result.coordinates)
             scale = _coordinate_scale(entry, eps_bar).reshape(-1)[result.coordinates]
             gradient.view(-1)[result.coordinates] = result.mean * (weight / scale)
-            entry.param.grad = None
-            set_gradient(entry.param, gradient, prior)
+            gradients.append(gradient)
             moves += result.moves
-        self.counter.step += 1
+        self.perturbed.mask_padding_rows(gradients)
+        for entry, gradient in zip(self.perturbed.tensors, gradients):
+            entry.param.grad = gradient  # replaces this call's STE gradient
+        state.commit()  # adds the gradients from before the call
         return EstimateInfo(
             loss=float(loss0.detach()),
             forward_passes=1 + self.draws + moves,

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 
 from ..smoothing import Smoothing
-from .base import Backward, Closure, EstimateInfo, checked_loss, gradient_scale
+from .base import Backward, Closure, EstimateInfo, checked_loss, gradient_scale, nothing_measured_message
 from .directions import Direction
 from .engine import ZerothOrderMeasurement
 from .perturbed_set import PerturbedSet
@@ -89,6 +90,7 @@ class SPSA:
         self.measurement = ZerothOrderMeasurement(self.perturbed, one_sided, on_nonfinite, vectorize)
         self.counter = StepCounter(seed)
         self._snapshots = (Snapshot(), Snapshot())  # reused by every call (CallState, StateGuard)
+        self._warned_unmeasured = False
 
     def estimate(self, closure: Closure) -> EstimateInfo:
         """One step: fills the perturbed parameters' ``.grad``; state contract in
@@ -122,11 +124,17 @@ class SPSA:
         hook_factor = gradient_scale(self.backward, self.perturbed.tensors[0].param.device)  # k of the backward hook
         if hook_factor != 1.0:
             torch._foreach_mul_(gradients, hook_factor)
+        self.perturbed.mask_padding_rows(gradients)
         for entry, gradient in zip(self.perturbed.tensors, gradients):
             set_gradient(entry.param, gradient, None)
         state.commit()  # adds the gradients from before the call
         loss = verdict.loss if verdict.loss is not None else sum(verdict.losses) / len(verdict.losses)
         differences = verdict.differences
+        measured_something = any(differences)
+        if not measured_something and not self._warned_unmeasured:
+            warnings.warn(nothing_measured_message("SPSA", self.model, self.perturbed.tensors,
+                          "The perturbed tensors' gradient is 0 for such steps."), stacklevel=3)
+            self._warned_unmeasured = True
         return EstimateInfo(
             loss=loss,
             forward_passes=forward_passes,
@@ -136,6 +144,7 @@ class SPSA:
             step=step,
             differences=differences,
             zero_differences=sum(d == 0.0 for d in differences),
+            measured=measured_something,
         )
 
     def state_dict(self) -> dict:

@@ -216,6 +216,26 @@ class StateGuard:
             module.require_forward_param_sync = sync
         self._ddp_sync = []
 
+    def watch_side_effects(self) -> Callable[[], list[str]]:
+        """Record the version of every parameter and the plain (int/float/bool) attributes of every
+        module now; the returned function lists those that changed since: a forward that writes a
+        parameter or counts its own calls (a calibration step) changes the run it is measured on,
+        which restoring buffers and the RNG cannot undo."""
+        params = list(self._model.named_parameters())
+        versions = [param._version for _, param in params]
+        modules = list(self._model.named_modules())
+        attributes = [{k: v for k, v in vars(module).items() if type(v) in (int, float, bool)} for _, module in modules]
+
+        def changed() -> list[str]:
+            written = [f"parameter {name!r}" for (name, param), version in zip(params, versions)
+                       if param._version != version]
+            for (name, module), before in zip(modules, attributes):
+                written += [f"{type(module).__name__} {name or '(the model)'!r}.{key} ({value} -> {vars(module).get(key)})"
+                            for key, value in before.items() if vars(module).get(key) != value]
+            return written
+
+        return changed
+
     def _restore_buffers(self) -> None:
         # Always copy: kernels such as batch_norm update running statistics in place
         # without bumping the tensor's version counter, so a "changed?" check is unreliable.

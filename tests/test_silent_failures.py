@@ -1,0 +1,224 @@
+"""No silent no-ops (issue 21): every estimate measures something or says why not, and the
+estimators give the gradients backward would (padding rows, frozen parameters, failed calls)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fogzo
+
+
+def _batch(n=32, features=8, classes=3, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(n, features, generator=generator), torch.randint(0, classes, (n,), generator=generator)
+
+
+# ------------------------------------------------------------------ shifts lost to the dtype
+
+
+def test_a_shift_below_bf16_spacing_is_refused_naming_the_tensor_and_an_eps_that_works():
+    """A bf16 bias of ±4 has spacing 1/32: W ± 1e-3·u == W, every difference would be 0."""
+    model = nn.Linear(1, 1)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+        model.bias.fill_(4.0)
+    model = model.to(torch.bfloat16)
+    x = torch.linspace(-1, 1, 16, dtype=torch.bfloat16).unsqueeze(1)
+    closure = lambda: (model(x).float() - 2.0).square().mean()
+    spsa = fogzo.SPSA(model, n=8, perturb="all", eps=1e-3, seed=0)
+    with pytest.raises(ValueError, match=r"'bias' \(torch.bfloat16, 8? ?\d* of 1 shifts lost: use eps >= ") as error:
+        spsa.estimate(closure)
+    assert model.bias.grad is None and spsa.counter.step == 0  # nothing changed
+    suggested = float(str(error.value).split("use eps >= ")[1].split(" ")[0])
+    spsa = fogzo.SPSA(model, n=8, perturb="all", eps=suggested, seed=0)
+    info = spsa.estimate(closure)
+    assert info.zero_differences < 8 and model.bias.grad.abs().sum() > 0
+
+
+def test_a_bf16_quantized_layer_adds_the_shift_in_float32():
+    """The shift of a bf16 latent weight is far below bf16's spacing: the layer adds it in float32."""
+    layer = fogzo.quantize(nn.Sequential(nn.Linear(64, 64)), fogzo.QuantConfig(bits=2))[0].to(torch.bfloat16)
+    with torch.no_grad():
+        layer.weight_quantizer.alpha.fill_(0.125)
+        layer.weight.fill_(0.0625)  # x = 0.5: on the threshold, rounded down (half to even) to level 0
+    # x + 0.0009 crosses it; in bf16, 0.0625 + 0.0009·0.125 rounds back to 0.0625 (spacing 2^-11)
+    shift = torch.full((64, 64), 0.0009 * 0.125, dtype=torch.bfloat16)
+    unshifted = layer.quantized_weight()
+    layer._weight_shift = (shift, 1.0)
+    try:
+        shifted = layer.quantized_weight()
+    finally:
+        layer._weight_shift = None
+    expected = layer.weight_quantizer(layer.weight.float() + shift.float()).to(torch.bfloat16)
+    assert shifted.dtype == torch.bfloat16 and torch.equal(shifted, expected)
+    assert (shifted != unshifted).all()  # every weight crossed the threshold (lost in bf16 arithmetic)
+
+
+# ------------------------------------------------------------------ steps that measure nothing
+
+
+def test_lora_quantized_after_get_peft_model_keeps_the_ste_gradient_and_warns_once():
+    """peft then quantize: B = 0 sits on a level and A's output is multiplied by B, so every finite
+    difference is 0; FOGZO keeps the STE gradient (B trains) and says so once."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["0", "2"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # quantize warns that B's weights are all zero
+        model = fogzo.quantize(model, fogzo.QuantConfig(bits=2))
+    x, y = _batch()
+    closure = lambda: F.cross_entropy(model(x), y)
+    ste_model_grads = {}
+    loss = closure()
+    loss.backward()
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            ste_model_grads[name] = param.grad.clone()
+            param.grad = None
+    estimator = fogzo.FOGZO(model, total_steps=10, seed=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = estimator.estimate(closure)
+        second = estimator.estimate(closure)  # .grad accumulates, as backward's would
+    messages = [str(w.message) for w in caught if "measured nothing" in str(w.message)]
+    assert len(messages) == 1 and "lora_B" in messages[0]
+    assert not first.measured and not second.measured and first.differences == (0.0,)
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(param.grad, 2 * ste_model_grads[name], rtol=0, atol=0)
+    assert any(ste_model_grads[n].abs().sum() > 0 for n in ste_model_grads if "lora_B" in n)
+
+
+def test_spsa_that_measures_nothing_warns_and_says_so_in_info():
+    torch.manual_seed(0)
+    model = fogzo.quantize(nn.Sequential(nn.Linear(8, 3)), fogzo.QuantConfig(bits=2))
+    with torch.no_grad():
+        model[0].weight.zero_()  # every weight on level 0, far from the thresholds at ±α/2
+    x, y = _batch()
+    spsa = fogzo.SPSA(model, n=2, seed=0)
+    with pytest.warns(UserWarning, match="measured nothing"):
+        info = spsa.estimate(lambda: F.cross_entropy(model(x), y))
+    assert not info.measured and info.zero_differences == 2
+
+
+# ------------------------------------------------------------------ padding rows, frozen parameters
+
+
+@pytest.mark.parametrize("make", [
+    lambda m: fogzo.FOGZO(m, total_steps=10, beta=0.5, seed=0),
+    lambda m: fogzo.FOGZO(m, total_steps=10, n=2, beta=0.5, seed=0),
+    lambda m: fogzo.SPSA(m, n=2, seed=0),
+    lambda m: fogzo.SmoothedGradient(m, seed=0),
+])
+def test_the_padding_row_of_an_embedding_gets_no_gradient(make):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 4, padding_idx=3), nn.Flatten(), nn.Linear(12, 2))
+    model = fogzo.quantize(model, fogzo.QuantConfig(bits=2))
+    tokens = torch.tensor([[3, 1, 2], [3, 3, 5], [0, 3, 9], [4, 7, 3]])
+    targets = torch.tensor([0, 1, 1, 0])
+    make(model).estimate(lambda: F.cross_entropy(model(tokens), targets))
+    gradient = model[0].weight.grad
+    assert torch.equal(gradient[3], torch.zeros(4)) and gradient.abs().sum() > 0
+
+
+@pytest.mark.parametrize("make", [
+    lambda m: fogzo.FOGZO(m, total_steps=10, seed=0),
+    lambda m: fogzo.SPSA(m, n=2, seed=0),
+])
+def test_a_parameter_unfrozen_after_building_is_refused_like_one_frozen_after(make):
+    torch.manual_seed(0)
+    model = fogzo.quantize(nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3)), fogzo.QuantConfig(bits=2))
+    model[0].weight.requires_grad_(False)
+    estimator = make(model)
+    x, y = _batch()
+    estimator.estimate(lambda: F.cross_entropy(model(x), y))
+    model[0].weight.requires_grad_(True)
+    with pytest.raises(ValueError, match=r"\['0.weight'\] were frozen when the estimator was built"):
+        estimator.estimate(lambda: F.cross_entropy(model(x), y))
+
+
+# ------------------------------------------------------------------ the oracle's failure contract
+
+
+@pytest.mark.parametrize("failing_call", [2, 3])
+def test_smoothed_gradient_restores_buffers_and_gradients_when_the_closure_fails(failing_call):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3))
+    model = fogzo.quantize(model, fogzo.QuantConfig(bits=2))
+    for param in model.parameters():
+        param.grad = torch.full_like(param, 0.25)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = _batch()
+    calls = []
+
+    def closure():
+        calls.append(1)
+        if len(calls) == failing_call:
+            raise RuntimeError("data loader died")
+        return F.cross_entropy(model(x), y)
+
+    oracle = fogzo.SmoothedGradient(model, seed=0, vectorize=False)
+    with pytest.raises(RuntimeError, match="data loader died"):
+        oracle.estimate(closure)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert all(torch.equal(p.grad, torch.full_like(p, 0.25)) for p in model.parameters())
+    assert oracle.counter.step == 0
+
+
+# ------------------------------------------------------------------ foreign quantizers, side effects
+
+
+class _ForeignQuantLinear(nn.Linear):
+    """A layer quantized by a library fogzo has no adapter for (the shape of Brevitas' layers)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.weight_quant = nn.Identity()
+
+
+def test_foreign_quantized_layers_are_named_and_not_perturbed_as_float():
+    model = nn.Sequential(_ForeignQuantLinear(8, 4), nn.ReLU(), nn.Linear(4, 3))
+    with pytest.raises(ValueError, match=r"no registered adapter recognises its quantized layers 0 "
+                                         r"\(_ForeignQuantLinear, weight_quant: Identity\).*register_adapter"):
+        fogzo.FOGZO(model, total_steps=10)
+    with pytest.raises(ValueError, match=r"perturb='all' would perturb .* 0 \(_ForeignQuantLinear"):
+        fogzo.SPSA(model, perturb="all")
+
+
+def test_brevitas_layers_are_named():
+    qnn = pytest.importorskip("brevitas.nn")
+    model = nn.Sequential(qnn.QuantLinear(8, 4, bias=True, weight_bit_width=2), nn.ReLU(), nn.Linear(4, 3))
+    with pytest.raises(ValueError, match=r"0 \(QuantLinear, weight_quant: WeightQuantProxyFromInjector\)"):
+        fogzo.FOGZO(model, total_steps=10, perturb="all")
+
+
+class _Calibrating(nn.Module):
+    """Counts its forward calls and writes a parameter while calibrating, as activation
+    calibration does."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()), requires_grad=False)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        with torch.no_grad():
+            self.scale.copy_(x.detach().abs().max())
+        return x / self.scale
+
+
+def test_a_forward_that_writes_a_parameter_or_counts_its_calls_is_reported():
+    torch.manual_seed(0)
+    model = fogzo.quantize(nn.Sequential(nn.Linear(8, 6), _Calibrating(), nn.Linear(6, 3)), fogzo.QuantConfig(bits=2))
+    x, y = _batch()
+    with pytest.warns(UserWarning, match=r"changed the model beyond its buffers: parameter '1.scale'; "
+                                         r"_Calibrating '1'.calls \(1 -> 3\)"):
+        fogzo.FOGZO(model, total_steps=10, seed=0).estimate(lambda: F.cross_entropy(model(x), y))
