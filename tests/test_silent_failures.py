@@ -222,3 +222,87 @@ def test_a_forward_that_writes_a_parameter_or_counts_its_calls_is_reported():
     with pytest.warns(UserWarning, match=r"changed the model beyond its buffers: parameter '1.scale'; "
                                          r"_Calibrating '1'.calls \(1 -> 3\)"):
         fogzo.FOGZO(model, total_steps=10, seed=0).estimate(lambda: F.cross_entropy(model(x), y))
+
+
+# ------------------------------------------------------------------ closure misuse
+
+
+_ESTIMATORS_WITH_A_BACKWARD = [
+    lambda m: fogzo.STE(m),
+    lambda m: fogzo.FOGZO(m, total_steps=10, seed=0),
+    lambda m: fogzo.SmoothedGradient(m, seed=0),
+]
+
+
+@pytest.mark.parametrize("make", _ESTIMATORS_WITH_A_BACKWARD)
+def test_closure_misuse_gets_one_line_naming_the_cause(make):
+    torch.manual_seed(0)
+    model = fogzo.quantize(nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3)), fogzo.QuantConfig(bits=2))
+    estimator = make(model)
+    x, y = _batch()
+    loss = lambda: F.cross_entropy(model(x), y)
+    with pytest.raises(ValueError, match="loss does not require grad: it is detached"):
+        estimator.estimate(lambda: loss().detach())
+    with torch.no_grad(), pytest.raises(RuntimeError, match=r"estimate\(\) was called under torch.no_grad\(\)"):
+        estimator.estimate(loss)
+
+    def backward_inside(retain_graph):
+        value = loss()
+        value.backward(retain_graph=retain_graph)
+        return value
+
+    for retain_graph in (False, True):
+        with pytest.raises(ValueError, match=r"the closure called backward\(\) itself"):
+            estimator.estimate(lambda: backward_inside(retain_graph))
+        assert all(p.grad is None for p in model.parameters())  # the failed call left nothing
+
+
+# ------------------------------------------------------------------ loss scaling
+
+
+def _scaled_model():
+    torch.manual_seed(0)
+    return fogzo.quantize(nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3)), fogzo.QuantConfig(bits=2))
+
+
+def test_a_huge_loss_scale_does_not_overflow_the_guide_norm():
+    """k = 1e20: ‖k·g‖² overflows float32; G_W must still be k times the unscaled one."""
+    x, y = _batch()
+    gradients = []
+    for scale in (None, 1e20):
+        model = _scaled_model()
+        backward = None if scale is None else (lambda loss, scale=scale: (loss * scale).backward())
+        info = fogzo.FOGZO(model, total_steps=10, beta=0.5, seed=0, backward=backward).estimate(
+            lambda: F.cross_entropy(model(x), y))
+        assert not info.skipped and info.measured
+        gradients.append([p.grad.clone() for p in model.parameters()])
+    for plain, scaled in zip(*gradients):
+        torch.testing.assert_close(scaled, plain * 1e20, rtol=1e-5, atol=0)
+
+
+def test_the_documented_grad_scaler_recipe_skips_an_overflowing_step():
+    """docs/integrations.md: on_nonfinite='keep' hands the inf STE gradient to the scaler."""
+    model = _scaled_model()
+    x, y = _batch()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 127)  # the STE gradient overflows float32
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    estimator = fogzo.FOGZO(model, total_steps=10, seed=0, on_nonfinite="keep",
+                            backward=lambda loss: scaler.scale(loss).backward())
+    before = [p.detach().clone() for p in model.parameters()]
+    info = estimator.estimate(lambda: 100 * F.cross_entropy(model(x), y))  # 100·2^127: inf in float32
+    scaler.step(optimizer)  # "No inf checks were recorded" if no .grad reached the scaler
+    scaler.update()
+    assert info.skipped and info.skip_reason == "ste_gradient"
+    assert scaler.get_scale() < 2.0 ** 127
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+def test_the_cli_takes_on_nonfinite_keep_with_its_loss_scaler_only():
+    from pathlib import Path
+
+    from fogzo.train import ConfigError, load_config
+
+    config = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "resnet20_fmnist.toml"
+    assert load_config(config, {"on_nonfinite": "keep", "autocast": "fp16"}, quick=True).on_nonfinite == "keep"
+    with pytest.raises(ConfigError, match="needs --autocast=fp16"):
+        load_config(config, {"on_nonfinite": "keep"}, quick=True)

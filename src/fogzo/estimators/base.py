@@ -186,6 +186,25 @@ def checked_loss(value: object) -> torch.Tensor:
     return value if value.dim() == 0 else value.reshape(())
 
 
+def differentiable_loss(value: object, params: list[torch.nn.Parameter]) -> torch.Tensor:
+    """The closure's return value for a pass the estimator back-propagates: a scalar tensor
+    that requires grad, from a closure that did not call ``backward`` itself (the estimator's
+    ``params`` have no ``.grad`` during a call, see :class:`fogzo.estimators.state.CallState`)."""
+    loss = checked_loss(value)
+    if not loss.requires_grad:
+        if not torch.is_grad_enabled():
+            raise RuntimeError("estimate() was called under torch.no_grad() or torch.inference_mode(): the STE pass "
+                               "needs autograd; call it with gradients enabled")
+        raise ValueError("the closure's loss does not require grad: it is detached from the model (.detach(), "
+                         "torch.no_grad() inside the closure, or a tensor made from .item()); return the loss as "
+                         "computed from the model's output")
+    if any(param.grad is not None for param in params):
+        raise ValueError("the closure called backward() itself: it must only run the forward pass and return the "
+                         "loss, the estimator back-propagates it (with retain_graph=True the gradient would be "
+                         "counted twice)")
+    return loss
+
+
 def loss_value(loss: torch.Tensor) -> torch.Tensor:
     """``loss`` detached, in float32, or float64 for a float64 loss (no operator where it
     already is): the finite differences of a float64 model keep its precision."""

@@ -36,7 +36,9 @@ import torch.distributed as dist
 from torch import nn
 
 from ..smoothing import Smoothing
-from .base import Backward, Closure, EstimateInfo, checked_loss, nothing_measured_message, run_backward
+from .base import (
+    Backward, Closure, EstimateInfo, checked_loss, differentiable_loss, nothing_measured_message, run_backward,
+)
 from .directions import Direction, Guide, ScaleSet
 from .engine import NONFINITE_ADVICE, ZerothOrderMeasurement, is_distributed
 from .noise import SIGN_STREAM, derive_seed
@@ -173,7 +175,7 @@ class FOGZO:
 
         # 1. STE pass: L0 and g_W; the guides hold g_W and norm_factor = r/‖c·g_W‖, standing
         # for ĝ = norm_factor·c·g_W (c is applied where ĝ is used).
-        loss0 = checked_loss(closure())
+        loss0 = differentiable_loss(closure(), state.params)
         if keep and not is_distributed() and not bool(torch.isfinite(loss0.detach())):
             # (keep: a loss scaler's overflow is common, so check before any more work;
             # otherwise the one host sync at the end of the step checks everything.)
@@ -190,7 +192,8 @@ class FOGZO:
             state.commit()
             return EstimateInfo(loss, 1, 1, None, step_seed, step)  # type: ignore[arg-type]
         scales = ScaleSet(self.perturbed)
-        guides, total = self._guides([entry.param.grad for entry in self.perturbed.tensors], scales)
+        guides, total = self._guides([entry.param.grad for entry in self.perturbed.tensors], scales,
+                                     wide=hook_factor != 1.0)
         norm = total if hook_factor == 1.0 else total / abs(hook_factor)  # ‖g_x‖ in loss units, a device scalar
         if keep:
             host_norm = float(norm)
@@ -297,11 +300,11 @@ class FOGZO:
         )
 
     def _guides(
-        self, gradients: list[torch.Tensor | None], scales: ScaleSet
+        self, gradients: list[torch.Tensor | None], scales: ScaleSet, wide: bool = False
     ) -> tuple[list[Guide | None], torch.Tensor]:
         """Per tensor ``Guide(g_W, norm_factor)``, standing for ``ĝ = norm_factor·c·g_W``
         (``norm_factor = r/‖g_x‖``, or ``r/(‖g_x,k‖·√K)`` per tensor; a device scalar); and
-        ``‖g_x‖`` (device).
+        ``‖g_x‖`` (device). ``wide``: compute the norms in float64.
 
         No host sync: a tensor whose ``g_x`` is zero gets ``norm_factor = 0`` (no guided direction), as
         does every tensor when ``g_x = 0`` altogether. The norms of the tensors with one
@@ -309,8 +312,10 @@ class FOGZO:
         tensors = self.perturbed.tensors
         gradients = [None if g is None else local_part(g) for g in gradients]  # FSDP: this rank's shard
         device = tensors[0].param.device
-        # Norms in float32 (bf16/fp16/fp32 gradients), in float64 for a float64 model.
-        dtype = torch.float64 if any(g is not None and g.dtype == torch.float64 for g in gradients) else torch.float32
+        # Norms in float32 (bf16/fp16/fp32 gradients), in float64 for a float64 model or when a
+        # backward hook scales the gradients (wide): a loss scale of 1e19 overflows a float32 ‖k·g‖.
+        wide = wide or any(g is not None and g.dtype == torch.float64 for g in gradients)
+        dtype = torch.float64 if wide else torch.float32
         parts: list[torch.Tensor] = []
         order: list[int] = []  # entry index of each norm in the concatenated parts
         stacked = [i for i in scales.stacked if gradients[i] is not None]

@@ -56,7 +56,7 @@ from torch import nn
 from ..layers import QuantLinear
 from ..quantizers import LevelSet
 from ..smoothing import Smoothing
-from .base import Closure, EstimateInfo, checked_loss
+from .base import Closure, EstimateInfo, checked_loss, differentiable_loss
 from .noise import block_noise, derive_seed
 from .perturbed_set import PerturbedSet, PerturbedTensor
 from .state import CallState, StateGuard, StepCounter, run_guarded
@@ -466,7 +466,7 @@ class SmoothedGradient:
     def _step(self, closure: Closure, state: CallState) -> EstimateInfo:
         step, step_seed = self.counter.step, self.counter.step_seed()
         guard = StateGuard(self.model)
-        loss0 = checked_loss(closure())
+        loss0 = differentiable_loss(closure(), state.params)
         loss0.backward()
         guard.after_first_pass()
         coordinates = self.select_coordinates(step_seed)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import Backward, Closure, EstimateInfo, checked_loss
+from .base import Backward, Closure, EstimateInfo, differentiable_loss
 from .state import CallState, Snapshot, StepCounter, run_guarded
 
 __all__ = ["STE"]
@@ -39,7 +39,7 @@ class STE:
         return run_guarded(state, lambda: self._step(closure, state))
 
     def _step(self, closure: Closure, state: CallState) -> EstimateInfo:
-        loss = checked_loss(closure())
+        loss = differentiable_loss(closure(), state.params)
         if self.backward is None:
             loss.backward()
         else:

@@ -114,7 +114,8 @@ class TrainConfig:
     eps: float = _f(1e-3, "estimator", "perturbation step for tensors without a quantizer")
     guide_norm: float = _f(1.0, "estimator", "fogzo: norm of the guide direction")
     normalize: str = _f("global", "estimator", "fogzo: guide normalisation", ("global", "tensor"))
-    on_nonfinite: str = _f("raise", "estimator", "non-finite perturbed loss", ("raise", "skip"))
+    on_nonfinite: str = _f("raise", "estimator", "on a non-finite loss or STE gradient: raise, skip the step, "
+                           "or keep the STE gradient (for --autocast fp16's loss scaler)", ("raise", "skip", "keep"))
     vectorize: int | None = _f(None, "estimator", "perturbed passes per vmap forward (None: one by one)")
     noise_stream: str = _f(
         "blocks", "estimator", "noise generator: per-block torch generators, or counter-based (docs/performance.md)",
@@ -314,6 +315,9 @@ def _validate(config: TrainConfig) -> None:
         raise ConfigError(f"threads must be >= 1, got {config.threads}")
     if config.dropout is not None and not 0.0 <= config.dropout < 1.0:
         raise ConfigError(f"dropout must lie in [0, 1), got {config.dropout}")
+    if config.on_nonfinite == "keep" and config.autocast != "fp16":
+        raise ConfigError("on_nonfinite='keep' hands an overflowing STE gradient to the fp16 loss scaler, which skips "
+                          "that step: it needs --autocast=fp16 (without a scaler use 'skip')")
     if config.estimator == "spsa":
         estimator_options(config)  # FOGZO-only keys changed for SPSA
 
