@@ -11,6 +11,7 @@ Shared by ``fogzo train`` (:mod:`fogzo.train.trainer`) and ``fogzo reproduce``
 * Progress: :func:`progress` (tqdm on a terminal; one line every N updates when stderr is
   redirected), :class:`LineProgress`.
 * :class:`RunInterrupted`: Ctrl-C after what was done is saved.
+* :func:`check_output_folder`: an ``--out`` that cannot be a folder, refused before any work.
 """
 
 from __future__ import annotations
@@ -25,12 +26,14 @@ from pathlib import Path
 from typing import Any
 
 from .._optional import require
+from .config_io import ConfigError
 
 __all__ = [
     "NONFINITE",
     "JsonlLogger",
     "LineProgress",
     "RunInterrupted",
+    "check_output_folder",
     "progress",
     "read_json",
     "read_jsonl",
@@ -129,6 +132,19 @@ def write_json(path: str | Path, record: Mapping[str, Any]) -> Path:
 def read_json(path: str | Path) -> dict[str, Any]:
     """Read a JSON object written by :func:`write_json` (non-finite floats restored)."""
     return restore_nonfinite(json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+def check_output_folder(out: str | Path) -> None:
+    """Raise :class:`ConfigError` if ``out`` cannot be a folder: it, or the nearest of its
+    parents that exists, is a file (``--out some_file/run``). Reads only."""
+    out = Path(out)
+    for path in (out, *out.parents):
+        if not path.exists():
+            continue
+        if not path.is_dir():
+            where = "is a file" if path == out else f"cannot be made: {path} is a file"
+            raise ConfigError(f"output folder {out} {where}; choose another --out")
+        return
 
 
 class JsonlLogger:
