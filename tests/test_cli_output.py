@@ -7,11 +7,15 @@ say what to do on the command line.
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fogzo.cli import main as fogzo_main
+from fogzo.data import write_idx
 from fogzo.train.compare import main as compare_main
 
 RESNET = str(Path(__file__).resolve().parents[1] / "experiments" / "configs" / "resnet20_fmnist.toml")
@@ -22,6 +26,30 @@ def one_line_error(capsys, prefix: str) -> str:
     assert "Traceback" not in captured.err and "Traceback" not in captured.out
     assert captured.err.startswith(prefix) and captured.err.count("\n") == 1, captured.err
     return captured.err[len(prefix):].strip()
+
+
+def _write_images(folder: Path, train: int = 64, test: int = 32) -> None:
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True)
+    for split, count in (("train", train), ("t10k", test)):
+        write_idx(folder / f"{split}-images-idx3-ubyte", rng.integers(0, 256, (count, 28, 28), dtype=np.uint8))
+        write_idx(folder / f"{split}-labels-idx1-ubyte", rng.integers(0, 10, count).astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory) -> Path:
+    """A JSON config of a 6-step MLP run on 64 random 28x28 images (a fraction of a second)."""
+    base = tmp_path_factory.mktemp("output")
+    _write_images(base / "data")
+    values = {
+        "model": "mlp", "model_args": {"hidden": [16]}, "dataset": "fashion_mnist", "data_dir": str(base / "data"),
+        "batch_size": 8, "eval_size": 16, "train_eval_size": 16, "eval_batch_size": 8, "bits": 2, "n": 1,
+        "skip_first_last": False, "optimizer": "sgd", "lr": 0.05, "warmup_steps": 0, "min_lr_ratio": 1.0, "steps": 6,
+        "threads": 1, "progress": True,
+    }
+    path = base / "tiny.json"
+    path.write_text(json.dumps(values))
+    return path
 
 
 # ------------------------------------------------------------------ --out under a file (item 10)
@@ -47,3 +75,28 @@ def test_out_under_a_file_is_one_line_before_any_data(tmp_path, capsys, monkeypa
     assert code == 2
     assert one_line_error(capsys, prefix) == f"output folder {out} cannot be made: {file} is a file; choose another --out"
     assert file.read_text() == "not a folder\n"
+
+
+# ------------------------------------------------------------------ progress and final lines (item 13)
+
+
+def test_a_progress_line_between_log_steps_says_which_step_its_values_are_from(tiny_config, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert fogzo_main(["train", "--config", str(tiny_config), f"--out={out}", "--log-every=3", "--progress-every=2"]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("tiny: ")]
+    assert re.fullmatch(r"tiny: 2/6 \(33%\), \d+ s", lines[0]), lines
+    assert re.fullmatch(r"tiny: 4/6 \(67%\), \d+ s, at 3/6: loss=[\d.]+, lr=5\.00e-02, beta=0\.99\d\d", lines[1]), lines
+    assert re.fullmatch(r"tiny: 6/6 \(100%\), \d+ s, loss=[\d.]+, lr=5\.00e-02, beta=0\.99\d\d", lines[2]), lines
+    logged = [record for record in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if record.get("event") == "train"]
+    assert [record["step"] for record in logged] == [3, 6]
+    assert f"loss={logged[0]['loss']:.4f}" in lines[1]
+
+
+@pytest.mark.parametrize("estimator", ["ste", "spsa"])
+def test_no_beta_for_ste_and_spsa_and_the_last_line_reads_plainly(tiny_config, tmp_path, capsys, estimator):
+    out = tmp_path / "run"
+    assert fogzo_main(["train", "--config", str(tiny_config), f"--out={out}", f"--estimator={estimator}", "--progress-every=3"]) == 0
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.startswith("tiny: ")]
+    assert len(lines) == 2 and all("beta" not in line for line in lines), lines
+    assert re.search(r"^done: 6/6 steps, [\d.]+ s training; eval_loss=", captured.out, re.MULTILINE), captured.out
