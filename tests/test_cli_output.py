@@ -100,3 +100,46 @@ def test_no_beta_for_ste_and_spsa_and_the_last_line_reads_plainly(tiny_config, t
     lines = [line for line in captured.err.splitlines() if line.startswith("tiny: ")]
     assert len(lines) == 2 and all("beta" not in line for line in lines), lines
     assert re.search(r"^done: 6/6 steps, [\d.]+ s training; eval_loss=", captured.out, re.MULTILINE), captured.out
+
+
+# ------------------------------------------------------------------ data errors (item 13)
+
+
+def test_a_data_dir_without_fashion_mnist_names_fashion_mnist(tiny_config, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    args = ["train", "--config", str(tiny_config), f"--data-dir={tmp_path / 'empty'}", f"--out={tmp_path / 'run'}"]
+    assert fogzo_main(args) == 2
+    message = one_line_error(capsys, "fogzo train: error: ")
+    assert f"data_dir {tmp_path / 'empty'} does not hold Fashion-MNIST" in message and "fashion-mnist" in message
+    assert message.endswith("(nor MNIST, the fallback)")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("command", ["train", "reproduce"])
+def test_a_fogzo_data_dir_that_does_not_exist_is_one_line(tiny_config, tmp_path, capsys, monkeypatch, command):
+    from fogzo.reproduce import mnist
+
+    monkeypatch.setattr(mnist, "train_run", lambda *a, **k: pytest.fail("a run started"))
+    monkeypatch.setenv("FOGZO_DATA_DIR", str(tmp_path / "missing"))
+    out = tmp_path / "run"
+    if command == "train":
+        code = fogzo_main(["train", "--config", str(tiny_config), "--data-dir=none", f"--out={out}"])
+        prefix = "fogzo train: error: cannot load the data: "
+    else:
+        code, prefix = fogzo_main(["reproduce", "mnist", "--quick", "--out", str(out)]), "fogzo reproduce mnist: error: "
+    assert code == 2
+    assert one_line_error(capsys, prefix) == (
+        f"FOGZO_DATA_DIR={tmp_path / 'missing'} does not exist or is not a folder; point it at a folder or unset it"
+    )
+    assert not out.exists()
+
+
+def test_a_text_file_that_is_not_utf8_says_what_to_do_on_the_command_line(tmp_path, capsys):
+    text = tmp_path / "latin1.txt"
+    text.write_bytes("café au lait. ".encode("latin-1") * 100)
+    llama = str(Path(RESNET).with_name("llama1m_shakespeare.toml"))
+    args = ["train", "--config", llama, "--quick", f"--text-file={text}", "--seq-len=8", f"--out={tmp_path / 'run'}"]
+    assert fogzo_main(args) == 2
+    message = one_line_error(capsys, "fogzo train: error: cannot load the data: ")
+    assert message.startswith(f"{text} is not valid utf-8 text: bad byte(s) at offset 3")
+    assert f"iconv -f latin1 -t utf-8 {text} > converted.txt" in message and "pass the right encoding=" not in message
