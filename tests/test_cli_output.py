@@ -87,7 +87,8 @@ def test_a_progress_line_between_log_steps_says_which_step_its_values_are_from(t
     assert re.fullmatch(r"tiny: 2/6 \(33%\), \d+ s", lines[0]), lines
     assert re.fullmatch(r"tiny: 4/6 \(67%\), \d+ s, at 3/6: loss=[\d.]+, lr=5\.00e-02, beta=0\.99\d\d", lines[1]), lines
     assert re.fullmatch(r"tiny: 6/6 \(100%\), \d+ s, loss=[\d.]+, lr=5\.00e-02, beta=0\.99\d\d", lines[2]), lines
-    logged = [record for record in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if record.get("event") == "train"]
+    records = map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+    logged = [record for record in records if record.get("event") == "train"]
     assert [record["step"] for record in logged] == [3, 6]
     assert f"loss={logged[0]['loss']:.4f}" in lines[1]
 
@@ -95,7 +96,8 @@ def test_a_progress_line_between_log_steps_says_which_step_its_values_are_from(t
 @pytest.mark.parametrize("estimator", ["ste", "spsa"])
 def test_no_beta_for_ste_and_spsa_and_the_last_line_reads_plainly(tiny_config, tmp_path, capsys, estimator):
     out = tmp_path / "run"
-    assert fogzo_main(["train", "--config", str(tiny_config), f"--out={out}", f"--estimator={estimator}", "--progress-every=3"]) == 0
+    args = ["train", "--config", str(tiny_config), f"--out={out}", f"--estimator={estimator}", "--progress-every=3"]
+    assert fogzo_main(args) == 0
     captured = capsys.readouterr()
     lines = [line for line in captured.err.splitlines() if line.startswith("tiny: ")]
     assert len(lines) == 2 and all("beta" not in line for line in lines), lines

@@ -228,10 +228,13 @@ def quantizer_views(model: nn.Module) -> dict[int, tuple[nn.Parameter, Quantizer
                     raise ValueError(
                         f"layer {layer!r} ({type(module).__name__}): its quantized weight {name!r} is parametrized "
                         "(torch.nn.utils.parametrize, e.g. weight_norm), so no parameter holds it and it cannot be "
-                        "perturbed; remove the parametrization (parametrize.remove_parametrizations) or quantize a model without one"
+                        "perturbed; remove the parametrization (parametrize.remove_parametrizations) "
+                        "or quantize a model without one"
                     )
                 if param is None:
-                    raise ValueError(f"{type(adapter).__name__}: layer {layer!r} ({type(module).__name__}) has no parameter {name!r}")
+                    raise ValueError(
+                        f"{type(adapter).__name__}: layer {layer!r} ({type(module).__name__}) has no parameter {name!r}"
+                    )
                 found[id(param)] = (param, view)
     return found
 
