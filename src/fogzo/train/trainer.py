@@ -479,8 +479,8 @@ class _Run:
                     if tally.step % config.log_every == 0 or diverged or tally.step == self.total_steps:
                         record = tally.train_record(loss, lr, info, failure)
                         self.write(record)
-                        fogzo = config.estimator == "fogzo" and record["beta"] is not None  # no beta for STE, SPSA
-                        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", **({"beta": f"{record['beta']:.4f}"} if fogzo else {}))
+                        show_beta = config.estimator == "fogzo" and record["beta"] is not None  # not for STE, SPSA
+                        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", **({"beta": f"{record['beta']:.4f}"} if show_beta else {}))
                     bar.update(1)
                     if diverged:
                         break
