@@ -39,7 +39,7 @@ def _breaks(model, *inputs):
 def test_quantized_mlp_forward_has_no_graph_break(config):
     model = _mlp(**config)
     x = torch.randn(8, 16)
-    model(x)  # an activation quantizer initialises itself in its first forward (one host read)
+    model(x)  # an activation quantizer initialises itself in its first forward (a traced where)
     assert _breaks(model, x) == (0, [])
     with torch.inference_mode():  # a perturbed pass: the layer adds its shift before quantizing
         model[0]._weight_shift = (torch.randn_like(model[0].weight), -1.0)
@@ -105,3 +105,22 @@ def test_inductor_compiled_forward_equals_eager():
     torch.testing.assert_close(out, model(x), rtol=1e-6, atol=1e-6)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-6, atol=1e-6)
+
+
+def test_fresh_model_with_activation_quantizers_compiles_with_fullgraph():
+    """The activation quantizers' first-batch initialisation is traced (no host read of
+    ``initialized``): a fresh model compiles with ``fullgraph=True`` and its steps equal eager ones."""
+    eager = _mlp(activation_bits=4)
+    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model, backend="aot_eager", fullgraph=True)
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 4, (8,), generator=torch.Generator().manual_seed(2))
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (eager, compiled_model)]
+    for _ in range(2):
+        for forward, optimizer in zip((eager, compiled), optimizers):
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(forward(x), y).backward()
+            optimizer.step()
+        for (name, a), b in zip(eager.state_dict().items(), compiled_model.state_dict().values()):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+    assert bool(compiled_model[0].input_quantizer.initialized)

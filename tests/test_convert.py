@@ -243,3 +243,44 @@ def test_export_refuses_quantized_attention_by_name():
     fogzo.quantize(model, fogzo.QuantConfig(bits=2))
     with pytest.raises(ValueError, match="'0.self_attn'.*QuantMultiheadAttention"):
         fogzo.export(model)
+
+
+# ------------------------------------------------------------ parametrized weights (issue 21, item 8)
+
+
+class _Scale(nn.Module):
+    def forward(self, weight):
+        return 2 * weight
+
+
+def _parametrize(layer, how):
+    if how == "weight_norm":
+        return torch.nn.utils.parametrizations.weight_norm(layer)
+    return torch.nn.utils.parametrize.register_parametrization(layer, "weight", _Scale())
+
+
+@pytest.mark.parametrize("how", ["weight_norm", "register_parametrization"])
+def test_weight_parametrized_before_quantize_stays_float_and_the_warning_names_the_layer(how):
+    torch.manual_seed(0)
+    model = nn.Sequential(_parametrize(nn.Linear(4, 3), how), nn.ReLU(), nn.Linear(3, 2))
+    with pytest.warns(UserWarning, match=r"left 1 layer\(s\).*: '0' \(ParametrizedLinear: weight parametrized") as record:
+        fogzo.quantize(model, fogzo.QuantConfig(bits=2))
+    assert "parametrizations" not in str(record[0].message)
+    floats = {entry.module: entry.detail for entry in fogzo.quantization_report(model).float_modules}
+    assert "quantize() converts plain weights only" in floats["0"]
+    assert floats["0.parametrizations.weight"] == "holds the parametrized weight of layer '0' (see that layer)"
+
+
+@pytest.mark.parametrize("how", ["weight_norm", "register_parametrization"])
+def test_weight_parametrized_after_quantize_is_refused_in_one_line_naming_the_layer(how):
+    torch.manual_seed(0)
+    model = fogzo.quantize(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)), fogzo.QuantConfig(bits=2))
+    _parametrize(model[0], how)
+    report = fogzo.quantization_report(model)
+    assert [(e.module, e.parameters) for e in report.quantized] == [("0", ("weight",)), ("2", ("weight",))]
+    assert "parametrized (torch.nn.utils.parametrize) after quantize(): not supported" in report.quantized[0].detail
+    expected = r"^layer '0' \(ParametrizedQuantLinear\): its quantized weight 'weight' is parametrized"
+    for make in (lambda: fogzo.FOGZO(model, total_steps=3), lambda: fogzo.SPSA(model, n=1)):
+        with pytest.raises(ValueError, match=expected) as error:
+            make()
+        assert "\n" not in str(error.value)

@@ -239,3 +239,22 @@ def test_activation_quantizer_reads_its_flag_on_the_host_once():
     with torch.profiler.profile() as prof:
         quantizer(x)
     assert not [e for e in prof.events() if e.name in ("aten::item", "aten::_local_scalar_dense", "aten::is_nonzero")]
+
+
+def test_activation_quantizer_first_forward_sets_alpha_only_where_not_initialized():
+    """The eager initialisation (branch-free since it compiles with fullgraph=True) sets
+    ``α = max(2·mean|x|/√Q_p, 1e-8)`` on a fresh quantizer, keeps a loaded ``α``, and runs once."""
+    smoothing = Smoothing("uniform", 1 / (2 * math.sqrt(3)))
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
+    fresh = ActivationQuantizer(level_set(4), smoothing)
+    fresh(x)
+    assert torch.equal(fresh.alpha.detach(), (2 * x.abs().mean() / math.sqrt(7)).clamp_min(1e-8))
+    fresh(3 * x)  # later batches do not move α
+    assert torch.equal(fresh.alpha.detach(), (2 * x.abs().mean() / math.sqrt(7)).clamp_min(1e-8))
+    zeros = ActivationQuantizer(level_set(4), smoothing)
+    zeros(torch.zeros(4, 3))
+    assert zeros.alpha.item() == pytest.approx(1e-8)
+    loaded = ActivationQuantizer(level_set(4), smoothing)
+    loaded.load_state_dict({"alpha": torch.tensor(0.25), "initialized": torch.tensor(True)})
+    loaded(x)
+    assert loaded.alpha.item() == 0.25 and bool(loaded.initialized)

@@ -1,4 +1,4 @@
-"""The README quick start runs as written."""
+"""The README: the quick start runs as written, and the times it quotes agree."""
 
 import re
 from pathlib import Path
@@ -15,3 +15,9 @@ def test_readme_quick_start_runs():
     info = namespace["info"]
     assert info.forward_passes == 3 and info.backward_passes == 1
     assert 0.999 <= info.beta <= 1.0
+
+
+def test_readme_gives_one_make_demo_time():
+    """The command list and the results table quote the same measured `make demo` time."""
+    times = re.findall(r"make demo[^\n]*?(\d+(?:\.\d+)?) min", README.read_text())
+    assert len(times) >= 2 and set(times) == {"19.9"}, times

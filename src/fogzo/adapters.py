@@ -38,6 +38,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .layers import QuantizedLayer
 from .quantizers import ActivationQuantizer, WeightQuantizer
@@ -221,12 +222,21 @@ def quantizer_views(model: nn.Module) -> dict[int, tuple[nn.Parameter, Quantizer
     ``model.modules()`` order.
     """
     found: dict[int, tuple[nn.Parameter, QuantizerView]] = {}
-    for module in model.modules():
+    for layer, module in model.named_modules():
         for adapter in _ADAPTERS:
             for name, view in adapter.quantized_weights(module).items():
                 param = module._parameters.get(name)
+                if param is None and parametrize.is_parametrized(module, name):
+                    raise ValueError(
+                        f"layer {layer!r} ({type(module).__name__}): its quantized weight {name!r} is parametrized "
+                        "(torch.nn.utils.parametrize, e.g. weight_norm), so no parameter holds it and it cannot be "
+                        "perturbed; remove the parametrization (parametrize.remove_parametrizations) "
+                        "or quantize a model without one"
+                    )
                 if param is None:
-                    raise ValueError(f"{type(adapter).__name__}: {type(module).__name__} has no parameter {name!r}")
+                    raise ValueError(
+                        f"{type(adapter).__name__}: layer {layer!r} ({type(module).__name__}) has no parameter {name!r}"
+                    )
                 found[id(param)] = (param, view)
     return found
 

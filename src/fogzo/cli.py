@@ -78,7 +78,7 @@ def _add_mnist(experiments: argparse._SubParsersAction) -> None:
             "Train MLP(784, 10, 10) with quantized weights on MNIST with STE, FOGZO and n-SPSA "
             "(n on a ladder up to every parameter), tune the learning rate per estimator on one "
             "grid, and write config.json, runs.jsonl, summary.md, loss_vs_iterations.png and "
-            "loss_vs_compute.png. The default run takes about 15 minutes on 2 idle CPU cores."
+            "loss_vs_compute.png. The default run took 19.9 minutes on 2 CPU cores shared with other jobs."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=(

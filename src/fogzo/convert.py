@@ -10,6 +10,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .layers import QuantConv1d, QuantConv2d, QuantEmbedding, QuantizedLayer, QuantLinear, QuantMultiheadAttention
 from .quantizers import ALPHA_INITS, ActivationQuantizer, WeightQuantizer, level_set
@@ -133,16 +134,9 @@ def quantize(
     def skipped_by_pattern(name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, pattern) for pattern in skip)
 
-    quantized_before = [
-        (name, module)
-        for name, module in model.named_modules()
-        if isinstance(module, QuantizedLayer) and not _inside_quantized_attention(name, model)
-    ]
-    candidates = [
-        (name, module)
-        for name, module in model.named_modules()
-        if _quantizable(module) and name  # the root itself cannot be swapped in place
-    ]
+    modules = list(model.named_modules())
+    quantized_before = [(n, m) for n, m in modules if isinstance(m, QuantizedLayer) and not _inside_quantized_attention(n, model)]
+    candidates = [(n, m) for n, m in modules if _quantizable(m) and n]  # the root itself cannot be swapped in place
     if not candidates and not quantized_before and _quantizable(model):
         raise ValueError("quantize() swaps submodules in place; wrap a bare layer in nn.Sequential")
     kept = [name for name, _ in quantized_before if not skipped_by_pattern(name)]
@@ -277,6 +271,10 @@ _NORMS: tuple[type[nn.Module], ...] = (
 
 def _float_reason(name: str, module: nn.Module) -> str:
     """Why a module that holds parameters is not quantized."""
+    if isinstance(module, parametrize.ParametrizationList):
+        return f"holds the parametrized weight of layer {name.rsplit('.parametrizations.', 1)[0]!r} (see that layer)"
+    if parametrize.is_parametrized(module):
+        return "weight parametrized (torch.nn.utils.parametrize, e.g. weight_norm): quantize() converts plain weights only"
     if isinstance(module, _NORMS):
         return "normalization layer: float by design"
     if _quantizable(module):
@@ -293,19 +291,21 @@ def _float_weight_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module, str
     """``(name, module, reason)`` for the torch layers with a weight matrix that quantize()
     cannot convert (other ``torch.nn`` types, subclasses of the supported types).
 
-    User modules with bare parameters (a position embedding, a class token) are not listed,
-    nor the ``out_proj`` of an attention layer (it goes with its ``nn.MultiheadAttention``).
+    A layer whose weight is parametrized (``weight_norm``) is listed, not its parametrization.
+    Not listed: user modules with bare parameters (a position embedding, a class token), the
+    ``out_proj`` of an attention layer (it goes with its ``nn.MultiheadAttention``).
     """
     for name, module in model.named_modules():
-        if isinstance(module, (QuantizedLayer, WeightQuantizer, ActivationQuantizer, *_NORMS)) or _quantizable(module):
+        skipped = (QuantizedLayer, WeightQuantizer, ActivationQuantizer, parametrize.ParametrizationList, *_NORMS)
+        if isinstance(module, skipped) or _quantizable(module):  # a parametrization: its layer is listed
             continue
-        if not any(p is not None and p.dim() >= 2 for p in module._parameters.values()):
+        tensors = [*module._parameters.values(), *(getattr(module, t) for t in getattr(module, "parametrizations", ()))]
+        if not any(p is not None and p.dim() >= 2 for p in tensors):
             continue
         parent, _, leaf = name.rpartition(".")
         if leaf == "out_proj" and name and isinstance(model.get_submodule(parent), nn.MultiheadAttention):
             continue
-        subclass = isinstance(module, (*_SWAPS, nn.MultiheadAttention))
-        if subclass or type(module).__module__.startswith("torch.nn"):
+        if isinstance(module, (*_SWAPS, nn.MultiheadAttention)) or type(module).__module__.startswith("torch.nn"):
             yield name, module, _float_reason(name, module)
 
 
@@ -351,6 +351,11 @@ def quantization_report(model: nn.Module) -> QuantizationReport:
         if isinstance(module, QuantizedLayer):
             if _inside_quantized_attention(name, model):
                 continue  # listed with its attention layer
+            weights = tuple(p for p, _ in module.quantized_weights() if parametrize.is_parametrized(module, p))
+            if weights:  # the estimators refuse such a layer (fogzo.adapters.quantizer_views)
+                detail = f"{', '.join(weights)} parametrized (torch.nn.utils.parametrize) after quantize(): not supported"
+                quantized.append(ReportEntry(name, type(module).__name__, weights, detail + ", no parameter to perturb"))
+                continue
             parts = [f"{p} {tuple(module._parameters[p].shape)}" for p, _ in module.quantized_weights()]  # type: ignore[union-attr]
             if isinstance(module, QuantMultiheadAttention) and isinstance(module.out_proj, QuantizedLayer):
                 parts.append(f"out_proj.weight {tuple(module.out_proj.weight.shape)}")

@@ -317,14 +317,15 @@ class ActivationQuantizer(nn.Module):
         self._seen_initialized = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # ``initialized`` is read on the host until it is seen True once (a Python flag
-        # remembers it), so later forwards have no host sync and compile without a graph break.
+        # Until a Python flag has seen it done once, ``α`` is set from this batch where
+        # ``initialized`` is False, with ``torch.where`` rather than a host read of the flag:
+        # no host sync and no data-dependent branch, so a fresh model compiles with
+        # ``fullgraph=True``; later forwards skip the initialisation altogether.
         if not self._seen_initialized:
-            if not bool(self.initialized):
-                with torch.no_grad():
-                    self.alpha.copy_(2 * x.detach().abs().mean() / math.sqrt(self.levels.top_level))
-                    self.alpha.clamp_(min=_MIN_STEP)
-                    self.initialized.fill_(True)
+            with torch.no_grad():
+                first = (2 * x.detach().abs().mean() / math.sqrt(self.levels.top_level)).to(self.alpha.dtype)
+                self.alpha.copy_(torch.where(self.initialized, self.alpha, first.clamp_min(_MIN_STEP)))
+                self.initialized.fill_(True)
             self._seen_initialized = True
         per_example = x.numel() // x.shape[0] if x.dim() and x.shape[0] else x.numel()
         scale = 1.0 / math.sqrt(max(per_example, 1) * self.levels.top_level)

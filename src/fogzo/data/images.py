@@ -13,9 +13,9 @@ Where the data comes from, first match wins:
    ``make venv`` puts them with ``apt-get download`` + ``dpkg -x``, no root needed) or
    installed system-wide (``/usr/share/datasets/fashion-mnist/``).
 
-A folder passed as ``data_dir`` must hold the data set; a folder named by
-``FOGZO_DATA_DIR`` that holds none of its files is skipped, so one variable can point at a
-folder with only some data sets in it.
+A folder passed as ``data_dir`` must hold the data set; one named by ``FOGZO_DATA_DIR`` must
+exist, and is skipped when it holds none of the data set's files, so one variable can point
+at a folder with only some data sets in it.
 
 Loaded data sets are cached in the process. Their tensors are shared between calls:
 do not modify them in place (``images.float()``, ``to_float`` and ``pad_to_32`` all return
@@ -338,6 +338,8 @@ def _load_user_folder(
     if not environment_folder:
         return None, []
     folder = Path(environment_folder).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{DATA_DIR_ENV_VAR}={folder} does not exist or is not a folder; point it at a folder or unset it")
     return _load_from_folder(folder, name, required=False), [f"{DATA_DIR_ENV_VAR}={folder}"]
 
 

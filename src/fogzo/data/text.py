@@ -56,7 +56,8 @@ def load_text_file(path: str | os.PathLike[str], encoding: str = "utf-8") -> str
     except UnicodeDecodeError as error:
         raise ValueError(
             f"{path} is not valid {encoding} text: bad byte(s) at offset {error.start} "
-            f"({error.reason}); convert the file to {encoding} or pass the right encoding="
+            f"({error.reason}); convert the file to {encoding} first, e.g. for a Latin-1 file: iconv -f latin1 "
+            f"-t {encoding} {path} > converted.txt (from Python, load_text_file(path, encoding=...) reads it as it is)"
         ) from error
 
 

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from ..train.config_io import ConfigError, config_to_dict, format_config
-from ..train.records import JsonlLogger, RunInterrupted, progress, read_jsonl, write_text_atomic
+from ..train.records import JsonlLogger, RunInterrupted, check_output_folder, progress, read_jsonl, write_text_atomic
 from .mnist_config import MnistConfig, load_config
 from .mnist_report import MnistAnalysis, _console_summary, _group, _lr, write_outputs
 from .mnist_runs import RunSpec, build_model, load_data, make_estimator, plan_runs, spsa_accepts_vectorize, train_run
@@ -99,8 +99,7 @@ def prepare_output(out: Path, config: MnistConfig, *, resume: bool, overwrite: b
     """
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite exclude each other")
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output folder {out} is a file; choose another --out")
+    check_output_folder(out)
     entries = sorted(entry.name for entry in out.iterdir()) if out.is_dir() else []
     if overwrite or not entries:
         return []

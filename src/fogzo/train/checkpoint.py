@@ -17,7 +17,7 @@ import torch
 from .. import distributed as fd
 from ..estimators import derive_seed
 from .config import RUN_CONTROL_KEYS, ConfigError, TrainConfig
-from .records import read_json, read_jsonl, write_json
+from .records import check_output_folder, read_json, read_jsonl, write_json
 
 __all__ = [
     "CHECKPOINT",
@@ -90,8 +90,7 @@ def prepare_output(out: Path, config: TrainConfig, *, resume: bool, overwrite: b
     """
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite exclude each other: --resume continues the run in the folder, --overwrite replaces it")
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output folder {out} is a file; choose another --out")
+    check_output_folder(out)
     entries = sorted(entry.name for entry in out.iterdir()) if out.is_dir() else []
     if overwrite or not entries:
         return None

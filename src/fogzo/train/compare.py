@@ -40,7 +40,7 @@ from typing import Any
 
 from .checkpoint import CONFIG, METRICS, RESULTS, _check_resume_config
 from .config import ConfigError, load_config, parse_overrides
-from .records import read_json, read_jsonl, strict_json, write_text_atomic
+from .records import check_output_folder, read_json, read_jsonl, strict_json, write_text_atomic
 from .summaries import Curve, format_mean_std, format_number, markdown_table, mean_curve, mean_std, plot_curves, select_best
 from .trainer import train
 
@@ -76,6 +76,7 @@ def run_comparison(
     log=print,
 ) -> list[dict[str, Any]]:
     """Train every combination (sequentially); returns one record per run."""
+    check_output_folder(out)
     common = parse_overrides(overrides or [])
     specs = [(spec, *parse_estimator(spec)) for spec in estimators]
     # Validate every combination before spending time on the first one.

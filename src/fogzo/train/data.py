@@ -161,7 +161,10 @@ def _load_mnist_like(config: TrainConfig, log: Callable[[str], None]) -> tuple[A
     try:
         return load_fashion_mnist(config.data_dir), ""
     except FileNotFoundError as error:
-        dataset = load_mnist(config.data_dir)
+        try:
+            dataset = load_mnist(config.data_dir)
+        except FileNotFoundError as fallback:  # name the data set asked for, not the fallback
+            raise FileNotFoundError(f"{error}{'' if str(fallback) == str(error) else ' (nor MNIST, the fallback)'}") from None
         note = f"Fashion-MNIST not found; using MNIST ({dataset.source}) instead"
         log(f"WARNING: {note}. {error}")
         return dataset, note

@@ -479,8 +479,8 @@ class _Run:
                     if tally.step % config.log_every == 0 or diverged or tally.step == self.total_steps:
                         record = tally.train_record(loss, lr, info, failure)
                         self.write(record)
-                        beta = record["beta"]
-                        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", beta=beta if beta is None else f"{beta:.4f}")
+                        show_beta = config.estimator == "fogzo" and record["beta"] is not None  # not for STE, SPSA
+                        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", **({"beta": f"{record['beta']:.4f}"} if show_beta else {}))
                     bar.update(1)
                     if diverged:
                         break
@@ -540,6 +540,7 @@ class _Run:
             if config.diagnose_every:
                 write_diagnostics_report(self.out)
         summary = "".join(f"; {k}={v:.4g}" for k, v in metrics.items())
-        log(f"done: {step}/{self.total_steps} steps ({stop_reason}), {tally.elapsed:.1f} s training{summary}")
+        why = {"time_budget": " (time budget reached)", "diverged": " (diverged)"}.get(stop_reason, "")
+        log(f"done: {step}/{self.total_steps} steps{why}, {tally.elapsed:.1f} s training{summary}")
         _barrier(self.device)
         return results
