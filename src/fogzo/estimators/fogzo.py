@@ -193,7 +193,7 @@ class FOGZO:
             return EstimateInfo(loss, 1, 1, None, step_seed, step)  # type: ignore[arg-type]
         scales = ScaleSet(self.perturbed)
         guides, total = self._guides([entry.param.grad for entry in self.perturbed.tensors], scales,
-                                     wide=hook_factor != 1.0)
+                                     wide=abs(hook_factor) >= 2.0**32)
         norm = total if hook_factor == 1.0 else total / abs(hook_factor)  # ‖g_x‖ in loss units, a device scalar
         if keep:
             host_norm = float(norm)
@@ -313,7 +313,8 @@ class FOGZO:
         gradients = [None if g is None else local_part(g) for g in gradients]  # FSDP: this rank's shard
         device = tensors[0].param.device
         # Norms in float32 (bf16/fp16/fp32 gradients), in float64 for a float64 model or when a
-        # backward hook scales the gradients (wide): a loss scale of 1e19 overflows a float32 ‖k·g‖.
+        # backward hook scales the gradients by |k| >= 2^32 (wide): ‖k·g‖² overflows float32
+        # once ‖k·g‖ > 1.8e19 (an fp16 loss scaler starts at 2^16).
         wide = wide or any(g is not None and g.dtype == torch.float64 for g in gradients)
         dtype = torch.float64 if wide else torch.float32
         parts: list[torch.Tensor] = []
