@@ -12,7 +12,7 @@ TORCH  := torch==2.13.0
 
 FMNIST := $(VENV)/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: venv test-venv data test demo bench clean
+.PHONY: venv test-venv data test demo bench wheel-check clean
 
 venv: $(STAMP)
 
@@ -53,6 +53,18 @@ test: $(TEST_STAMP)
 demo: $(STAMP)
 	# --resume: a second `make demo` keeps the finished runs (and an interrupted one continues).
 	$(VENV)/bin/fogzo reproduce mnist --resume
+
+# The wheel as users get it: built from this tree, installed into a fresh venv (not editable),
+# then `fogzo --version` and .ci/smoke.py run from the installed package.
+WHEEL_VENV := build/wheel-venv
+wheel-check: $(STAMP)
+	rm -rf build/dist $(WHEEL_VENV)
+	$(PIP) wheel --quiet --no-deps -w build/dist .
+	$(PYTHON) -m venv $(WHEEL_VENV)
+	$(WHEEL_VENV)/bin/pip install --quiet $(TORCH)
+	$(WHEEL_VENV)/bin/pip install --quiet $(TORCH) build/dist/fogzo-*.whl
+	$(WHEEL_VENV)/bin/fogzo --version
+	cd build && wheel-venv/bin/python ../.ci/smoke.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/step_cost.py
