@@ -20,10 +20,8 @@ the step's one host read (:meth:`ZerothOrderMeasurement.resolve`).
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -62,18 +60,20 @@ class Verdict:
 
 
 class Passes:
-    """The perturbed passes of one step (made by :meth:`ZerothOrderMeasurement.passes`).
+    """The perturbed passes of one step, a context manager (made by :meth:`ZerothOrderMeasurement.passes`).
 
-    :meth:`measure` runs the passes of one direction ``v`` (normalised coordinates, one tensor
+    On entry the perturbed tensors are backed up (one copy) and autograd is switched off; on exit
+    (also on an exception) they are restored bit-exactly, FSDP's unsharded parameters are freed,
+    ``guard`` is closed and the grad mode is put back. Inside, :meth:`measure` runs the passes of one direction ``v`` (normalised coordinates, one tensor
     per perturbed tensor, local parts) and records ``d = (L(x + ε̄v) − L(x − ε̄v)) / 2ε̄`` (or
     ``(L(x + ε̄v) − L0) / ε̄`` one-sided). ``gradient`` is ``Σ_i d_i·v_i``, formed on the device
     in the first ``v``'s buffer (``v`` is consumed). Under DDP the ``d_i`` are averaged over the
     ranks by one all-reduce of n scalars after the last pass, so the ``v_i`` are kept until then.
     """
 
-    def __init__(self, engine: ZerothOrderMeasurement, closure: Closure, guard: StateGuard,
+    def __init__(self, engine: ZerothOrderMeasurement, closure: Closure, guard: StateGuard, step_seed: int,
                  loss0: torch.Tensor | None) -> None:
-        self.engine, self.closure, self.guard, self.loss0 = engine, closure, guard, loss0
+        self.engine, self.closure, self.guard, self.step_seed, self.loss0 = engine, closure, guard, step_seed, loss0
         self.weights = engine.perturbed.local_params()
         self.scales = engine.perturbed.scales()
         self.losses: list[torch.Tensor] = []
@@ -83,6 +83,47 @@ class Passes:
         self._waiting: list[list[torch.Tensor]] = []  # directions not yet measured (vectorize)
         self._kept: list[list[torch.Tensor]] = []  # measured directions kept for the DDP average
         self._distributed = is_distributed()
+        self._grad_mode = True
+        self._logs: list[tuple[list, int]] = []
+        self._side_effects = None
+
+    def __enter__(self) -> Passes:
+        engine, perturbed = self.engine, self.engine.perturbed
+        if engine.first:  # the first measured step: checks that run once
+            engine.check_shifts(self.step_seed)
+            self._side_effects = self.guard.watch_side_effects(exclude=perturbed.params)
+        engine.backup.take(self.weights)  # one copy per step, into storage kept between steps
+        self._grad_mode = torch.is_grad_enabled()
+        torch.set_grad_enabled(False)
+        if perturbed.sharded:
+            self._logs = perturbed.forward_logs()
+        return self
+
+    def __exit__(self, kind: object, error: object, traceback: object) -> None:
+        perturbed = self.engine.perturbed
+        try:
+            if kind is None:
+                self.flush()
+        finally:
+            if self._written:
+                self.engine.backup.restore()  # W, bit for bit
+            if perturbed.sharded:
+                perturbed.reshard()
+                for log, length in self._logs:  # the perturbed forwards have no backward
+                    del log[length:]
+            self.guard.close()
+            torch.set_grad_enabled(self._grad_mode)
+        if kind is not None:
+            return
+        self.engine.first = False
+        if self._side_effects is not None and (changed := self._side_effects()):
+            warnings.warn(
+                f"the perturbed forward passes changed the model beyond its buffers: {'; '.join(changed[:5])}. "
+                "A forward that writes a parameter or counts its own calls (e.g. an activation calibration) makes "
+                "every pass see a different model; finish such calibration before training with a zeroth-order "
+                "estimator", stacklevel=3,
+            )
+        self.finish()
 
     def measure(self, v: list[torch.Tensor]) -> None:
         """The passes at ``W ± c·ε̄·v`` (``vectorize``: once K passes are waiting, in one vmap)."""
@@ -105,16 +146,17 @@ class Passes:
                 self._record(v, losses[i * per : (i + 1) * per])
 
     def _loss_at(self, v: list[torch.Tensor], sign: float) -> torch.Tensor:
-        """``L(W + sign·c·ε̄·v)``, the shift written into the weights' storage."""
-        with torch.no_grad():
-            if self._written:
-                self.engine.backup.restore()
-            self._written = True
-            torch._foreach_addcmul_(self.weights, v, self.scales, value=sign * self.engine.perturbed.smoothing.eps_bar)
-            if self.engine.perturbed.sharded:
-                self.engine.perturbed.reshard()  # the forward all-gathers the shifted shards
+        """``L(W + sign·c·ε̄·v)``, the shift written into the weights' storage (autograd is off)."""
+        perturbed = self.engine.perturbed
+        if self._written:
+            self.engine.backup.restore()
+        self._written = True
+        torch._foreach_addcmul_(self.weights, v, self.scales, value=sign * perturbed.smoothing.eps_bar)
         self.guard.rewind()
-        with torch.no_grad() if self.engine.perturbed.sharded else torch.inference_mode():
+        if perturbed.sharded:  # (FSDP's forward sets version counters, which inference tensors lack)
+            perturbed.reshard()  # the forward all-gathers the shifted shards
+            return loss_value(checked_loss(self.closure()))
+        with torch.inference_mode():
             return loss_value(checked_loss(self.closure()))
 
     def _record(self, v: list[torch.Tensor], losses: list[torch.Tensor]) -> None:
@@ -172,46 +214,18 @@ class ZerothOrderMeasurement:
         self.on_nonfinite = on_nonfinite
         self.vectorize = vectorize
         self.backup = Snapshot()  # W of the perturbed tensors, kept between steps
-        self._first = True  # the first measured step checks that the shifts survive the dtype
+        self.first = True  # the first measured step checks that the shifts survive the dtype
         self._vmap_checked = False  # the first vectorized chunk is checked against one looped pass
 
     @property
     def passes_per_sample(self) -> int:
         return len(self.signs)
 
-    @contextlib.contextmanager
-    def passes(self, closure: Closure, guard: StateGuard, step_seed: int, loss0: torch.Tensor | None) -> Iterator[Passes]:
-        """The perturbed passes of one step: inside the block :meth:`Passes.measure` writes
-        ``W ± c·ε̄·v`` into the perturbed tensors; on exit (also on an exception) they are
-        restored bit-exactly from the backup and ``guard`` is closed."""
-        perturbed = self.perturbed
-        side_effects = None
-        if self._first:
-            self.check_shifts(step_seed)
-            side_effects = guard.watch_side_effects(exclude=perturbed.params)
-        passes = Passes(self, closure, guard, loss0)
-        self.backup.take(passes.weights)
-        logs = perturbed.forward_logs() if perturbed.sharded else []
-        try:
-            yield passes
-            passes.flush()
-        finally:
-            if passes._written:
-                self.backup.restore()
-            if perturbed.sharded:
-                perturbed.reshard()
-                for log, length in logs:
-                    del log[length:]
-            guard.close()
-        self._first = False
-        if side_effects is not None and (changed := side_effects()):
-            warnings.warn(
-                f"the perturbed forward passes changed the model beyond its buffers: {'; '.join(changed[:5])}. "
-                "A forward that writes a parameter or counts its own calls (e.g. an activation calibration) makes "
-                "every pass see a different model; finish such calibration before training with a zeroth-order "
-                "estimator", stacklevel=4,
-            )
-        passes.finish()
+    def passes(self, closure: Closure, guard: StateGuard, step_seed: int, loss0: torch.Tensor | None) -> Passes:
+        """The perturbed passes of one step, a context manager (:class:`Passes`): inside the block
+        :meth:`Passes.measure` writes ``W ± c·ε̄·v`` into the perturbed tensors; on exit (also on an
+        exception) they are restored bit-exactly from the backup and ``guard`` is closed."""
+        return Passes(self, closure, guard, step_seed, loss0)
 
     def resolve(self, passes: Passes, loss0: torch.Tensor | None, norm: torch.Tensor | None = None) -> Verdict:
         """Read ``L0``, ``‖g_x‖``, the losses and the ``d_i`` on the host (one sync) and check

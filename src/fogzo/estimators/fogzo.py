@@ -211,8 +211,11 @@ class FOGZO:
                                        f"(STE) forward pass: L(W) = {loss}")
             state.commit()
             return EstimateInfo(loss, 1, 1, None, step_seed, step)
-        ste_gradients = self._ste_gradients()
-        guide, norm = self._guide(ste_gradients, hook_factor, in_place=not keep)  # norm: ‖g_x‖ (device)
+        # 2. β_t (here: for n = 1, ĝ is formed already scaled by v's guided weight √β·s, see _guide).
+        beta = check_beta(self.schedule(step), f"beta at step {step}")
+        # 1. (continued) ĝ = r·g_x/‖g_x‖, g_x = c·g_W; norm = ‖g_x‖ (device).
+        weight = math.sqrt(beta) * self.sign(step_seed, 0) if self.n == 1 else 1.0
+        guide, norm = self._guide(self._ste_gradients(), hook_factor, in_place=not keep, weight=weight)
         if keep:
             host_norm = float(norm)
             if not math.isfinite(host_norm):
@@ -223,8 +226,6 @@ class FOGZO:
                     f"non-finite STE gradient (‖g_x‖ = {host_norm}) with L(W) = {float(loss0.detach())}", host_norm,
                 )
 
-        # 2. β_t.
-        beta = check_beta(self.schedule(step), f"beta at step {step}")
         guard.after_first_pass()  # from here on the passes restore buffers and RNG
 
         # 3. For i = 1..n: v_i = √β·s_i·ĝ + √(1−β)·u_i, and d_i from the passes at W ± c·ε̄·v_i.
@@ -261,7 +262,7 @@ class FOGZO:
                                 differences=differences, zero_differences=len(differences),
                                 ste_grad_norm=verdict.norm, measured=False)
         self.perturbed.mask_padding_rows(gradient)
-        if gradient is not ste_gradients:  # (n = 1: G_W was formed in the STE gradient's buffer)
+        if self.n > 1 or keep:  # (else G_W was formed in the STE gradient's buffer)
             for param, tensor in zip(self.perturbed.params, gradient):
                 set_gradient(param, tensor)  # replaces this call's STE gradient
         state.commit()  # adds the gradients from before the call, as backward would
@@ -302,11 +303,13 @@ class FOGZO:
         return [local_part(g) for g in gradients] if self.perturbed.sharded else gradients  # type: ignore[misc]
 
     def _guide(
-        self, ste_gradients: list[torch.Tensor], hook_factor: float, in_place: bool
+        self, ste_gradients: list[torch.Tensor], hook_factor: float, in_place: bool, weight: float = 1.0
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """``ĝ = r·g_x/‖g_x‖`` with ``g_x = c·g_W`` (``normalize="tensor"``: ``r·g_x,k/(‖g_x,k‖·√K)``
         per tensor, K = the tensors with ``g_x,k ≠ 0``), 0 where the norm is 0; in the STE
         gradient's buffers (``in_place``) or new ones. Also ``‖g_x‖`` in loss units (device).
+        ``weight``: a factor folded into ``r`` (for n = 1 the guided weight ``√β·s`` of ``v``, so that
+        :meth:`_perturbation` has nothing left to scale: one operator fewer over the tensors).
 
         The norms are float32 (float64 for a float64 model, or when a backward hook scales the
         gradients by ``|k| >= 2^32``: ``‖k·g‖²`` overflows float32 once ``‖k·g‖ > 1.8e19``)."""
@@ -325,25 +328,25 @@ class FOGZO:
             dist.all_reduce(squared, op=dist.ReduceOp.SUM)
             norms = squared.sqrt()
         total = torch.linalg.vector_norm(norms)
+        r = self.guide_norm * weight
         if self.normalize == "global":
             factor = torch.nan_to_num_(total.reciprocal(), posinf=0.0)  # 1/0 = inf becomes 0: no direction
-            torch._foreach_mul_(g_x, factor if self.guide_norm == 1.0 else factor.mul_(self.guide_norm))
+            torch._foreach_mul_(g_x, factor if r == 1.0 else factor.mul_(r))
         else:
             nonzero = (norms > 0).sum().to(norms.dtype)  # K, in the norms' dtype (an int64 sqrt is float32)
-            factors = torch.nan_to_num_((norms * nonzero.sqrt()).reciprocal_(), posinf=0.0).mul_(self.guide_norm)
+            factors = torch.nan_to_num_((norms * nonzero.sqrt()).reciprocal_(), posinf=0.0).mul_(r)
             torch._foreach_mul_(g_x, list(factors.unbind()))
         return g_x, total if hook_factor == 1.0 else total / abs(hook_factor)
 
     def _perturbation(self, guide: list[torch.Tensor], beta: float, step_seed: int, sample: int) -> list[torch.Tensor]:
-        """``v_i = √β·s_i·ĝ + √(1−β)·u_i``; for n = 1 in ``ĝ``'s buffer, else in a new one. One
-        noise draw per tensor and sample, added as it is drawn (one noise tensor alive at a time)."""
-        guided, noise_weight = math.sqrt(beta) * self.sign(step_seed, sample), math.sqrt(1.0 - beta)
+        """``v_i = √β·s_i·ĝ + √(1−β)·u_i``; for n = 1 in ``ĝ``'s buffer (already scaled by
+        ``√β·s``, see :meth:`_guide`), else in a new one. One noise draw per tensor and sample,
+        added as it is drawn (one noise tensor alive at a time)."""
+        noise_weight = math.sqrt(1.0 - beta)
         if self.n == 1:
             v = guide
-            if guided != 1.0:
-                torch._foreach_mul_(v, guided)
         else:
-            v = torch._foreach_mul(guide, guided)
+            v = torch._foreach_mul(guide, math.sqrt(beta) * self.sign(step_seed, sample))
         if noise_weight != 0.0:
             for entry, tensor in zip(self.perturbed.tensors, v):
                 tensor.add_(self.perturbed.noise(entry, step_seed, sample), alpha=noise_weight)

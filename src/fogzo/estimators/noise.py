@@ -223,6 +223,9 @@ def counter_noise(
 def derive_seed(*parts: int) -> int:
     """A 63-bit seed that mixes integer ``parts`` (order matters) with SplitMix64."""
     state = 0
-    for part in parts:
-        state = _splitmix64(state ^ (int(part) & _MASK64))
+    for part in parts:  # state = _splitmix64(state ^ part), inlined (a few calls per noise tensor and step)
+        value = ((state ^ (int(part) & _MASK64)) + 0x9E3779B97F4A7C15) & _MASK64
+        value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
+        state = value ^ (value >> 31)
     return state >> 1

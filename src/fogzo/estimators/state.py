@@ -130,7 +130,7 @@ def run_guarded(state: CallState, step: Callable[[], EstimateInfo]) -> EstimateI
 
 class Snapshot:
     """A copy of some tensors, taken with one ``_foreach_copy_`` into storage that is kept
-    between calls (reallocated when the tensors change), and put back with another.
+    between calls (reallocated when their shapes, dtypes or devices change), and put back with another.
 
     Bit-exact (a copy), one operator each way whatever the number of tensors (running
     statistics of every BatchNorm, say); memory: one copy of the tensors, held by the owner
@@ -138,12 +138,12 @@ class Snapshot:
     """
 
     def __init__(self) -> None:
-        self._key: tuple | None = None
+        self._key: list | None = None
         self._storage: list[torch.Tensor] = []
         self.tensors: list[torch.Tensor] = []
 
     def take(self, tensors: list[torch.Tensor]) -> None:
-        key = tuple((id(t), t.shape, t.dtype, t.device) for t in tensors)
+        key = [(t.shape, t.dtype, t.device) for t in tensors]  # (storage is reused for any tensors of these)
         if key != self._key:
             self._storage = [torch.empty_like(t, requires_grad=False) for t in tensors]
             self._key = key
@@ -153,9 +153,13 @@ class Snapshot:
                 torch._foreach_copy_(self._storage, tensors)
 
     def restore(self) -> None:
-        if self.tensors:
+        if not self.tensors:
+            return
+        if torch.is_grad_enabled():
             with torch.no_grad():
                 torch._foreach_copy_(self.tensors, self._storage)
+        else:
+            torch._foreach_copy_(self.tensors, self._storage)
 
 
 class StateGuard:
