@@ -13,12 +13,13 @@ as in ``step_cost.py``) on the same model; the estimator's internal methods are 
 with timers whose times are summed per step:
 
 * ``closure``: every forward pass (the STE pass and the perturbed passes);
-* ``delta``: building the shift ``c·ε̄·v`` (n = 1), which includes ``noise``;
+* ``guide``: ``ĝ`` from the STE gradient (``FOGZO._guide``: scales, norm, normalisation);
+* ``perturbation``: building ``v`` (``FOGZO._perturbation``), which includes ``noise``;
 * ``noise``: drawing the noise;
-* ``guides``: the STE gradient's norm (``_guides``);
 * ``guard``: snapshots and restores of buffers and the global RNG;
-* ``gradients``: turning the finite difference into ``.grad``;
-* ``other``: the rest of ``estimate`` (backward pass for STE/FOGZO, hooks, bookkeeping).
+* ``resolve``: the step's one host read of its losses and differences;
+* ``other``: the rest of ``estimate`` (backward pass for STE/FOGZO, the in-place shifts and
+  their restores, ``G_W``, bookkeeping).
 
 The wrappers cost a few microseconds per call; compare phases within one run.
 """
@@ -43,9 +44,9 @@ from fogzo.estimators import engine, perturbed_set, state  # noqa: E402
 from fogzo.estimators import fogzo as fogzo_module  # noqa: E402
 
 PHASES = {
-    "guides": (fogzo_module.FOGZO, "_guides"),
-    "delta": (engine.ZerothOrderMeasurement, ("_deltas", "_delta")),
-    "gradients": (engine.ZerothOrderMeasurement, "gradients"),
+    "guide": (fogzo_module.FOGZO, "_guide"),
+    "perturbation": (fogzo_module.FOGZO, "_perturbation"),
+    "resolve": (engine.ZerothOrderMeasurement, "resolve"),
     "noise": (perturbed_set.PerturbedSet, "noise"),
     "guard": (state.StateGuard, ("after_first_pass", "rewind", "close")),
 }
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
     ste_total = median["ste.estimate"] + median["ste.optimizer"]
     forwards = 1 if args.one_sided else 2
     limit = ste_total + forwards * median["forward_inference"]
-    named = sum(median.get(f"fogzo.{k}", 0.0) for k in ("closure", "delta", "guides", "guard", "gradients"))
+    named = sum(median.get(f"fogzo.{k}", 0.0) for k in ("closure", "guide", "perturbation", "guard", "resolve"))
     print(f"{args.model}, FOGZO {'one-sided' if args.one_sided else 'two-sided'} n=1, "
           f"{args.steps} steps, malloc {args.malloc}, threads {torch.get_num_threads()} (median ms per step)")
     print(f"  STE step {ste_total:8.3f}   inference forward {median['forward_inference']:8.3f}   "
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
     extra_passes = median["fogzo.closure"] - median["ste.closure"]
     print(f"  perturbed passes (closure time beyond the STE pass's) {extra_passes:8.3f}"
           f"   vs {forwards} inference forward(s) {forwards * median['forward_inference']:8.3f}")
-    for key in ("delta", "noise", "guides", "guard", "gradients"):
+    for key in ("guide", "perturbation", "noise", "guard", "resolve"):
         print(f"  {key:<10} {median.get(f'fogzo.{key}', 0.0):8.3f}")
     other = median["fogzo.estimate"] - named - (median["ste.estimate"] - median["ste.closure"])
     print(f"  other      {other:8.3f}   (estimate minus the phases above minus STE's backward and bookkeeping)")

@@ -104,14 +104,14 @@ def test_step_phases_reports_every_phase(step_cost, capsys):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     median = module.main(["--model", "mlp", "--steps", "3", "--warmup", "1", "--one-sided"])
-    for key in ("fogzo.closure", "fogzo.delta", "fogzo.noise", "fogzo.guides", "fogzo.guard", "fogzo.gradients",
+    for key in ("fogzo.closure", "fogzo.perturbation", "fogzo.noise", "fogzo.guide", "fogzo.guard", "fogzo.resolve",
                 "ste.closure", "ste.estimate", "forward_inference"):
         assert median[key] > 0, key
     assert "ratio" in capsys.readouterr().out
     # The wrappers are removed afterwards.
-    import fogzo.estimators.engine as engine
+    import fogzo.estimators.fogzo as fogzo_module
 
-    assert engine.ZerothOrderMeasurement._delta.__name__ == "_delta"
+    assert fogzo_module.FOGZO._perturbation.__name__ == "_perturbation"
 
 
 def test_operator_counts_and_targets_in_the_json(step_cost, tmp_path):

@@ -143,15 +143,45 @@ def test_every_file_parses_as_python_3_10(folder):
         ast.parse(path.read_text(encoding="utf-8"), filename=str(path), feature_version=(3, 10))
 
 
-def test_engine_names_still_import_from_their_old_module_with_a_warning():
-    import fogzo.estimators.base as base
-    from fogzo.estimators import directions, engine, state
+ESTIMATORS = PACKAGE / "estimators"
 
-    for name, module in (("ZerothOrderMeasurement", engine), ("Direction", directions), ("CallState", state)):
-        with pytest.warns(DeprecationWarning, match=f"base.{name} moved to {module.__name__}"):
-            assert getattr(base, name) is getattr(module, name)
-    with pytest.raises(AttributeError, match="no attribute 'Nothing'"):
-        base.Nothing  # noqa: B018
-    with pytest.warns(DeprecationWarning):
-        from fogzo.estimators.base import Guide  # the statement form goes through __getattr__ too
-    assert Guide is directions.Guide
+
+def _estimator_imports() -> dict[str, set[str]]:
+    """For each module of ``fogzo.estimators``: the modules of the package it imports, at any
+    depth, ``TYPE_CHECKING`` blocks included."""
+    graph = {}
+    for path in sorted(ESTIMATORS.glob("*.py")):
+        module = _module_name(path)
+        graph[module] = {target for _, target in file_imports(path)
+                         if target.startswith("fogzo.estimators.") and target.count(".") == 2 and target != module}
+    return graph
+
+
+def test_the_estimators_have_no_import_cycle_and_import_no_private_name():
+    """No cycle, also not under ``TYPE_CHECKING``; no ``_name`` imported from another module; at
+    most 11 files of at most 400 lines."""
+    graph = {module: {t for t in targets if t in _estimator_imports()} for module, targets in _estimator_imports().items()}
+    state: dict[str, int] = {}
+
+    def visit(module: str, path: list[str]) -> None:
+        if state.get(module) == 1:
+            raise AssertionError(f"import cycle: {' -> '.join(path + [module])}")
+        if state.get(module) == 2:
+            return
+        state[module] = 1
+        for target in sorted(graph[module]):
+            visit(target, path + [module])
+        state[module] = 2
+
+    for module in graph:
+        visit(module, [])
+    private = [f"{path.relative_to(PACKAGE)}: {target}" for path in core_files() for _, target in file_imports(path)
+               if target.rpartition(".")[2].startswith("_") and not target.rpartition(".")[2].startswith("__")
+               and target.startswith("fogzo.") and (target.startswith("fogzo.estimators.") or path.parent == ESTIMATORS)]
+    assert not private, private
+    files = sorted(ESTIMATORS.glob("*.py"))
+    assert len(files) <= 11, [path.name for path in files]
+    # (smoothed.py, the smoothed-gradient oracle, is no part of a FOGZO or n-SPSA step.)
+    long = {path.name: n for path in files if path.name != "smoothed.py"
+            and (n := len(path.read_text(encoding="utf-8").splitlines())) > 400}
+    assert not long, long

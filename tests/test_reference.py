@@ -2,7 +2,7 @@
 docs/method.md §4): same noise, same signs, same batch, the same G_W to float64 rounding.
 
 The noise u_i and the signs s_i are captured as the fast estimator draws them (by wrapping
-``PerturbedSet.noise`` and ``FOGZO._sign`` for the duration of a test), and every draw of
+``PerturbedSet.noise`` and ``FOGZO.sign`` for the duration of a test), and every draw of
 the same (tensor, sample) within a step must be the same tensor: the engine regenerates u_i
 for each pass and once more for the gradient, and the test checks it gets it back each time.
 The perturbed set and the coordinate scales c are derived here from the model (the
@@ -124,7 +124,7 @@ class _Draws:
     def __init__(self, monkeypatch):
         self.noise = {}
         self.signs = {}
-        noise, sign = PerturbedSet.noise, FOGZO._sign
+        noise, sign = PerturbedSet.noise, FOGZO.sign
 
         def recorded_noise(perturbed, entry, step_seed, sample):
             u = noise(perturbed, entry, step_seed, sample)
@@ -137,7 +137,7 @@ class _Draws:
             return s
 
         monkeypatch.setattr(PerturbedSet, "noise", recorded_noise)
-        monkeypatch.setattr(FOGZO, "_sign", staticmethod(recorded_sign))
+        monkeypatch.setattr(FOGZO, "sign", staticmethod(recorded_sign))
 
     def clear(self):
         self.noise.clear()

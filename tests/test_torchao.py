@@ -149,16 +149,27 @@ def test_fogzo_trains_a_torchao_qat_model_that_torchao_then_converts(name, conve
         assert torch.equal(model(x), fake_quantized)
 
 
-def test_bf16_torchao_model_gives_finite_bf16_gradients():
+def test_bf16_torchao_latent_weights_are_refused_and_float32_with_autocast_works():
+    """A perturbed pass writes W + c·ε̄·v into the latent weight, which bf16 cannot hold at a small
+    fraction of a step: refused when the estimator is built; float32 weights with a bf16 autocast
+    forward give finite gradients."""
     model = _prepare(_classifier(dtype=torch.bfloat16), CONFIGS["int4-group16"](), embeddings=True)
+    with pytest.raises(ValueError, match="stored in torch.bfloat16.*float32"):
+        fogzo.FOGZO(model, total_steps=5, beta_min=0.5, seed=1)
+    model = _prepare(_classifier(), CONFIGS["int4-group16"](), embeddings=True)
     x, y = _tokens()
     estimator = fogzo.FOGZO(model, total_steps=5, beta_min=0.5, seed=1)
+
+    def closure():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return F.cross_entropy(model(x).float(), y)
+
     for _ in range(2):
         model.zero_grad(set_to_none=True)
-        info = estimator.estimate(lambda: F.cross_entropy(model(x).float(), y))
+        info = estimator.estimate(closure)
         assert all(math.isfinite(d) for d in info.differences)
     for entry in estimator.perturbed.tensors:
-        assert entry.param.grad.dtype == torch.bfloat16 and torch.isfinite(entry.param.grad).all()
+        assert entry.param.grad.dtype == torch.float32 and torch.isfinite(entry.param.grad).all()
 
 
 def test_fogzo_and_torchao_layers_in_one_model_share_the_identity_smoothing():

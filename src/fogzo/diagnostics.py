@@ -39,7 +39,7 @@ from .estimators.base import Closure, checked_loss
 from .estimators.noise import derive_seed
 from .estimators.perturbed_set import PerturbedSet
 from .estimators.state import CallState, StateGuard
-from .estimators.smoothed import COORDINATE_STREAM, _coordinate_scale, smoothed_partials
+from .estimators.smoothed import COORDINATE_STREAM, broadcast_scale, smoothed_partials
 from .smoothing import Smoothing
 
 __all__ = ["Diagnosis", "LayerDiagnosis", "diagnose"]
@@ -207,7 +207,7 @@ def diagnose(
         before.restore()
     rows, pooled = [], {"ste": [], "slope": [], "partials": []}
     for entry, coords, gradient, result in zip(perturbed.tensors, chosen, gradients, results):
-        scale = _coordinate_scale(entry, eps_bar)
+        scale = broadcast_scale(entry, eps_bar)
         param = entry.local_param()
         grad_x = torch.zeros_like(param) if gradient is None else gradient.detach() * scale  # g_x = c·g_W
         ste = grad_x.reshape(-1)[coords]

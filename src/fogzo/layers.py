@@ -7,12 +7,10 @@ pass with ``Q(W) = α·h(W/α)`` from a :class:`~fogzo.quantizers.WeightQuantize
 
 Estimators see these layers through :class:`fogzo.adapters.FogzoAdapter`:
 ``quantized_weights()`` (the names of the latent parameters and their quantizers), and per
-quantizer ``coordinate_scale()`` (``α``) and ``smoothing``. Perturbations for zeroth-order
-passes are put in place of the latent parameters by the estimator, or, for the
-single-weight layers (Linear, Conv, Embedding) in the steady state of a FOGZO/n-SPSA step,
-handed to the layer as a shift ``(t, a)`` that its forward adds, ``W + a·t``, just before
-quantizing (:meth:`QuantizedLayer.latent_weight`): no forward hooks, so a compiled model
-keeps its graphs, and under ``torch.compile`` the add fuses with the quantizer.
+quantizer ``coordinate_scale()`` (``α``) and ``smoothing``. The layers know nothing of
+perturbations: a zeroth-order pass writes ``W + δ`` into the latent weight's storage and
+restores it afterwards (:mod:`fogzo.estimators.engine`), so every layer computes ``Q(W + δ)``
+as it computes ``Q(W)``.
 """
 
 from __future__ import annotations
@@ -38,37 +36,22 @@ class QuantizedLayer(nn.Module):
     weight_quantizer: WeightQuantizer
     input_quantizer: ActivationQuantizer | None
     quantization_enabled: bool
-    _weight_shift: tuple[torch.Tensor, float] | None = None
-    """Set by an estimator for one perturbed pass: the forward computes with ``W + a·t``."""
 
     def _attach(self, weight_quantizer: WeightQuantizer, input_quantizer: ActivationQuantizer | None) -> None:
         self.weight_quantizer = weight_quantizer
         self.input_quantizer = input_quantizer
         self.quantization_enabled = True
-        self._weight_shift = None  # an instance attribute from the start: compiled graphs guard on it
-
-    def latent_weight(self) -> torch.Tensor:
-        """``W``, or ``W + a·t`` while an estimator's perturbed pass shifts this layer.
-
-        A bf16/fp16 weight is shifted in float32: a shift of a small fraction of a quantization
-        step is far below those formats' spacing and would round back to ``W``."""
-        shift = self._weight_shift
-        if shift is None:
-            return self.weight
-        if self.weight.dtype in (torch.float16, torch.bfloat16):
-            return torch.add(self.weight.float(), shift[0].float(), alpha=shift[1])
-        return torch.add(self.weight, shift[0], alpha=shift[1])
 
     def quantized_weights(self) -> list[tuple[str, WeightQuantizer]]:
         """``(parameter name, quantizer)`` for each weight this layer fake-quantizes itself."""
         return [("weight", self.weight_quantizer)]
 
     def quantized_weight(self) -> torch.Tensor:
-        """``Q(W)``, or the latent ``W`` inside :func:`fogzo.full_precision` (shifted in a perturbed pass)."""
-        weight = self.latent_weight()
-        if self.quantization_enabled:
-            weight = self.weight_quantizer(weight)
-        return weight if weight.dtype == self.weight.dtype else weight.to(self.weight.dtype)  # a float32 shift
+        """``Q(W)``, or the latent ``W`` inside :func:`fogzo.full_precision`."""
+        if not self.quantization_enabled:
+            return self.weight
+        weight = self.weight_quantizer(self.weight)
+        return weight if weight.dtype == self.weight.dtype else weight.to(self.weight.dtype)
 
     def _quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_quantizer is None or not self.quantization_enabled:
@@ -106,13 +89,7 @@ class QuantEmbedding(nn.Embedding, QuantizedLayer):
 
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
         rows = F.embedding(indices, self.weight, self.padding_idx)
-        shift = self._weight_shift
         dtype = rows.dtype
-        if shift is not None:  # rows of W + a·t, without building the shifted table
-            shifted = F.embedding(indices, shift[0], self.padding_idx)
-            if dtype in (torch.float16, torch.bfloat16):  # in float32, as latent_weight does
-                rows, shifted = rows.float(), shifted.float()
-            rows = torch.add(rows, shifted, alpha=shift[1])
         if self.quantization_enabled:
             alpha = self.weight_quantizer.step_size()
             if alpha.dim() > 0:  # per-row step sizes: gather the ones used

@@ -2,10 +2,9 @@
 ``estimate(closure) -> EstimateInfo``."""
 
 from .base import EstimateInfo, Estimator
-from .fogzo import FOGZO
+from .fogzo import FOGZO, constant_beta, linear_beta
 from .noise import derive_seed
 from .perturbed_set import PerturbedSet
-from .schedules import constant_beta, linear_beta
 from .smoothed import LevelMoves, SmoothedGradient, smoothed_partials
 from .spsa import SPSA
 from .ste import STE

@@ -7,7 +7,7 @@ An estimator turns a loss closure into gradients in ``.grad``::
     optimizer.step()
 
 The closure runs a *forward pass only* and returns a scalar tensor; the estimator calls it
-as often as it needs (with different weights swapped in), calls ``backward`` itself where
+as often as it needs (with the perturbed weights shifted in place), calls ``backward`` itself where
 it needs a first-order gradient, and fills ``.grad`` so that any ``torch.optim`` optimizer,
 scheduler, gradient clipping or AMP scaler works unchanged. Gradients accumulate into an
 existing ``.grad`` as ``backward`` would.
@@ -81,12 +81,12 @@ class EstimateInfo:
             per estimator). FOGZO then keeps the STE gradient for the step instead of
             replacing it with 0; n-SPSA, which has no other gradient, leaves 0.
 
-    ``loss`` and ``ste_grad_norm`` may be filled in lazily: an estimator that had no reason
-    to read them on the host (the STE step) stores the device scalar, and the first read of
-    the attribute turns it into a float (one host sync then, none in the step).
+    ``loss`` is a float for the zeroth-order estimators, read in the one host sync their step
+    makes anyway. The STE step makes none: its ``loss`` is the detached 0-d loss tensor
+    (``float(info.loss)`` reads it, a host sync on a GPU).
     """
 
-    loss: float
+    loss: float | torch.Tensor
     forward_passes: int
     backward_passes: int
     beta: float | None
@@ -103,16 +103,6 @@ class EstimateInfo:
     def compute_units(self) -> int:
         """Forward = 1 unit, backward = 2 units."""
         return self.forward_passes + 2 * self.backward_passes
-
-    def __getattribute__(self, name: str) -> object:
-        value = object.__getattribute__(self, name)
-        if name in _LAZY_FIELDS and isinstance(value, torch.Tensor):
-            value = float(value)
-            object.__setattr__(self, name, value)
-        return value
-
-
-_LAZY_FIELDS = frozenset({"loss", "ste_grad_norm"})
 
 
 @runtime_checkable
@@ -211,27 +201,3 @@ def loss_value(loss: torch.Tensor) -> torch.Tensor:
     if loss.requires_grad:
         loss = loss.detach()
     return loss if loss.dtype in (torch.float32, torch.float64) else loss.float()
-
-
-# The zeroth-order engine used to live in this module. Its names still import from here, lazily
-# (an eager import would be a cycle: the engine imports this protocol) and with a warning.
-_MOVED = {
-    "CallState": "state",
-    "Direction": "directions",
-    "Guide": "directions",
-    "ScaleSet": "directions",
-    "Measured": "engine",
-    "Verdict": "engine",
-    "ZerothOrderMeasurement": "engine",
-}
-
-
-def __getattr__(name: str):
-    if name not in _MOVED:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-    import warnings
-
-    where = f"fogzo.estimators.{_MOVED[name]}"
-    warnings.warn(f"fogzo.estimators.base.{name} moved to {where}; import it from there", DeprecationWarning, stacklevel=2)
-    return getattr(importlib.import_module(where), name)

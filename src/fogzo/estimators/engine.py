@@ -1,57 +1,46 @@
-"""The zeroth-order engine: perturbed forward passes, their finite differences and gradient.
+"""The zeroth-order passes: ``W ± c·ε̄·v_i`` in place, the losses, the ``d_i`` and ``Σ_i d_i·v_i``.
 
-:class:`ZerothOrderMeasurement` runs the passes with ``W ± c·ε̄·v_i`` swapped in
-(:meth:`fogzo.estimators.perturbed_set.PerturbedSet.shifted`), under a
-:class:`fogzo.estimators.state.StateGuard`, returns the ``d_i`` on the device
-(:class:`Measured`), reads them on the host once (:class:`Verdict`) and forms
-``G_W = (1/n) Σ_i d_i v_i / c`` (docs/method.md §4, §7). FOGZO and n-SPSA are built on it.
+How a shifted weight is put in place (one mechanism): each perturbed tensor's own storage
+(its local shard under FSDP) holds ``W + s·c·ε̄·v`` during a perturbed pass, written in place
+under ``torch.no_grad()``; a backup of the perturbed tensors, taken once per step into
+storage kept between steps (:class:`~fogzo.estimators.state.Snapshot`), restores them
+bit-exactly before the other pass and at the end — in a ``finally``, so an exception or
+Ctrl-C restores them too. Wherever the model reads the weight (its owner, a parent's
+``F.linear(x, child.weight)``, a tied weight, ``nn.MultiheadAttention``, the closure, a
+reference captured outside the model) it reads the shifted values, with no hooks. With
+``torch._foreach_*`` over the perturbed list a step costs one backup copy, per pass one copy
+(not before the first) and one ``addcmul``, and one final copy. The exception is a pass
+under ``torch.func.vmap`` (``vectorize``), whose weights are batched:
+:meth:`~fogzo.estimators.perturbed_set.PerturbedSet.swapped`.
+
+Every pass runs on the same batch, with the dropout masks and buffers of the STE pass (a
+:class:`~fogzo.estimators.state.StateGuard`), and the differences stay on the device until
+the step's one host read (:meth:`ZerothOrderMeasurement.resolve`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from .base import NONFINITE_MODES, Closure, checked_loss, loss_value
-from .directions import Direction, Guide, ScaleSet
-from .perturbed_set import PerturbedSet, PerturbedTensor, _shift_by
-from .state import StateGuard
+from .perturbed_set import PerturbedSet
+from .state import Snapshot, StateGuard
 
-__all__ = ["Measured", "Verdict", "ZerothOrderMeasurement", "eager_compiled_code", "is_distributed"]
+__all__ = ["NONFINITE_ADVICE", "Passes", "Verdict", "ZerothOrderMeasurement", "is_distributed"]
+
+NONFINITE_ADVICE = (
+    "no parameter, buffer or gradient was changed. Lower the learning rate (or eps_bar/eps), "
+    "or pass on_nonfinite='skip' to skip such steps (on_nonfinite='keep' with an fp16 loss scaler)"
+)
 
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def eager_compiled_code() -> contextlib.AbstractContextManager:
-    """Run code compiled with ``torch.compile`` eagerly inside the block (``torch.compiler.set_stance``;
-    torch >= 2.6, else a no-op): for perturbed passes that register hooks or a function mode,
-    which a compiled graph would otherwise be recompiled for (and then guard on tensors that
-    live for one pass only)."""
-    set_stance = getattr(torch.compiler, "set_stance", None) if hasattr(torch, "compiler") else None
-    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
-
-
-@dataclass(frozen=True)
-class Measured:
-    """What :meth:`ZerothOrderMeasurement.measure` returns, on the device (no host sync).
-
-    ``differences``: the ``d_i`` (device scalars); ``losses``: the perturbed losses in pass
-    order (float32 device scalars); ``deltas``: the shifts ``δ = c·ε̄·v`` per tensor on the one-direction path
-    (``None`` on the regenerated path); ``scales``: the step's :class:`ScaleSet`.
-    """
-
-    differences: list[torch.Tensor]
-    losses: list[torch.Tensor]
-    deltas: list[torch.Tensor] | None
-    scales: ScaleSet | None = None
 
 
 @dataclass(frozen=True)
@@ -70,167 +59,182 @@ class Verdict:
     message: str | None = None
 
 
-NONFINITE_ADVICE = (
-    "no parameter, buffer or gradient was changed. Lower the learning rate (or eps_bar/eps), "
-    "or pass on_nonfinite='skip' to skip such steps (on_nonfinite='keep' with an fp16 loss scaler)"
-)
+class Passes:
+    """The perturbed passes of one step, a context manager (made by :meth:`ZerothOrderMeasurement.passes`).
+
+    On entry the perturbed tensors are backed up (one copy) and autograd is switched off; on exit
+    (also on an exception) they are restored bit-exactly, FSDP's unsharded parameters are freed,
+    ``guard`` is closed and the grad mode is put back. Inside, :meth:`measure` runs the passes of one direction ``v`` (normalised coordinates, one tensor
+    per perturbed tensor, local parts) and records ``d = (L(x + ε̄v) − L(x − ε̄v)) / 2ε̄`` (or
+    ``(L(x + ε̄v) − L0) / ε̄`` one-sided). ``gradient`` is ``Σ_i d_i·v_i``, formed on the device
+    in the first ``v``'s buffer (``v`` is consumed). Under DDP the ``d_i`` are averaged over the
+    ranks by one all-reduce of n scalars after the last pass, so the ``v_i`` are kept until then.
+    """
+
+    def __init__(self, engine: ZerothOrderMeasurement, closure: Closure, guard: StateGuard, step_seed: int,
+                 loss0: torch.Tensor | None) -> None:
+        self.engine, self.closure, self.guard, self.step_seed, self.loss0 = engine, closure, guard, step_seed, loss0
+        self.weights = engine.perturbed.local_params()
+        self.scales = engine.perturbed.scales()
+        self.losses: list[torch.Tensor] = []
+        self.differences: list[torch.Tensor] = []
+        self.gradient: list[torch.Tensor] | None = None
+        self._written = False  # the weights differ from the backup
+        self._waiting: list[list[torch.Tensor]] = []  # directions not yet measured (vectorize)
+        self._kept: list[list[torch.Tensor]] = []  # measured directions kept for the DDP average
+        self._distributed = is_distributed()
+        self._grad_mode = True
+        self._logs: list[tuple[list, int]] = []
+        self._side_effects = None
+
+    def __enter__(self) -> Passes:
+        engine, perturbed = self.engine, self.engine.perturbed
+        if engine.first:  # the first measured step: checks that run once
+            engine.check_shifts(self.step_seed)
+            self._side_effects = self.guard.watch_side_effects(exclude=perturbed.params)
+        engine.backup.take(self.weights)  # one copy per step, into storage kept between steps
+        self._grad_mode = torch.is_grad_enabled()
+        torch.set_grad_enabled(False)
+        if perturbed.sharded:
+            self._logs = perturbed.forward_logs()
+        return self
+
+    def __exit__(self, kind: object, error: object, traceback: object) -> None:
+        perturbed = self.engine.perturbed
+        try:
+            if kind is None:
+                self.flush()
+        finally:
+            if self._written:
+                self.engine.backup.restore()  # W, bit for bit
+            if perturbed.sharded:
+                perturbed.reshard()
+                for log, length in self._logs:  # the perturbed forwards have no backward
+                    del log[length:]
+            self.guard.close()
+            torch.set_grad_enabled(self._grad_mode)
+        if kind is not None:
+            return
+        self.engine.first = False
+        if self._side_effects is not None and (changed := self._side_effects()):
+            warnings.warn(
+                f"the perturbed forward passes changed the model beyond its buffers: {'; '.join(changed[:5])}. "
+                "A forward that writes a parameter or counts its own calls (e.g. an activation calibration) makes "
+                "every pass see a different model; finish such calibration before training with a zeroth-order "
+                "estimator", stacklevel=3,
+            )
+        self.finish()
+
+    def measure(self, v: list[torch.Tensor]) -> None:
+        """The passes at ``W ± c·ε̄·v`` (``vectorize``: once K passes are waiting, in one vmap)."""
+        engine = self.engine
+        if engine.vectorize is None:
+            losses = [self._loss_at(v, sign) for sign in engine.signs]
+            self._record(v, losses)
+            return
+        self._waiting.append(v)
+        if len(self._waiting) * len(engine.signs) >= engine.vectorize:
+            self.flush()
+
+    def flush(self) -> None:
+        """Measure the directions still waiting for a vectorized pass."""
+        if self._waiting:
+            waiting, self._waiting = self._waiting, []
+            losses = self.engine.vectorized_losses(self, waiting)
+            per = len(self.engine.signs)
+            for i, v in enumerate(waiting):
+                self._record(v, losses[i * per : (i + 1) * per])
+
+    def _loss_at(self, v: list[torch.Tensor], sign: float) -> torch.Tensor:
+        """``L(W + sign·c·ε̄·v)``, the shift written into the weights' storage (autograd is off)."""
+        perturbed = self.engine.perturbed
+        if self._written:
+            self.engine.backup.restore()
+        self._written = True
+        torch._foreach_addcmul_(self.weights, v, self.scales, value=sign * perturbed.smoothing.eps_bar)
+        self.guard.rewind()
+        if perturbed.sharded:  # (FSDP's forward sets version counters, which inference tensors lack)
+            perturbed.reshard()  # the forward all-gathers the shifted shards
+            return loss_value(checked_loss(self.closure()))
+        with torch.inference_mode():
+            return loss_value(checked_loss(self.closure()))
+
+    def _record(self, v: list[torch.Tensor], losses: list[torch.Tensor]) -> None:
+        eps_bar = self.engine.perturbed.smoothing.eps_bar
+        self.losses.extend(losses)
+        if len(losses) == 2:
+            d = torch.sub(losses[0], losses[1]).div_(2 * eps_bar)
+        else:
+            assert self.loss0 is not None
+            d = torch.sub(losses[0], loss_value(self.loss0)).div_(eps_bar)
+        self.differences.append(d)
+        if self._distributed:
+            self._kept.append(v)
+        else:
+            self._accumulate(v, d)
+
+    def _accumulate(self, v: list[torch.Tensor], d: torch.Tensor) -> None:
+        torch._foreach_mul_(v, d)
+        if self.gradient is None:
+            self.gradient = v
+        else:
+            torch._foreach_add_(self.gradient, v)
+
+    def finish(self) -> None:
+        """Under DDP: average the ``d_i`` over the ranks (one all-reduce of n scalars), then ``Σ_i d_i·v_i``."""
+        if not self._distributed or not self.differences:
+            return
+        stacked = torch.stack(self.differences)
+        if self.loss0 is not None:  # every rank must skip or raise together: NaN spreads in the sum
+            stacked = torch.where(torch.isfinite(self.loss0), stacked, float("nan"))
+        # The only communication of the ZO part. Averaging the differences equals differencing
+        # the rank-averaged losses.
+        dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
+        self.differences = list(stacked.div_(dist.get_world_size()).unbind())
+        for v, d in zip(self._kept, self.differences):
+            self._accumulate(v, d)
+        self._kept = []
 
 
 class ZerothOrderMeasurement:
-    """Finite differences of the loss along directions ``v_i``, and their gradient.
-
-    ``measure`` runs the perturbed passes with ``W ± c·ε̄·v_i`` swapped in (two-sided) or
-    ``W + c·ε̄·v_i`` (one-sided, reusing ``L0``), all on the same batch, the same dropout
-    masks and without changing any parameter, buffer or the global RNG, and returns
-
-        d_i = (L(x + ε̄v_i) − L(x − ε̄v_i)) / 2ε̄        or        (L(x + ε̄v_i) − L0) / ε̄.
-
-    ``gradients`` turns them into ``G_W = (1/n) Σ_i d_i v_i / c`` for every tensor, and
-    ``resolve`` reads the step's losses on the host (the step's only host sync) and says
-    whether they were finite. Everything before ``resolve`` stays on the device, so a GPU
-    runs the whole step from one queue of kernels.
-
-    Two ways to get the perturbation, same numbers up to float rounding:
-
-    * **one direction** (n = 1, not vectorized; the common case): the shift
-      ``δ = c·ε̄·v`` is built *once* per tensor before the passes, in the STE gradient's own
-      buffer when there is one (``g_W`` is not needed afterwards: ``G_W = d·δ/(ε̄·c²)``
-      contains the guided part, and a skipped step discards this call's gradients). One
-      noise draw per step and no extra memory; each pass only adds ``W ± δ`` where the
-      parameter is read (:meth:`PerturbedSet.shifted`, with the layers of :mod:`fogzo.layers`
-      adding it in their own forward). Per-tensor coefficients are formed with ``torch._foreach_*``
-      operators, one operator for all tensors.
-    * **regenerated** (n > 1 or vectorized): ``u_i`` is drawn again in every pass and once
-      more for the gradient, so the extra memory stays one tensor at a time whatever n is.
-
-    Under FSDP every tensor here is the rank's shard (see :meth:`PerturbedSet.shifted`).
-    """
+    """Finite differences of the loss along directions ``v_i`` (see the module docstring)."""
 
     def __init__(
         self, perturbed: PerturbedSet, one_sided: bool, on_nonfinite: str, vectorize: int | None = None
     ) -> None:
         if on_nonfinite not in NONFINITE_MODES:
             raise ValueError(f"on_nonfinite must be one of {NONFINITE_MODES}, got {on_nonfinite!r}")
-        if vectorize is not None and (not isinstance(vectorize, int) or vectorize < 1):
+        if vectorize is not None and (not isinstance(vectorize, int) or isinstance(vectorize, bool) or vectorize < 1):
             raise ValueError(f"vectorize must be None or an int >= 1, got {vectorize!r}")
         if vectorize is not None and perturbed.sharded:
             raise ValueError("vectorize is not supported for FSDP-sharded models: use vectorize=None")
         self.perturbed = perturbed
         self.one_sided = one_sided
+        self.signs = (1.0,) if one_sided else (1.0, -1.0)
         self.on_nonfinite = on_nonfinite
         self.vectorize = vectorize
+        self.backup = Snapshot()  # W of the perturbed tensors, kept between steps
+        self.first = True  # the first measured step checks that the shifts survive the dtype
         self._vmap_checked = False  # the first vectorized chunk is checked against one looped pass
-        self._shifts_checked = False  # the first measured step checks that every tensor's shift survives
 
     @property
     def passes_per_sample(self) -> int:
-        return 1 if self.one_sided else 2
+        return len(self.signs)
 
-    def measure(
-        self,
-        closure: Closure,
-        guard: StateGuard,
-        step_seed: int,
-        directions: Sequence[Direction],
-        guides: Sequence[Guide | None],
-        loss0: torch.Tensor | None,
-        reuse_guide: bool = True,
-        scales: ScaleSet | None = None,
-    ) -> Measured:
-        """The ``d_i``, the perturbed losses and the shifts, all on the device.
+    def passes(self, closure: Closure, guard: StateGuard, step_seed: int, loss0: torch.Tensor | None) -> Passes:
+        """The perturbed passes of one step, a context manager (:class:`Passes`): inside the block
+        :meth:`Passes.measure` writes ``W ± c·ε̄·v`` into the perturbed tensors; on exit (also on an
+        exception) they are restored bit-exactly from the backup and ``guard`` is closed."""
+        return Passes(self, closure, guard, step_seed, loss0)
 
-        ``reuse_guide=False`` builds the one-direction shifts in new buffers and leaves the
-        guides' gradients as they are (``on_nonfinite="keep"`` may still need them).
-        ``scales``: the step's :class:`ScaleSet` if the caller already made one.
-        """
-        eps_bar = self.perturbed.smoothing.eps_bar
-        scales = ScaleSet(self.perturbed) if scales is None else scales
-        passes = [(direction, sign) for direction in directions for sign in (1.0, -1.0)[: self.passes_per_sample]]
-        deltas: list[torch.Tensor] | None = None
-        if self.vectorize is None and len(directions) == 1:
-            deltas = self._deltas(scales, guides, step_seed, directions[0], reuse_guide)
-
-        def shift(entry: PerturbedTensor, direction: Direction, sign: float) -> tuple[torch.Tensor, float]:
-            """``(t, a)`` with ``a·t = sign·c·ε̄·v`` for this entry (its local part)."""
-            if deltas is not None:
-                return deltas[entry.index], sign
-            delta = self._delta(entry, scales.values[entry.index], guides[entry.index], step_seed, direction)
-            return delta, sign
-
-        side_effects = None
-        if not self._shifts_checked:  # the first measured step: checks that run once
-            self.check_shifts(scales, step_seed)
-            self._shifts_checked = True
-            if not self.perturbed.sharded:  # (FSDP shifts its shards in place by design)
-                side_effects = guard.watch_side_effects()
-        # FSDP's forward sets version counters, which inference tensors do not have.
-        no_autograd = torch.no_grad if self.perturbed.sharded else torch.inference_mode
-        losses: list[torch.Tensor] = []
-        try:
-            if self.vectorize is None:
-                ready = deltas is not None
-                for direction, sign in passes:
-                    guard.rewind()
-                    # A pass with hooks or the read check runs a compiled model eagerly.
-                    compiled = contextlib.nullcontext() if self.perturbed.hook_free(ready) else eager_compiled_code()
-                    with no_autograd(), compiled, self.perturbed.shifted(lambda e: shift(e, direction, sign), ready=ready):
-                        losses.append(loss_value(checked_loss(closure())))
-            else:
-                for start in range(0, len(passes), self.vectorize):
-                    chunk = passes[start : start + self.vectorize]
-                    stacks = [
-                        torch.stack([_shift_by(entry.param.detach(), shift(entry, d, s)) for d, s in chunk])
-                        for entry in self.perturbed.tensors
-                    ]
-                    guard.rewind()
-                    vectorized = loss_value(self._vectorized_losses(closure, stacks))
-                    if not self._vmap_checked:
-                        # Once: the first pass again, one by one. vmap reproduces nn.Dropout's
-                        # masks but not every random op (attention under vmap's fallback).
-                        direction, sign = chunk[0]
-                        guard.rewind()
-                        with no_autograd(), eager_compiled_code(), self.perturbed.shifted(
-                            lambda e: shift(e, direction, sign), ready=False
-                        ):
-                            looped = loss_value(checked_loss(closure()))
-                        self._check_vectorized(float(vectorized[0]), float(looped), vectorized.dtype)
-                        self._vmap_checked = True
-                    losses.extend(vectorized.unbind())
-        finally:
-            guard.close()
-        if side_effects is not None and (changed := side_effects()):
-            warnings.warn(
-                f"the perturbed forward passes changed the model beyond its buffers: {'; '.join(changed[:5])}. "
-                "A forward that writes a parameter or counts its own calls (e.g. an activation calibration) makes "
-                "every pass see a different model; finish such calibration before training with a zeroth-order "
-                "estimator", stacklevel=4,
-            )
-        if self.one_sided:
-            assert loss0 is not None
-            reference = loss_value(loss0)
-            differences = [torch.sub(loss, reference).div_(eps_bar) for loss in losses]
-        else:
-            differences = [torch.sub(plus, minus).div_(2 * eps_bar) for plus, minus in zip(losses[0::2], losses[1::2])]
-        if is_distributed():
-            stacked = torch.stack(differences)
-            if loss0 is not None:  # every rank must skip or raise together: NaN spreads in the sum
-                stacked = torch.where(torch.isfinite(loss0), stacked, float("nan"))
-            # The only communication of the ZO part: one all-reduce of n scalars. Averaging
-            # the differences equals differencing the rank-averaged losses.
-            dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
-            differences = list(stacked.div_(dist.get_world_size()).unbind())
-        return Measured(differences, losses, deltas, scales)
-
-    def resolve(
-        self, measured: Measured, loss0: torch.Tensor | None, norm: torch.Tensor | None = None
-    ) -> Verdict:
+    def resolve(self, passes: Passes, loss0: torch.Tensor | None, norm: torch.Tensor | None = None) -> Verdict:
         """Read ``L0``, ``‖g_x‖``, the losses and the ``d_i`` on the host (one sync) and check
         them; raises ``FloatingPointError`` for ``on_nonfinite="raise"``."""
         head = [loss_value(t) for t in (loss0, norm) if t is not None]
-        host = torch.stack([*head, *measured.losses, *measured.differences]).tolist()
+        host = torch.stack([*head, *passes.losses, *passes.differences]).tolist()
         loss = host.pop(0) if loss0 is not None else None
         norm_value = host.pop(0) if norm is not None else None
-        count = len(measured.losses)
+        count = len(passes.losses)
         losses, differences = host[:count], tuple(host[count:])
         verdict = Verdict(loss, norm_value, losses, differences)
         loss_text = "" if loss is None else f"L(W) = {loss}"
@@ -253,44 +257,72 @@ class ZerothOrderMeasurement:
             raise FloatingPointError(f"{message}; {NONFINITE_ADVICE}")
         return Verdict(loss, norm_value, losses, differences, reason, message)
 
-    def check_shifts(self, scales: ScaleSet, step_seed: int) -> None:
+    def check_shifts(self, step_seed: int) -> None:
         """Raise ``ValueError`` if a full-size noise shift ``c·ε̄·u`` rounds back to ``W`` on most
-        coordinates of a tensor, in the precision the pass adds it in: such a tensor's finite
-        differences measure nothing and its noise gradient ``d·u/c`` would be pure noise (a bf16
-        bias of 4 has spacing 1/32; ``eps=1e-3`` moves it by nothing). Run once, on the first
-        measured step (one noise draw, a few operators and one host read per tensor). The
-        guided part of a tensor with a small share of ``ĝ`` may still round away; its gradient
-        ``d·ĝ/c`` stays the measured directional derivative along the STE direction.
-
-        fogzo's own layers add the shift to a bf16/fp16 weight in float32 (in their forward:
-        :meth:`fogzo.QuantizedLayer.latent_weight`), so a quantized weight stored in low
-        precision loses nothing; other tensors are shifted in their own dtype.
+        coordinates of a tensor, in the tensor's own precision: such a tensor's finite differences
+        measure nothing and its noise gradient ``d·u/c`` would be pure noise (a bf16 bias of 4 has
+        spacing 1/32; ``eps=1e-3`` moves it by nothing). Run once, on the first measured step (one
+        noise draw, a few operators and one host read per tensor). The guided part of a tensor with
+        a small share of ``ĝ`` may still round away; its gradient ``d·ĝ/c`` stays the measured
+        directional derivative along the STE direction. (A quantized weight in bf16/fp16 is refused
+        when the estimator is built: :class:`~fogzo.estimators.perturbed_set.PerturbedSet`.)
         """
         eps_bar = self.perturbed.smoothing.eps_bar
         lost = []
-        for entry in self.perturbed.tensors:
-            tensor, alpha = self.perturbed.noise(entry, step_seed, 0), eps_bar
-            tensor.mul_(scales.values[entry.index])  # c·u, shifted by ε̄·c·u
+        for entry, c in zip(self.perturbed.tensors, self.perturbed.scales()):
+            shift = self.perturbed.noise(entry, step_seed, 0).mul_(c)  # c·u, shifted by ε̄·c·u
             weight = entry.local_param()
-            if entry.upcast_shift:
-                weight, tensor = weight.float(), tensor.float()
             with torch.no_grad():
-                moving = tensor != 0
-                stuck = (torch.add(weight, tensor, alpha=alpha) == weight) & moving
+                moving = shift != 0
+                stuck = (torch.add(weight, shift, alpha=eps_bar) == weight) & moving
                 count, stuck_count = int(moving.sum()), int(stuck.sum())
             if count and stuck_count > count // 2:
                 spacing = torch.finfo(weight.dtype).eps * torch.frexp(weight[stuck].float()).exponent.sub(1).exp2()
-                needed = float((spacing / (tensor[stuck].float() * alpha).abs()).median())
+                needed = float((spacing / (shift[stuck].float() * eps_bar).abs()).median())
                 if entry.quantizer is None:
                     fix = f"use eps >= {2 * needed * (entry.eps or 0.0):.2g} (now {entry.eps:g})"
                 else:
-                    fix = "keep the latent weights in float32 (use autocast for a low-precision forward)"
+                    fix = "its quantization step is below the weight's precision"
                 lost.append(f"{entry.name!r} ({weight.dtype}, {stuck_count} of {count} shifts lost: {fix})")
         if lost:
             raise ValueError(
                 "the perturbation rounds away: W ± shift == W in the tensor's own precision for most coordinates of "
                 + "; ".join(lost[:5]) + ". Its finite differences would measure nothing"
             )
+
+    def vectorized_losses(self, passes: Passes, directions: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+        """The losses at ``W ± c·ε̄·v`` for every direction, in one ``torch.func.vmap`` forward over
+        the stacked weights (the vmap exception: :meth:`PerturbedSet.swapped`)."""
+        eps_bar = self.perturbed.smoothing.eps_bar
+        chunk = [(v, sign) for v in directions for sign in self.signs]
+        if passes._written:  # by the check of the first chunk
+            self.backup.restore()
+            passes._written = False
+        weights = [entry.local_param() for entry in self.perturbed.tensors]
+        stacks = [torch.stack([torch.addcmul(w, v[k], passes.scales[k], value=sign * eps_bar) for v, sign in chunk])
+                  for k, w in enumerate(weights)]
+
+        def loss_of(*batched: torch.Tensor) -> torch.Tensor:
+            with self.perturbed.swapped(lambda entry: batched[entry.index]):
+                return checked_loss(passes.closure())
+
+        passes.guard.rewind()
+        try:
+            with torch.no_grad():
+                vectorized = loss_value(torch.func.vmap(loss_of, randomness="same")(*stacks))
+        except RuntimeError as error:
+            raise RuntimeError(
+                f"vectorized perturbed passes failed under torch.func.vmap ({error}). Models that "
+                "write buffers in the forward (BatchNorm in training mode) cannot be vmapped: "
+                "use vectorize=None"
+            ) from error
+        if not self._vmap_checked:
+            # Once: the first pass again, on its own. vmap reproduces nn.Dropout's masks but
+            # not every random op (attention under vmap's fallback).
+            looped = passes._loss_at(*chunk[0])
+            self._check_vectorized(float(vectorized[0]), float(looped), vectorized.dtype)
+            self._vmap_checked = True
+        return list(vectorized.unbind())
 
     @staticmethod
     def _check_vectorized(vectorized: float, looped: float, dtype: torch.dtype) -> None:
@@ -305,182 +337,3 @@ class ZerothOrderMeasurement:
                 f"alone {looped!r}: the model draws random numbers that torch.func.vmap does not "
                 "reproduce (e.g. dropout after attention in training mode); use vectorize=None"
             )
-
-    def _vectorized_losses(self, closure: Closure, stacks: list[torch.Tensor]) -> torch.Tensor:
-        """Losses of a stack of perturbed weight sets in one ``torch.func.vmap`` forward."""
-
-        def loss_of(*weights: torch.Tensor) -> torch.Tensor:
-            with self.perturbed.swapped(lambda entry: weights[entry.index]):
-                return checked_loss(closure())
-
-        try:
-            with torch.no_grad():
-                return torch.func.vmap(loss_of, randomness="same")(*stacks)
-        except RuntimeError as error:
-            raise RuntimeError(
-                f"vectorized perturbed passes failed under torch.func.vmap ({error}). Models that "
-                "write buffers in the forward (BatchNorm in training mode) cannot be vmapped: "
-                "use vectorize=None"
-            ) from error
-
-    def _deltas(
-        self,
-        scales: ScaleSet,
-        guides: Sequence[Guide | None],
-        step_seed: int,
-        direction: Direction,
-        reuse_guide: bool,
-    ) -> list[torch.Tensor]:
-        """``δ = c·ε̄·v`` for every tensor, ``v = guide_weight·norm_factor·(c·g_W) + noise_weight·u``.
-
-        The guided part ``g_W·c²·ε̄·guide_weight·norm_factor`` is formed in the guides' buffers
-        (``reuse_guide``) or new ones; the noise is drawn tensor by tensor and added in
-        place (one draw per tensor, never more than one noise tensor alive). The
-        per-tensor coefficients come from :meth:`ScaleSet.per_tensor` (a few kernels for
-        all tensors).
-        """
-        eps_bar = self.perturbed.smoothing.eps_bar
-        tensors = self.perturbed.tensors
-        deltas: list[torch.Tensor | None] = [None] * len(tensors)
-        guided = [e.index for e in tensors if guides[e.index] is not None] if direction.guide_weight != 0.0 else []
-        # δ = guide_coefficients·g_W + noise_coefficients·u, per tensor:
-        #   guide_coefficient = c²·ε̄·guide_weight·norm_factor,  noise_coefficient = c·ε̄·noise_weight.
-        noise_coefficients: list[torch.Tensor | float] = []
-        if direction.noise_weight != 0.0:
-            noise_step = eps_bar * direction.noise_weight
-            noise_coefficients = scales.per_tensor(lambda c: c * noise_step)
-        # compile_noise: g·a + u·b in one compiled kernel per tensor (tensor coefficients only:
-        # a Python float would be baked into the compiled graph).
-        fused = set()
-        if noise_coefficients and self.perturbed.compile_noise:
-            fused = {i for i in guided if isinstance(noise_coefficients[i], torch.Tensor)}
-        if guided:
-            guide_step = eps_bar * direction.guide_weight
-            norm_factors = [guides[i].norm_factor for i in guided]  # type: ignore[union-attr]
-            if all(f is norm_factors[0] for f in norm_factors):  # global normalisation: one factor
-                shared = norm_factors[0] * guide_step
-                guide_coefficients = scales.squares().per_tensor(lambda square: square * shared)
-            else:
-                squares = scales.squares().per_tensor(lambda square: square * guide_step)
-                guide_coefficients = [None] * len(tensors)  # type: ignore[list-item]
-                for i, norm_factor in zip(guided, norm_factors):
-                    guide_coefficients[i] = squares[i] * norm_factor  # type: ignore[operator]
-            gradients = [guides[i].gradient for i in guided]  # type: ignore[union-attr]
-            buffers = gradients if reuse_guide else torch._foreach_mul(gradients, 1.0)
-            plain = [j for j, i in enumerate(guided) if i not in fused]
-            if plain:
-                torch._foreach_mul_([buffers[j] for j in plain],
-                                    [guide_coefficients[guided[j]] for j in plain])  # type: ignore[misc]
-            offsets = None
-            if fused:
-                order = sorted(fused)
-                offsets = dict(zip(order, self.perturbed.noise_offsets([tensors[i] for i in order], step_seed,
-                                                                        direction.sample).unbind()))
-            for j, i in enumerate(guided):
-                deltas[i] = buffers[j]
-                if offsets is not None and i in offsets:
-                    self.perturbed.noise_shift_(tensors[i], offsets[i], buffers[j], guide_coefficients[i],
-                                                noise_coefficients[i])  # type: ignore[arg-type]
-        if noise_coefficients:
-            for entry in tensors:
-                i = entry.index
-                if i in fused:
-                    continue
-                noise = self.perturbed.noise(entry, step_seed, direction.sample)
-                if deltas[i] is None:
-                    deltas[i] = noise.mul_(noise_coefficients[i])
-                else:
-                    _add_scaled(deltas[i], noise, noise_coefficients[i])  # type: ignore[arg-type]
-        for entry in tensors:
-            if deltas[entry.index] is None:
-                deltas[entry.index] = torch.zeros(entry.local_shape, device=entry.param.device, dtype=entry.param.dtype)
-        return deltas  # type: ignore[return-value]
-
-    def _delta(
-        self,
-        entry: PerturbedTensor,
-        c: torch.Tensor | float,
-        guide: Guide | None,
-        step_seed: int,
-        direction: Direction,
-    ) -> torch.Tensor:
-        """``δ = c·ε̄·v`` for one tensor (``c`` its coordinate scale) in a new buffer (the regenerated path)."""
-        eps_bar = self.perturbed.smoothing.eps_bar
-        guided = direction.guide_weight != 0.0 and guide is not None
-        if direction.noise_weight != 0.0:
-            noise = self.perturbed.noise(entry, step_seed, direction.sample)
-            delta = noise.mul_(c * (eps_bar * direction.noise_weight))
-        else:
-            delta = torch.zeros(entry.local_shape, device=entry.param.device, dtype=entry.param.dtype)
-        if guided:
-            assert guide is not None
-            guide_coefficient = guide.norm_factor * (c * c * (eps_bar * direction.guide_weight))
-            _add_scaled(delta, guide.gradient, guide_coefficient)
-        return delta
-
-    def gradients(
-        self,
-        step_seed: int,
-        directions: Sequence[Direction],
-        measured: Measured,
-        guides: Sequence[Guide | None],
-    ) -> list[torch.Tensor]:
-        """``G_W = (1/n) Σ_i d_i·v_i / c`` for every perturbed tensor (consumes ``guides``), on the device.
-
-        One direction: ``G_W = d·δ/(ε̄·c²)``, in δ's buffer. Regenerated: the guided part
-        ``[(1/n) Σ_i d_i·guide_weight_i·norm_factor]·g_W`` (the ``c`` cancels) plus the noise
-        part ``(1/n) Σ_i d_i·noise_weight_i·u_i / c`` with ``u_i`` drawn again.
-        """
-        eps_bar = self.perturbed.smoothing.eps_bar
-        tensors = self.perturbed.tensors
-        if measured.deltas is not None:
-            assert measured.scales is not None
-            deltas = measured.deltas
-            factor = measured.differences[0] / eps_bar  # d/ε̄, a device scalar
-            coefficients = measured.scales.squares().per_tensor(lambda square: factor / square)  # d/(ε̄c²)
-            torch._foreach_mul_(deltas, coefficients)  # type: ignore[arg-type]
-            return list(deltas)
-        count = len(directions)
-        differences = measured.differences
-        guide_sum = None
-        for d, direction in zip(differences, directions):  # Σ d_i·guide_weight_i / n
-            if direction.guide_weight != 0.0:
-                term = d * (direction.guide_weight / count)
-                guide_sum = term if guide_sum is None else guide_sum.add_(term)
-        result = []
-        for entry, guide in zip(tensors, guides):
-            gradient = self.noise_gradient(entry, step_seed, directions, differences)
-            if guide is not None and guide_sum is not None:
-                guided_part = guide.gradient.mul_(guide_sum * guide.norm_factor)
-                gradient = guided_part if gradient is None else gradient.add_(guided_part)
-            if gradient is None:
-                gradient = torch.zeros(entry.local_shape, device=entry.param.device, dtype=entry.param.dtype)
-            result.append(gradient)
-        return result
-
-    def noise_gradient(
-        self,
-        entry: PerturbedTensor,
-        step_seed: int,
-        directions: Sequence[Direction],
-        differences: torch.Tensor | Sequence[float],
-    ) -> torch.Tensor | None:
-        """``(1/n) Σ_i d_i · noise_weight_i · u_i / c`` for one tensor (``u_i`` regenerated)."""
-        total = None
-        count = len(directions)
-        for i, direction in enumerate(directions):
-            if direction.noise_weight == 0.0:
-                continue
-            weight = differences[i] * (direction.noise_weight / count)
-            noise = self.perturbed.noise(entry, step_seed, direction.sample)
-            total = noise.mul_(weight) if total is None else _add_scaled(total, noise, weight)
-        if total is None:
-            return None
-        return total.div_(entry.coordinate_scale(self.perturbed.smoothing.eps_bar))
-
-
-def _add_scaled(target: torch.Tensor, tensor: torch.Tensor, coefficient: torch.Tensor | float) -> torch.Tensor:
-    """``target += coefficient·tensor`` in place; ``coefficient`` may be a broadcastable tensor (α)."""
-    if isinstance(coefficient, torch.Tensor):
-        return target.addcmul_(tensor, coefficient)
-    return target.add_(tensor, alpha=coefficient)

@@ -1,25 +1,24 @@
 """FOGZO: first-order-guided zeroth-order gradient estimation (Yang & Aamodt, NeurIPS 2025).
 
-One step (docs/method.md §4), for the perturbed tensors in normalised coordinates ``x = W/c``
-(the same step written plainly, for checking by eye and by the tests: :mod:`fogzo.estimators.reference`):
+One step (docs/method.md §4), for the perturbed tensors in normalised coordinates ``x = W/c``;
+:meth:`FOGZO._step` is written in this order, with these names (the same step written
+plainly, for checking by eye and by the tests: :mod:`fogzo.estimators.reference`):
 
 1. STE pass: ``L0 = closure()``, ``backward()`` → ``g_W`` for every parameter;
-   ``g_x = c·g_W``;  ``ĝ = r·g_x / ‖g_x‖`` (global norm over the perturbed set, r = 1).
+   ``g_x = c·g_W``;  ``guide``: ``ĝ = r·g_x / ‖g_x‖`` (global norm over the perturbed set, r = 1).
 2. ``β_t``: linear from 1 at t = 0 to ``β_min`` at t = T (or a user schedule).
 3. For i = 1..n: sign ``s_i ∈ {±1}``, noise ``u_i ~ p`` (the STE's smoothing);
-   ``v_i = √β_t·s_i·ĝ + √(1−β_t)·u_i``;
-   ``d_i = (L(x + ε̄v_i) − L(x − ε̄v_i)) / 2ε̄``  (one-sided: ``(L(x + ε̄v_i) − L0) / ε̄``).
-4. ``G_x = (1/n) Σ_i d_i·v_i``;  ``G_W = G_x / c`` replaces the STE gradient of the
-   perturbed tensors; every other parameter keeps its back-propagated gradient.
+   ``perturbation``: ``v_i = √β_t·s_i·ĝ + √(1−β_t)·u_i``;
+   ``finite_differences``: ``d_i = (L(x + ε̄v_i) − L(x − ε̄v_i)) / 2ε̄``  (one-sided: ``(L(x + ε̄v_i) − L0) / ε̄``).
+4. ``gradient``: ``G_W = (1/n) Σ_i d_i·v_i / c`` replaces the STE gradient of the perturbed
+   tensors; every other parameter keeps its back-propagated gradient.
 
-Memory: no model-sized buffer beyond the STE gradient. For n = 1 the shift ``c·ε̄·v`` is
-built once, in the STE gradient's buffer, and ``G_W = d·(c·ε̄·v)/(ε̄·c²)`` reuses it (one
-noise draw per step). For n > 1 nothing is stored per sample: the guided part of ``G_W`` is
-``[(1/n) Σ_i d_i·√β·s_i·r/‖g_x‖]·g_W`` (the ``c`` cancels) and the noise part
-``(1/n) Σ_i d_i·√(1−β)·u_i / c`` regenerates ``u_i`` from its seed (see
-:class:`~fogzo.estimators.engine.ZerothOrderMeasurement`). The shifted weights exist one at a
-time, around the forward that reads each; a weight read outside every module's forward
-(e.g. in the closure) is shifted for the whole pass (:meth:`PerturbedSet.swapped`).
+Memory: ``ĝ`` is built in the STE gradient's buffer, and for n = 1 so is ``v`` and then
+``G_W``: beyond an STE step, one backup copy of the perturbed tensors (kept between steps,
+:mod:`fogzo.estimators.engine`), and one noise tensor at a time. For n > 1 each ``v_i`` is a
+new buffer (one noise draw per sample), consumed into ``Σ_i d_i·v_i`` after its passes (under
+DDP after the last pass: n buffers). ``L(x ± ε̄v)``: the perturbed tensors hold ``W ± c·ε̄·v``
+in their own storage during the pass and are restored bit-exactly (:mod:`fogzo.estimators.engine`).
 
 β = 0 is n-SPSA with the STE's noise law; β = 1 gives ``G = (directional derivative along
 ĝ)·ĝ``. Cost: 1 forward + 1 backward + 2n forwards (n forwards one-sided).
@@ -29,7 +28,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -39,15 +38,39 @@ from ..smoothing import Smoothing
 from .base import (
     Backward, Closure, EstimateInfo, checked_loss, differentiable_loss, nothing_measured_message, run_backward,
 )
-from .directions import Direction, Guide, ScaleSet
 from .engine import NONFINITE_ADVICE, ZerothOrderMeasurement, is_distributed
 from .noise import SIGN_STREAM, derive_seed
-from .perturbed_set import PerturbedSet
-from .sharding import local_part
-from .state import CallState, Snapshot, StateGuard, StepCounter, run_guarded, set_gradient
-from .schedules import BetaSchedule, check_beta, constant_beta, linear_beta
+from .perturbed_set import PerturbedSet, local_part, set_gradient
+from .state import CallState, Snapshot, StateGuard, StepCounter, run_guarded
 
-__all__ = ["FOGZO"]
+__all__ = ["FOGZO", "BetaSchedule", "constant_beta", "linear_beta"]
+
+BetaSchedule = Callable[[int], float]
+
+
+def linear_beta(total_steps: int, beta_min: float) -> BetaSchedule:
+    """``β_t = 1 − (1 − β_min)·min(t/T, 1)``: linear from 1 at t = 0 to ``β_min`` at t = T."""
+    if not isinstance(total_steps, int) or total_steps < 1:
+        raise ValueError(f"total_steps must be a positive int, got {total_steps!r}")
+    check_beta(beta_min, "beta_min")
+
+    def beta(step: int) -> float:
+        return 1.0 - (1.0 - beta_min) * min(step / total_steps, 1.0)
+
+    return beta
+
+
+def constant_beta(value: float) -> BetaSchedule:
+    """``β_t = value`` for every step."""
+    check_beta(value, "beta")
+    return lambda step: value
+
+
+def check_beta(value: float, name: str = "beta") -> float:
+    """``value`` if it lies in [0, 1], else ``ValueError`` naming it."""
+    if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must lie in [0, 1], got {value!r}")
+    return float(value)
 
 NORMALIZATIONS = ("global", "tensor")
 
@@ -93,10 +116,9 @@ class FOGZO:
             ``"counter"`` (a counter-based generator of the global coordinate: the same
             numbers on CPU and GPU and for any sharding; slower in eager mode on a CPU, see
             docs/performance.md). Same noise law and equations either way, other numbers.
-        compile_noise: with ``noise_stream="counter"``, generate the noise (and for n = 1
-            the whole shift ``c·ε̄·v``) in kernels made by ``torch.compile`` on first use
-            (the eager numbers for the uniform and triangular laws; no noise tensor; faster
-            than ``"blocks"``, see docs/performance.md).
+        compile_noise: with ``noise_stream="counter"``, generate the noise in one kernel made
+            by ``torch.compile`` on first use (the eager numbers for the uniform and triangular
+            laws; faster than ``"blocks"``, see docs/performance.md).
 
     Example::
 
@@ -158,6 +180,7 @@ class FOGZO:
         self.counter = StepCounter(seed)
         self._snapshots = (Snapshot(), Snapshot())  # reused by every call (CallState, StateGuard)
         self._warned_unmeasured = False
+        self._checked_reads = False  # the first step checks that the loss uses every perturbed tensor
 
     def estimate(self, closure: Closure) -> EstimateInfo:
         """One step: fills ``.grad`` (see the module docstring); state contract in
@@ -170,31 +193,29 @@ class FOGZO:
 
     def _step(self, closure: Closure, state: CallState) -> EstimateInfo:
         step, step_seed = self.counter.step, self.counter.step_seed()
-        guard = StateGuard(self.model, self._snapshots[1])
+        guard = StateGuard(self.model, self._snapshots[1], state)
         keep = self.measurement.on_nonfinite == "keep"
 
-        # 1. STE pass: L0 and g_W; the guides hold g_W and norm_factor = r/‖c·g_W‖, standing
-        # for ĝ = norm_factor·c·g_W (c is applied where ĝ is used).
+        # 1. STE pass: L0, g_W (.grad holds k·g_W for a backward hook that scales by k), ĝ.
         loss0 = differentiable_loss(closure(), state.params)
         if keep and not is_distributed() and not bool(torch.isfinite(loss0.detach())):
             # (keep: a loss scaler's overflow is common, so check before any more work;
             # otherwise the one host sync at the end of the step checks everything.)
             return self._nonfinite(state, step_seed, step, loss0, "loss", "non-finite loss in the unperturbed (STE) "
                                    f"forward pass: L(W) = {float(loss0.detach())}")
-        hook_factor = run_backward(loss0, self.backward)  # k: .grad holds k·g_W (k = 1 without a hook)
+        hook_factor = run_backward(loss0, self.backward)
         if step < self.ste_steps:
-            loss: float | torch.Tensor = loss0.detach()
-            if not keep and not is_distributed():
-                loss = float(loss)  # the step's one host sync
-                if not math.isfinite(loss):
-                    return self._nonfinite(state, step_seed, step, loss0, "loss", "non-finite loss in the unperturbed "
-                                           f"(STE) forward pass: L(W) = {loss}")
+            loss = float(loss0.detach())  # the step's one host sync
+            if not keep and not math.isfinite(loss):
+                return self._nonfinite(state, step_seed, step, loss0, "loss", "non-finite loss in the unperturbed "
+                                       f"(STE) forward pass: L(W) = {loss}")
             state.commit()
-            return EstimateInfo(loss, 1, 1, None, step_seed, step)  # type: ignore[arg-type]
-        scales = ScaleSet(self.perturbed)
-        guides, total = self._guides([entry.param.grad for entry in self.perturbed.tensors], scales,
-                                     wide=abs(hook_factor) >= 2.0**32)
-        norm = total if hook_factor == 1.0 else total / abs(hook_factor)  # ‖g_x‖ in loss units, a device scalar
+            return EstimateInfo(loss, 1, 1, None, step_seed, step)
+        # 2. β_t (here: for n = 1, ĝ is formed already scaled by v's guided weight √β·s, see _guide).
+        beta = check_beta(self.schedule(step), f"beta at step {step}")
+        # 1. (continued) ĝ = r·g_x/‖g_x‖, g_x = c·g_W; norm = ‖g_x‖ (device).
+        weight = math.sqrt(beta) * self.sign(step_seed, 0) if self.n == 1 else 1.0
+        guide, norm = self._guide(self._ste_gradients(), hook_factor, in_place=not keep, weight=weight)
         if keep:
             host_norm = float(norm)
             if not math.isfinite(host_norm):
@@ -205,33 +226,30 @@ class FOGZO:
                     f"non-finite STE gradient (‖g_x‖ = {host_norm}) with L(W) = {float(loss0.detach())}", host_norm,
                 )
 
-        # 2. β_t.
-        beta = check_beta(self.schedule(step), f"beta at step {step}")
-        guard.after_first_pass()  # from here on, measure() restores all state on exit
+        guard.after_first_pass()  # from here on the passes restore buffers and RNG
 
-        # 3. v_i = √β·s_i·ĝ + √(1−β)·u_i;  d_i from the perturbed passes.
-        directions = [
-            Direction(sample, guide_weight=math.sqrt(beta) * self._sign(step_seed, sample),
-                      noise_weight=math.sqrt(1.0 - beta))
-            for sample in range(self.n)
-        ]
-        measured = self.measurement.measure(
-            closure, guard, step_seed, directions, guides, loss0, reuse_guide=not keep, scales=scales
-        )
-        forward_passes = 1 + self.n * self.measurement.passes_per_sample
+        # 3. For i = 1..n: v_i = √β·s_i·ĝ + √(1−β)·u_i, and d_i from the passes at W ± c·ε̄·v_i.
+        with self.measurement.passes(closure, guard, step_seed, loss0) as passes:
+            for sample in range(self.n):
+                perturbation = self._perturbation(guide, beta, step_seed, sample)
+                passes.measure(perturbation)
+        finite_differences = passes.differences  # d_i, device scalars
+        forward_passes = 1 + len(finite_differences) * self.measurement.passes_per_sample
 
-        # 4. G_W = (1/n) Σ_i d_i·v_i / c  =  [(1/n) Σ_i d_i·√β·s_i]·norm_factor·g_W
-        #                                  + (1/n) Σ_i d_i·√(1−β)·u_i / c, queued
-        # on the device before the step's one host sync (resolve), which checks every value.
-        gradients = None if keep else self.measurement.gradients(step_seed, directions, measured, guides)
-        verdict = self.measurement.resolve(measured, loss0, norm)  # raises for on_nonfinite="raise"
+        # 4. G_W = (1/n) Σ_i d_i·v_i / c (times k), queued on the device before the step's one
+        # host sync (resolve), which checks every value.
+        gradient = passes.gradient  # Σ_i d_i·v_i
+        torch._foreach_div_(gradient, passes.scales)
+        if hook_factor / self.n != 1.0:
+            torch._foreach_mul_(gradient, hook_factor / self.n)
+        verdict = self.measurement.resolve(passes, loss0, norm)  # raises for on_nonfinite="raise"
         if verdict.reason is not None:  # on_nonfinite="skip" or "keep"
             if keep:
                 state.commit()  # the STE pass's gradient stays
             else:
                 state.restore(advance=True)
-            return EstimateInfo(verdict.loss, forward_passes, 1, beta, step_seed, step, ste_grad_norm=verdict.norm,
-                                skipped=True, skip_reason=verdict.reason)
+            return EstimateInfo(verdict.loss, forward_passes, 1, beta, step_seed, step,  # type: ignore[arg-type]
+                                ste_grad_norm=verdict.norm, skipped=True, skip_reason=verdict.reason)
         differences = verdict.differences
         if not any(differences):  # every d_i is exactly 0: nothing measured, keep the STE gradient
             if not self._warned_unmeasured:
@@ -240,16 +258,13 @@ class FOGZO:
                 self._warned_unmeasured = True
             self._redo_ste_pass(closure, guard, state)
             state.commit()
-            return EstimateInfo(verdict.loss, forward_passes + 1, 2, beta, step_seed, step, differences=differences,
-                                zero_differences=len(differences), ste_grad_norm=verdict.norm, measured=False)
-        if gradients is None:
-            gradients = self.measurement.gradients(step_seed, directions, measured, guides)
-        if hook_factor != 1.0:
-            torch._foreach_mul_(gradients, hook_factor)
-        self.perturbed.mask_padding_rows(gradients)
-        for entry, gradient in zip(self.perturbed.tensors, gradients):
-            entry.param.grad = None
-            set_gradient(entry.param, gradient, None)  # replaces this call's STE gradient
+            return EstimateInfo(verdict.loss, forward_passes + 1, 2, beta, step_seed, step,  # type: ignore[arg-type]
+                                differences=differences, zero_differences=len(differences),
+                                ste_grad_norm=verdict.norm, measured=False)
+        self.perturbed.mask_padding_rows(gradient)
+        if self.n > 1 or keep:  # (else G_W was formed in the STE gradient's buffer)
+            for param, tensor in zip(self.perturbed.params, gradient):
+                set_gradient(param, tensor)  # replaces this call's STE gradient
         state.commit()  # adds the gradients from before the call, as backward would
         return EstimateInfo(
             loss=verdict.loss,  # type: ignore[arg-type]
@@ -262,6 +277,80 @@ class FOGZO:
             zero_differences=sum(d == 0.0 for d in differences),
             ste_grad_norm=verdict.norm,
         )
+
+    def _ste_gradients(self) -> list[torch.Tensor]:
+        """``g_W`` of the perturbed tensors (their local parts under FSDP), the ``.grad`` buffers.
+
+        On the first step a perturbed tensor without a gradient raises ``ValueError`` naming it:
+        the loss does not use it, so its finite differences would be exactly 0 and its gradient
+        pure noise. Later, such a tensor (a branch this batch did not take) gets a zero ``g_W``."""
+        gradients = [param.grad for param in self.perturbed.params]
+        if any(gradient is None for gradient in gradients):
+            unused = [entry.name for entry, gradient in zip(self.perturbed.tensors, gradients) if gradient is None]
+            if not self._checked_reads:
+                raise ValueError(
+                    f"perturbed parameters {unused[:5]} are not used by the loss (the STE pass gave them no "
+                    "gradient): their finite differences would be exactly zero and their gradient pure noise. "
+                    "Leave them out of perturb= (pass the parameters the loss uses), or check that the closure "
+                    "runs the modules that use them"
+                )
+            for entry, gradient in zip(self.perturbed.tensors, gradients):
+                if gradient is None:
+                    set_gradient(entry.param, torch.zeros(entry.local_shape, device=entry.param.device,
+                                                          dtype=entry.param.dtype))
+            gradients = [param.grad for param in self.perturbed.params]
+        self._checked_reads = True
+        return [local_part(g) for g in gradients] if self.perturbed.sharded else gradients  # type: ignore[misc]
+
+    def _guide(
+        self, ste_gradients: list[torch.Tensor], hook_factor: float, in_place: bool, weight: float = 1.0
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """``ĝ = r·g_x/‖g_x‖`` with ``g_x = c·g_W`` (``normalize="tensor"``: ``r·g_x,k/(‖g_x,k‖·√K)``
+        per tensor, K = the tensors with ``g_x,k ≠ 0``), 0 where the norm is 0; in the STE
+        gradient's buffers (``in_place``) or new ones. Also ``‖g_x‖`` in loss units (device).
+        ``weight``: a factor folded into ``r`` (for n = 1 the guided weight ``√β·s`` of ``v``, so that
+        :meth:`_perturbation` has nothing left to scale: one operator fewer over the tensors).
+
+        The norms are float32 (float64 for a float64 model, or when a backward hook scales the
+        gradients by ``|k| >= 2^32``: ``‖k·g‖²`` overflows float32 once ``‖k·g‖ > 1.8e19``)."""
+        scales = self.perturbed.scales()
+        if in_place:
+            torch._foreach_mul_(ste_gradients, scales)
+            g_x = ste_gradients
+        else:
+            g_x = torch._foreach_mul(ste_gradients, scales)
+        wide = abs(hook_factor) >= 2.0**32 or g_x[0].dtype == torch.float64
+        norms = torch.stack(torch._foreach_norm(g_x, 2, dtype=torch.float64 if wide else torch.float32))  # type: ignore[call-arg]
+        if self.perturbed.sharded and dist.is_initialized():
+            # Squared norms of the shards add up to those of the tensors: one all-reduce of
+            # K scalars (K perturbed tensors), the only collective FSDP adds to the ZO part.
+            squared = norms.square()
+            dist.all_reduce(squared, op=dist.ReduceOp.SUM)
+            norms = squared.sqrt()
+        total = torch.linalg.vector_norm(norms)
+        r = self.guide_norm * weight
+        if self.normalize == "global":
+            factor = torch.nan_to_num_(total.reciprocal(), posinf=0.0)  # 1/0 = inf becomes 0: no direction
+            torch._foreach_mul_(g_x, factor if r == 1.0 else factor.mul_(r))
+        else:
+            nonzero = (norms > 0).sum().to(norms.dtype)  # K, in the norms' dtype (an int64 sqrt is float32)
+            factors = torch.nan_to_num_((norms * nonzero.sqrt()).reciprocal_(), posinf=0.0).mul_(r)
+            torch._foreach_mul_(g_x, list(factors.unbind()))
+        return g_x, total if hook_factor == 1.0 else total / abs(hook_factor)
+
+    def _perturbation(self, guide: list[torch.Tensor], beta: float, step_seed: int, sample: int) -> list[torch.Tensor]:
+        """``v_i = √β·s_i·ĝ + √(1−β)·u_i``; for n = 1 in ``ĝ``'s buffer (already scaled by
+        ``√β·s``, see :meth:`_guide`), else in a new one. One noise draw per tensor and sample,
+        added as it is drawn (one noise tensor alive at a time)."""
+        noise_weight = math.sqrt(1.0 - beta)
+        if self.n == 1:
+            v = guide
+        else:
+            v = torch._foreach_mul(guide, math.sqrt(beta) * self.sign(step_seed, sample))
+        if noise_weight != 0.0:
+            for entry, tensor in zip(self.perturbed.tensors, v):
+                tensor.add_(self.perturbed.noise(entry, step_seed, sample), alpha=noise_weight)
+        return v
 
     def _redo_ste_pass(self, closure: Closure, guard: StateGuard, state: CallState) -> None:
         """The STE pass again, with its dropout masks, for a step that measured nothing (the
@@ -299,81 +388,8 @@ class FOGZO:
             skip_reason=reason,
         )
 
-    def _guides(
-        self, gradients: list[torch.Tensor | None], scales: ScaleSet, wide: bool = False
-    ) -> tuple[list[Guide | None], torch.Tensor]:
-        """Per tensor ``Guide(g_W, norm_factor)``, standing for ``ĝ = norm_factor·c·g_W``
-        (``norm_factor = r/‖g_x‖``, or ``r/(‖g_x,k‖·√K)`` per tensor; a device scalar); and
-        ``‖g_x‖`` (device). ``wide``: compute the norms in float64.
-
-        No host sync: a tensor whose ``g_x`` is zero gets ``norm_factor = 0`` (no guided direction), as
-        does every tensor when ``g_x = 0`` altogether. The norms of the tensors with one
-        ``c`` each are one ``_foreach_norm`` times the stacked scales."""
-        tensors = self.perturbed.tensors
-        gradients = [None if g is None else local_part(g) for g in gradients]  # FSDP: this rank's shard
-        device = tensors[0].param.device
-        # Norms in float32 (bf16/fp16/fp32 gradients), in float64 for a float64 model or when a
-        # backward hook scales the gradients by |k| >= 2^32 (wide): ‖k·g‖² overflows float32
-        # once ‖k·g‖ > 1.8e19 (an fp16 loss scaler starts at 2^16).
-        wide = wide or any(g is not None and g.dtype == torch.float64 for g in gradients)
-        dtype = torch.float64 if wide else torch.float32
-        parts: list[torch.Tensor] = []
-        order: list[int] = []  # entry index of each norm in the concatenated parts
-        stacked = [i for i in scales.stacked if gradients[i] is not None]
-        if stacked:
-            plain = torch.stack(torch._foreach_norm([gradients[i] for i in stacked], 2, dtype=dtype))  # type: ignore[misc]
-            assert scales.vector is not None
-            weights = scales.vector if len(stacked) == len(scales.stacked) else torch.stack(
-                [scales.values[i] for i in stacked]  # type: ignore[misc]
-            )
-            parts.append(plain * weights)  # ‖c·g‖ = c·‖g‖
-            order += stacked
-        singles = []
-        for i in scales.others:
-            gradient, c = gradients[i], scales.values[i]
-            if gradient is None:
-                continue
-            if not isinstance(c, torch.Tensor):
-                singles.append(torch.linalg.vector_norm(gradient, dtype=dtype) * abs(c))
-            elif c.numel() == 1:
-                singles.append(torch.linalg.vector_norm(gradient, dtype=dtype) * c.reshape(()))
-            elif c.numel() == gradient.shape[0]:  # per-channel c: √Σ_rows (c_r·‖g_r‖)²
-                rows = torch.linalg.vector_norm(gradient.reshape(gradient.shape[0], -1), dim=1, dtype=dtype)
-                singles.append(torch.linalg.vector_norm(rows * c.reshape(-1)))
-            else:  # per group (torchao): c of W's shape
-                singles.append(torch.linalg.vector_norm(gradient * c, dtype=dtype))
-            order.append(i)
-        if singles:
-            parts.append(torch.stack([n if n.device == device else n.to(device) for n in singles]))
-        norms = parts[0] if len(parts) == 1 else torch.cat(parts) if parts else torch.zeros(0, device=device)
-        if self.perturbed.sharded and dist.is_initialized():
-            # Squared norms of the shards add up to those of the tensors: one all-reduce of
-            # K scalars (K perturbed tensors), the only collective FSDP adds to the ZO part.
-            squared = norms.square()
-            dist.all_reduce(squared, op=dist.ReduceOp.SUM)
-            norms = squared.sqrt()
-        total = torch.linalg.vector_norm(norms)
-        # norm_factor = r/‖·‖, and 0 where the norm is 0 (1/0 = inf becomes 0: no guided direction).
-        norm_factors: list[torch.Tensor | None] = [None] * len(tensors)
-        if self.normalize == "global":
-            norm_factor = torch.nan_to_num_(total.reciprocal(), posinf=0.0)
-            if self.guide_norm != 1.0:
-                norm_factor.mul_(self.guide_norm)
-            for i in order:
-                norm_factors[i] = norm_factor
-        else:
-            nonzero = (norms > 0).sum().to(norms.dtype)  # K, in the norms' dtype (an int64 sqrt is float32)
-            per_tensor = torch.nan_to_num_((norms * nonzero.sqrt()).reciprocal_(), posinf=0.0).mul_(self.guide_norm)
-            for i, norm_factor in zip(order, per_tensor.unbind()):
-                norm_factors[i] = norm_factor
-        guides: list[Guide | None] = [
-            None if gradient is None or norm_factor is None else Guide(gradient, norm_factor)
-            for gradient, norm_factor in zip(gradients, norm_factors)
-        ]
-        return guides, total
-
     @staticmethod
-    def _sign(step_seed: int, sample: int) -> float:
+    def sign(step_seed: int, sample: int) -> float:
         """``s_i ∈ {±1}`` from its own stream, independent of the noise ``u_i``."""
         return 1.0 if derive_seed(step_seed, SIGN_STREAM, sample) & 1 else -1.0
 

@@ -140,28 +140,15 @@ def _counter_sample(offset: torch.Tensor, start: int, count: int, law: str, dtyp
     return _counter_law(law, _mix(z.mul_(_as_int64(_GAMMA)).add_(offset)), dtype)
 
 
-def _counter_shift(
-    target: torch.Tensor, target_coefficient: torch.Tensor | float, noise_coefficient: torch.Tensor | float,
-    offset: torch.Tensor, start: int, law: str,
-) -> torch.Tensor:
-    """``target·target_coefficient + noise_coefficient·u`` in place, ``u`` the counter noise of
-    ``target``'s coordinates."""
-    noise = _counter_sample(offset, start, target.numel(), law, target.dtype).view(target.shape)
-    return target.mul_(target_coefficient).add_(noise.mul_(noise_coefficient))
-
-
 _COMPILED: dict[str, Callable] = {}
 
 
-def compiled_counter(name: str) -> Callable:
-    """``torch.compile(dynamic=True)`` of ``_counter_sample`` (``"sample"``) or ``_counter_shift``
-    (``"shift"``), made once per process: the hash, the law and the scaling fuse into one
-    kernel (C++ on a CPU, Triton on a GPU) that works for any size."""
-    function = _COMPILED.get(name)
+def compiled_counter() -> Callable:
+    """``torch.compile(dynamic=True)`` of ``_counter_sample``, made once per process: the hash
+    and the law fuse into one kernel (C++ on a CPU, Triton on a GPU) that works for any size."""
+    function = _COMPILED.get("sample")
     if function is None:
-        function = _COMPILED[name] = torch.compile(
-            {"sample": _counter_sample, "shift": _counter_shift}[name], dynamic=True
-        )
+        function = _COMPILED["sample"] = torch.compile(_counter_sample, dynamic=True)
     return function
 
 
@@ -223,7 +210,7 @@ def counter_noise(
     seed = derive_seed(*key)
     if compiled:
         offset = torch.tensor(_as_int64(seed + _GAMMA), dtype=torch.int64, device=device)
-        return compiled_counter("sample")(offset, start, count, smoothing.noise, dtype).view(shape)
+        return compiled_counter()(offset, start, count, smoothing.noise, dtype).view(shape)
     if count <= COUNTER_CHUNK:
         return _counter_law(smoothing.noise, counter_bits(seed, start, count, device), dtype).view(shape)
     flat = out.view(-1)
@@ -236,6 +223,9 @@ def counter_noise(
 def derive_seed(*parts: int) -> int:
     """A 63-bit seed that mixes integer ``parts`` (order matters) with SplitMix64."""
     state = 0
-    for part in parts:
-        state = _splitmix64(state ^ (int(part) & _MASK64))
+    for part in parts:  # state = _splitmix64(state ^ part), inlined (a few calls per noise tensor and step)
+        value = ((state ^ (int(part) & _MASK64)) + 0x9E3779B97F4A7C15) & _MASK64
+        value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
+        state = value ^ (value >> 31)
     return state >> 1

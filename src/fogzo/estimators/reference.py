@@ -52,7 +52,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .state import _rng_state, _set_rng_state  # saving the global RNG is not the method under test
+from .state import rng_state, set_rng_state  # saving the global RNG is not the method under test
 
 __all__ = ["ReferenceStep", "beta_at", "fogzo_step", "guide", "spsa_step", "ste_pass"]
 
@@ -124,12 +124,12 @@ class _Evaluator:
         self.params = list(params)
         self.buffers = [] if model is None else list(model.buffers())
         self.rng_before = rng_before
-        self.rng_after = _rng_state()
+        self.rng_after = rng_state()
         self.buffers_after = [b.clone() for b in self.buffers]  # as the STE pass left them
 
     def __call__(self, shifts: Sequence[torch.Tensor]) -> float:
         originals = [p.detach().clone() for p in self.params]
-        _set_rng_state(self.rng_before)
+        set_rng_state(self.rng_before)
         with torch.no_grad():
             for buffer, saved in zip(self.buffers, self.buffers_after):
                 buffer.copy_(saved)
@@ -146,7 +146,7 @@ class _Evaluator:
         with torch.no_grad():
             for buffer, saved in zip(self.buffers, self.buffers_after):
                 buffer.copy_(saved)
-        _set_rng_state(self.rng_after)
+        set_rng_state(self.rng_after)
 
 
 def _measure(
@@ -207,7 +207,7 @@ def fogzo_step(
         others: trainable parameters outside the perturbed set: their ``g_W`` is returned
             in ``ste_gradients`` after those of ``params``.
     """
-    rng_before = _rng_state()
+    rng_before = rng_state()
     loss0, gradients = ste_pass(closure, [*params, *others])
     evaluate = _Evaluator(closure, params, model, rng_before)
     g_hat = guide([g if g is not None else torch.zeros_like(p) for g, p in zip(gradients, params)], scales,
@@ -234,7 +234,7 @@ def spsa_step(
 ) -> ReferenceStep:
     """One n-SPSA step: ``v_i = u_i``, no STE pass; an unperturbed pass for ``L0`` when
     ``report_loss`` (the perturbed passes then see the buffers it left) or one-sided."""
-    rng_before = _rng_state()
+    rng_before = rng_state()
     loss0 = None
     if report_loss or one_sided:
         with torch.no_grad():

@@ -105,7 +105,7 @@ def _level_indices(levels: LevelSet, values: torch.Tensor) -> torch.Tensor:
     return levels.to_codes(values).long()
 
 
-def _coordinate_scale(entry: PerturbedTensor, eps_bar: float) -> torch.Tensor:
+def broadcast_scale(entry: PerturbedTensor, eps_bar: float) -> torch.Tensor:
     """``c`` broadcast to the full shape of the tensor (per-tensor or per-channel α)."""
     scale = entry.coordinate_scale(eps_bar)
     param = entry.local_param()
@@ -186,7 +186,7 @@ def _draw_levels(entry: PerturbedTensor, smoothing: Smoothing, seed: int) -> tup
     """``(c, h(x + ε̄u))``: the coordinate scale and one stochastic rounding of the tensor."""
     assert entry.quantizer is not None
     param = entry.local_param()
-    scale = _coordinate_scale(entry, smoothing.eps_bar)
+    scale = broadcast_scale(entry, smoothing.eps_bar)
     noise = block_noise(smoothing, (seed,), param.shape, param.device, param.dtype)
     levels = entry.quantizer.levels.round(param / scale + smoothing.eps_bar * noise)
     return scale, levels
@@ -486,7 +486,7 @@ class SmoothedGradient:
         for entry, result in zip(self.perturbed.tensors, results):
             gradient = torch.zeros_like(entry.param)
             weight = entry.param.numel() / len(result.coordinates)
-            scale = _coordinate_scale(entry, eps_bar).reshape(-1)[result.coordinates]
+            scale = broadcast_scale(entry, eps_bar).reshape(-1)[result.coordinates]
             gradient.view(-1)[result.coordinates] = result.mean * (weight / scale)
             gradients.append(gradient)
             moves += result.moves

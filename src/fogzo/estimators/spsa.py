@@ -10,10 +10,9 @@ from torch import nn
 
 from ..smoothing import Smoothing
 from .base import Backward, Closure, EstimateInfo, checked_loss, gradient_scale, nothing_measured_message
-from .directions import Direction
 from .engine import ZerothOrderMeasurement
-from .perturbed_set import PerturbedSet
-from .state import CallState, Snapshot, StateGuard, StepCounter, run_guarded, set_gradient
+from .perturbed_set import PerturbedSet, set_gradient
+from .state import CallState, Snapshot, StateGuard, StepCounter, run_guarded
 
 __all__ = ["SPSA"]
 
@@ -76,7 +75,7 @@ class SPSA:
         noise_stream: str = "blocks",
         compile_noise: bool = False,
     ) -> None:
-        if not isinstance(n, int) or n < 1:
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"n must be an int >= 1, got {n!r}")
         if one_sided and not report_loss:
             raise ValueError("one_sided=True reuses the unperturbed loss: it needs report_loss=True")
@@ -91,6 +90,7 @@ class SPSA:
         self.counter = StepCounter(seed)
         self._snapshots = (Snapshot(), Snapshot())  # reused by every call (CallState, StateGuard)
         self._warned_unmeasured = False
+        self._checked_reads = False  # the first step checks that the loss uses every perturbed tensor
 
     def estimate(self, closure: Closure) -> EstimateInfo:
         """One step: fills the perturbed parameters' ``.grad``; state contract in
@@ -103,19 +103,29 @@ class SPSA:
 
     def _step(self, closure: Closure, state: CallState) -> EstimateInfo:
         step, step_seed = self.counter.step, self.counter.step_seed()
-        guard = StateGuard(self.model, self._snapshots[1])
+        guard = StateGuard(self.model, self._snapshots[1], state)
         forward_passes = int(self.report_loss) + self.n * self.measurement.passes_per_sample
         loss0 = None
         if self.report_loss:
-            with torch.no_grad():
-                loss0 = checked_loss(closure())
+            if self._checked_reads:
+                with torch.no_grad():
+                    loss0 = checked_loss(closure())
+            else:  # the first step: the loss pass with autograd, for the check
+                loss0 = self._check_reads(checked_loss(closure()))
         guard.after_first_pass()
-        directions = [Direction(sample, guide_weight=0.0, noise_weight=1.0) for sample in range(self.n)]
-        guides = [None] * len(self.perturbed.tensors)
-        measured = self.measurement.measure(closure, guard, step_seed, directions, guides, loss0)
-        # G_W is queued on the device before the step's one host sync (resolve).
-        gradients = self.measurement.gradients(step_seed, directions, measured, guides)
-        verdict = self.measurement.resolve(measured, loss0)  # raises for on_nonfinite="raise"
+        if not self._checked_reads:  # (without a loss pass: one more pass on the first step)
+            guard.rewind()
+            self._check_reads(checked_loss(closure()))  # (a one-time check: not in info.forward_passes)
+        # v_i = u_i, and d_i from the passes at W ± c·ε̄·u_i; then G_W = (1/n) Σ_i d_i·u_i / c,
+        # queued on the device before the step's one host sync (resolve).
+        with self.measurement.passes(closure, guard, step_seed, loss0) as passes:
+            for sample in range(self.n):
+                passes.measure([self.perturbed.noise(entry, step_seed, sample) for entry in self.perturbed.tensors])
+        gradients = passes.gradient
+        torch._foreach_div_(gradients, passes.scales)
+        if self.n != 1:
+            torch._foreach_mul_(gradients, 1.0 / self.n)
+        verdict = self.measurement.resolve(passes, loss0)  # raises for on_nonfinite="raise"
         if verdict.reason is not None:
             state.restore(advance=True)
             loss = verdict.loss if verdict.loss is not None else float("nan")
@@ -125,8 +135,8 @@ class SPSA:
         if hook_factor != 1.0:
             torch._foreach_mul_(gradients, hook_factor)
         self.perturbed.mask_padding_rows(gradients)
-        for entry, gradient in zip(self.perturbed.tensors, gradients):
-            set_gradient(entry.param, gradient, None)
+        for param, gradient in zip(self.perturbed.params, gradients):
+            set_gradient(param, gradient)
         state.commit()  # adds the gradients from before the call
         loss = verdict.loss if verdict.loss is not None else sum(verdict.losses) / len(verdict.losses)
         differences = verdict.differences
@@ -146,6 +156,23 @@ class SPSA:
             zero_differences=sum(d == 0.0 for d in differences),
             measured=measured_something,
         )
+
+    def _check_reads(self, loss: torch.Tensor) -> torch.Tensor:
+        """Once, on the first step: raise ``ValueError`` naming the perturbed tensors the loss does
+        not use (no gradient reaches them; their finite differences would be exactly 0 and their
+        gradient pure noise). Returns ``loss`` detached. A loss without autograd (the closure runs
+        under ``torch.no_grad()``) and FSDP shards are not checked."""
+        if loss.requires_grad and not self.perturbed.sharded:
+            gradients = torch.autograd.grad(loss, self.perturbed.params, allow_unused=True)
+            unused = [entry.name for entry, g in zip(self.perturbed.tensors, gradients) if g is None]
+            if unused:
+                raise ValueError(
+                    f"perturbed parameters {unused[:5]} are not used by the loss: their finite differences would "
+                    "be exactly zero and their gradient pure noise. Leave them out of perturb= (pass the "
+                    "parameters the loss uses), or check that the closure runs the modules that use them"
+                )
+        self._checked_reads = True
+        return loss.detach()
 
     def state_dict(self) -> dict:
         return self.counter.state_dict()

@@ -25,9 +25,9 @@ from torch import nn
 from ..quantizers import ActivationQuantizer, WeightQuantizer
 from .base import EstimateInfo
 from .noise import derive_seed
-from .sharding import _is_dtensor
 
-__all__ = ["CallState", "Snapshot", "StateGuard", "StepCounter", "run_guarded", "state_buffers"]
+__all__ = ["CallState", "Snapshot", "StateGuard", "StepCounter", "rng_state", "run_guarded", "set_rng_state",
+           "state_buffers"]
 
 
 class StepCounter:
@@ -59,22 +59,6 @@ def stash_gradients(params: Sequence[nn.Parameter]) -> list[torch.Tensor | None]
     return previous
 
 
-def set_gradient(param: nn.Parameter, gradient: torch.Tensor, previous: torch.Tensor | None) -> None:
-    """``param.grad = gradient + previous`` (accumulation semantics of ``backward``).
-
-    The sum is formed in ``gradient`` (this call's tensor), so ``previous`` stays intact
-    until the assignment. For an FSDP parameter ``gradient`` may be the rank's local part;
-    it becomes a ``DTensor`` with the parameter's layout (no copy).
-    """
-    if _is_dtensor(param) and not _is_dtensor(gradient):
-        from torch.distributed.tensor import DTensor
-
-        gradient = DTensor.from_local(
-            gradient, param.device_mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()
-        )
-    param.grad = gradient if previous is None else gradient.add_(previous)
-
-
 class CallState:
     """What one ``estimate`` call may change, captured when it starts (see the module docstring).
 
@@ -100,13 +84,15 @@ class CallState:
     ) -> None:
         self.counter = counter
         self.step = 0 if counter is None else counter.step
-        self.rng = _rng_state()
+        self.rng = rng_state()
         targets: list[torch.Tensor] = []
+        self.buffers: list[torch.Tensor] = []
+        self.modules: list[nn.Module] = []
         if model is not None:
-            modules = list(model.modules())
-            targets = state_buffers(model, modules)
-            targets += [p for m in modules if isinstance(m, ActivationQuantizer) for p in m._parameters.values()
-                        if p is not None]
+            self.modules = list(model.modules())
+            self.buffers = state_buffers(model, self.modules)
+            targets = self.buffers + [p for m in self.modules if isinstance(m, ActivationQuantizer)
+                                      for p in m._parameters.values() if p is not None]
         self.snapshot = Snapshot() if snapshot is None else snapshot
         self.snapshot.take(targets)
         self.params = list(params)
@@ -128,7 +114,7 @@ class CallState:
         for param, previous in zip(self.params, self.previous):
             param.grad = previous
         self.snapshot.restore()
-        _set_rng_state(self.rng)
+        set_rng_state(self.rng)
         if self.counter is not None:
             self.counter.step = self.step + 1 if advance else self.step
 
@@ -144,7 +130,7 @@ def run_guarded(state: CallState, step: Callable[[], EstimateInfo]) -> EstimateI
 
 class Snapshot:
     """A copy of some tensors, taken with one ``_foreach_copy_`` into storage that is kept
-    between calls (reallocated when the tensors change), and put back with another.
+    between calls (reallocated when their shapes, dtypes or devices change), and put back with another.
 
     Bit-exact (a copy), one operator each way whatever the number of tensors (running
     statistics of every BatchNorm, say); memory: one copy of the tensors, held by the owner
@@ -152,12 +138,12 @@ class Snapshot:
     """
 
     def __init__(self) -> None:
-        self._key: tuple | None = None
+        self._key: list | None = None
         self._storage: list[torch.Tensor] = []
         self.tensors: list[torch.Tensor] = []
 
     def take(self, tensors: list[torch.Tensor]) -> None:
-        key = tuple((id(t), t.shape, t.dtype, t.device) for t in tensors)
+        key = [(t.shape, t.dtype, t.device) for t in tensors]  # (storage is reused for any tensors of these)
         if key != self._key:
             self._storage = [torch.empty_like(t, requires_grad=False) for t in tensors]
             self._key = key
@@ -167,9 +153,13 @@ class Snapshot:
                 torch._foreach_copy_(self._storage, tensors)
 
     def restore(self) -> None:
-        if self.tensors:
+        if not self.tensors:
+            return
+        if torch.is_grad_enabled():
             with torch.no_grad():
                 torch._foreach_copy_(self.tensors, self._storage)
+        else:
+            torch._foreach_copy_(self.tensors, self._storage)
 
 
 class StateGuard:
@@ -178,12 +168,16 @@ class StateGuard:
     ``rewind()`` before a pass puts the global RNG back where it was before the STE pass
     (same dropout masks) and restores any buffer a previous pass wrote; ``close()`` leaves
     buffers as the STE pass left them and the RNG as it was after the STE pass.
-    ``snapshot``: a :class:`Snapshot` to reuse (an estimator keeps one between steps).
+    ``snapshot``: a :class:`Snapshot` to reuse (an estimator keeps one between steps);
+    ``state``: the call's :class:`CallState`, whose RNG state, module list and buffer list
+    (taken when the call began, before the STE pass) the guard uses instead of taking its own.
     """
 
-    def __init__(self, model: nn.Module, snapshot: Snapshot | None = None) -> None:
+    def __init__(self, model: nn.Module, snapshot: Snapshot | None = None, state: CallState | None = None) -> None:
         self._model = model
-        self._rng_before = _rng_state()
+        self._rng_before = rng_state() if state is None else state.rng
+        self._modules = None if state is None or not state.modules else state.modules
+        self._buffers = None if self._modules is None else state.buffers
         self._rng_after: tuple | None = None
         self._snapshot = Snapshot() if snapshot is None else snapshot
         self._taken = False
@@ -195,9 +189,9 @@ class StateGuard:
         DistributedDataParallel wrappers stop broadcasting buffers at each forward until
         :meth:`close`, so perturbed passes issue no collective of their own.
         """
-        self._rng_after = _rng_state()
-        modules = list(self._model.modules())
-        self._snapshot.take(state_buffers(self._model, modules))
+        self._rng_after = rng_state()
+        modules = list(self._model.modules()) if self._modules is None else self._modules
+        self._snapshot.take(state_buffers(self._model, modules) if self._buffers is None else self._buffers)
         self._taken = True
         for module in modules:
             if isinstance(module, nn.parallel.DistributedDataParallel):
@@ -205,23 +199,25 @@ class StateGuard:
                 module.require_forward_param_sync = False
 
     def rewind(self) -> None:
-        _set_rng_state(self._rng_before)
+        set_rng_state(self._rng_before)
         self._restore_buffers()
 
     def close(self) -> None:
         self._restore_buffers()
         if self._rng_after is not None:
-            _set_rng_state(self._rng_after)
+            set_rng_state(self._rng_after)
         for module, sync in self._ddp_sync:
             module.require_forward_param_sync = sync
         self._ddp_sync = []
 
-    def watch_side_effects(self) -> Callable[[], list[str]]:
-        """Record the version of every parameter and the plain (int/float/bool) attributes of every
+    def watch_side_effects(self, exclude: Sequence[torch.Tensor] = ()) -> Callable[[], list[str]]:
+        """Record the version of every parameter (but those in ``exclude``: the perturbed ones, which
+        the perturbed passes write and restore) and the plain (int/float/bool) attributes of every
         module now; the returned function lists those that changed since: a forward that writes a
         parameter or counts its own calls (a calibration step) changes the run it is measured on,
         which restoring buffers and the RNG cannot undo."""
-        params = list(self._model.named_parameters())
+        excluded = {id(tensor) for tensor in exclude}
+        params = [(name, p) for name, p in self._model.named_parameters() if id(p) not in excluded]
         versions = [param._version for _, param in params]
         modules = list(self._model.named_modules())
         attributes = [{k: v for k, v in vars(module).items() if type(v) in (int, float, bool)} for _, module in modules]
@@ -260,12 +256,14 @@ def state_buffers(model: nn.Module, modules: list[nn.Module] | None = None) -> l
     return buffers
 
 
-def _rng_state() -> tuple:
+def rng_state() -> tuple:
+    """The global RNG state: the CPU generator's and, once CUDA is in use, every GPU's."""
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
     return torch.get_rng_state(), cuda
 
 
-def _set_rng_state(state: tuple) -> None:
+def set_rng_state(state: tuple) -> None:
+    """Put back a state from :func:`rng_state`."""
     cpu, cuda = state
     torch.set_rng_state(cpu)
     if cuda is not None:

@@ -44,8 +44,8 @@ class STE:
             loss.backward()
         else:
             self.backward(loss)
-        info = EstimateInfo(  # loss: read on the host only when info.loss is (no sync in the step)
-            loss=loss.detach(), forward_passes=1, backward_passes=1, beta=None, seed=None, step=self.counter.step  # type: ignore[arg-type]
+        info = EstimateInfo(  # loss: the 0-d tensor, no host sync in the step (see EstimateInfo)
+            loss=loss.detach(), forward_passes=1, backward_passes=1, beta=None, seed=None, step=self.counter.step
         )
         state.commit()
         return info

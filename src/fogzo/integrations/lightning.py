@@ -21,7 +21,7 @@ Estimators fill ``.grad`` themselves, so the module uses manual optimization::
             optimizer.zero_grad()
             info = self.estimate(lambda: F.cross_entropy(self.net(x), y))  # manual_backward inside
             optimizer.step()
-            return torch.tensor(info.loss)
+            return torch.as_tensor(info.loss)
 
         def configure_optimizers(self):
             return torch.optim.Adam(self.parameters(), lr=1e-2)

@@ -110,7 +110,7 @@ class FogzoTrainerMixin:
 
         info = estimator.estimate(closure)
         self._fogzo_infos.append(info)
-        return torch.tensor(info.loss, device=self.args.device)
+        return torch.as_tensor(info.loss, device=self.args.device)
 
     def _fogzo_loss_is_scaled(self, num_items_in_batch: object) -> bool:
         """Whether ``compute_loss`` already divides by the accumulated batch (as ``Trainer`` decides)."""

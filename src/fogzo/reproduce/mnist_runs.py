@@ -260,8 +260,9 @@ def train_run(
                 torch.cuda.synchronize()
             state["wall"] += time.perf_counter() - started
             state["compute"] += info.compute_units
-            if math.isfinite(info.loss):
-                state["batch_loss"] += info.loss
+            loss = float(info.loss)  # (the STE step's info.loss is a 0-d tensor)
+            if math.isfinite(loss):
+                state["batch_loss"] += loss
                 state["batch_count"] += 1
             state["beta"] = info.beta
             state["skipped"] += int(info.skipped)

@@ -61,7 +61,7 @@ class StepRunner:
         self.optimizer.zero_grad(set_to_none=True)
         scale = float(self.scaler.get_scale()) if self.scaler is not None else 1.0
         info = self.estimator.estimate(self.closure_for(x, y))
-        loss = info.loss / scale
+        loss = float(info.loss) / scale  # (the STE step's info.loss is a 0-d tensor)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if self.config.grad_clip is not None:
