@@ -14,7 +14,17 @@ Quick start::
 
 from .convert import QuantConfig, QuantizationReport, full_precision, quantization_report, quantize, quantized_layers
 from .diagnostics import Diagnosis, LayerDiagnosis, diagnose
-from .estimators import FOGZO, SPSA, STE, EstimateInfo, Estimator, PerturbedSet, SmoothedGradient, constant_beta, linear_beta
+from .estimators import (
+    FOGZO,
+    SPSA,
+    STE,
+    EstimateInfo,
+    Estimator,
+    PerturbedSet,
+    SmoothedGradient,
+    constant_beta,
+    linear_beta,
+)
 from .export import ExportedModel, QuantizedWeight, export, pack_codes, rebuild_float_model, unpack_codes
 from .integrations.torchao import to_torchao
 from .layers import QuantConv1d, QuantConv2d, QuantEmbedding, QuantizedLayer, QuantLinear, QuantMultiheadAttention

@@ -115,11 +115,11 @@ def _add_mnist(experiments: argparse._SubParsersAction) -> None:
 
 
 def _run_mnist(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from .train.config_io import ConfigError, format_config
-    from .train.records import RunInterrupted
     from .reproduce.mnist import reproduce, resummarize, validate
     from .reproduce.mnist_config import keys_help, resolve_config
     from .reproduce.mnist_runs import plan_runs
+    from .train.config_io import ConfigError, format_config
+    from .train.records import RunInterrupted
 
     def error(message: str) -> int:
         print(f"fogzo reproduce mnist: error: {message}", file=sys.stderr)

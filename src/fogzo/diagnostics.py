@@ -38,8 +38,8 @@ from torch import nn
 from .estimators.base import Closure, checked_loss
 from .estimators.noise import derive_seed
 from .estimators.perturbed_set import PerturbedSet
-from .estimators.state import CallState, StateGuard
 from .estimators.smoothed import COORDINATE_STREAM, broadcast_scale, smoothed_partials
+from .estimators.state import CallState, StateGuard
 from .smoothing import Smoothing
 
 __all__ = ["Diagnosis", "LayerDiagnosis", "diagnose"]

@@ -36,7 +36,13 @@ from torch import nn
 
 from ..smoothing import Smoothing
 from .base import (
-    Backward, Closure, EstimateInfo, checked_loss, differentiable_loss, nothing_measured_message, run_backward,
+    Backward,
+    Closure,
+    EstimateInfo,
+    checked_loss,
+    differentiable_loss,
+    nothing_measured_message,
+    run_backward,
 )
 from .engine import NONFINITE_ADVICE, ZerothOrderMeasurement, is_distributed
 from .noise import SIGN_STREAM, derive_seed

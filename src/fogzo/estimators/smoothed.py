@@ -150,7 +150,6 @@ def smoothed_partials(
     if draws < 1:
         raise ValueError(f"draws must be >= 1, got {draws!r}")
     smoothing = perturbed.smoothing
-    eps_bar = smoothing.eps_bar
     for entry in perturbed.tensors:
         if entry.quantizer is None:
             raise ValueError(f"{entry.name} has no quantizer: the smoothed gradient needs its levels")

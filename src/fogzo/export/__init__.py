@@ -40,6 +40,8 @@ from .weights import QuantizedWeight
 
 __all__ = [
     "CONTAINER_BITS",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
     "ExportedModel",
     "QuantizedWeight",
     "container_bits",

@@ -26,9 +26,9 @@ import copy
 import torch
 from torch import nn
 
+from .._optional import require
 from ..layers import QuantConv2d, QuantEmbedding, QuantizedLayer, QuantLinear
 from ..quantizers import LevelSet
-from .._optional import require
 
 __all__ = ["target_dtype", "to_torchao"]
 

@@ -48,8 +48,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..estimators import EstimateInfo, Estimator
 from .._optional import require
+from ..estimators import EstimateInfo, Estimator
 from . import estimator_logs
 
 transformers = require("transformers", "transformers", "fogzo.integrations.transformers")

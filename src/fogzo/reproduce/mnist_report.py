@@ -93,7 +93,7 @@ def analyze(records: Sequence[dict[str, Any]]) -> MnistAnalysis:
     best_lr = {label: select_best(cells)[0] for label, cells in grid.items()}
     curves_iter, curves_compute = {}, {}
     for label in labels:
-        seeds = [points for (l, lr, _), points in sorted(runs.items()) if l == label and lr == best_lr[label]]
+        seeds = [points for (name, lr, _), points in sorted(runs.items()) if name == label and lr == best_lr[label]]
         curves_iter[label] = mean_curve(label, [[(p["iteration"], p["train_loss"]) for p in run] for run in seeds])
         curves_compute[label] = mean_curve(label, [[(p["compute_units"], p["train_loss"]) for p in run] for run in seeds])
     fogzo_label = next((label for label in labels if label.startswith("FOGZO")), None)
@@ -101,7 +101,7 @@ def analyze(records: Sequence[dict[str, Any]]) -> MnistAnalysis:
     reach: dict[str, float | None] = {}
     if fogzo_label is not None:
         target = mean_std(grid[fogzo_label][best_lr[fogzo_label]])[0]
-        fogzo_runs = [p for (l, lr, _), p in runs.items() if l == fogzo_label and lr == best_lr[fogzo_label]]
+        fogzo_runs = [p for (name, lr, _), p in runs.items() if name == fogzo_label and lr == best_lr[fogzo_label]]
         fogzo_compute = mean_std([run[-1]["compute_units"] for run in fogzo_runs])[0]
         ladder = [curves_compute[label] for label in labels if label.startswith("SPSA")]
         if ladder and math.isfinite(target) and fogzo_compute > 0:
@@ -137,7 +137,7 @@ def grid_edges(analysis: MnistAnalysis) -> dict[str, str]:
 
 
 def _runs_at(analysis: MnistAnalysis, label: str, lr: float) -> list[list[dict[str, Any]]]:
-    return [points for (l, r, _), points in sorted(analysis.runs.items()) if l == label and r == lr]
+    return [points for (name, r, _), points in sorted(analysis.runs.items()) if name == label and r == lr]
 
 
 def summary_markdown(
@@ -359,7 +359,7 @@ def summary_markdown(
         runs = _runs_at(a, label, a.best_lr[label])
 
         def mean_of(key: str) -> str:
-            values = [run[-1][key] for run in runs if run[-1].get(key) is not None]
+            values = [run[-1][key] for run in runs if run[-1].get(key) is not None]  # noqa: B023 (called at once)
             return f"{mean_std(values)[0]:.4g}" if values else "n/a"
 
         rows.append([label, mean_of("zero_difference_fraction"), mean_of("mean_abs_difference"), mean_of("mean_ste_grad_norm")])

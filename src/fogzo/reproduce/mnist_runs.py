@@ -251,7 +251,7 @@ def train_run(
             started = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
             try:
-                info = estimator.estimate(lambda: F.cross_entropy(model(xb), yb))
+                info = estimator.estimate(lambda: F.cross_entropy(model(xb), yb))  # noqa: B023 (called at once)
             except FloatingPointError:
                 point(step, diverged=True)
                 return records

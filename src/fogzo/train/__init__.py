@@ -10,10 +10,10 @@ Command line: ``python -m fogzo.train --config FILE [--quick] [--resume] [--key=
 --lrs 1e-3,3e-3 --out DIR``. See :mod:`fogzo.train.trainer` for the outputs.
 """
 
-from .cli import add_train_parser, main
-from .config import ConfigError, TrainConfig, config_from_dict, load_config, parse_overrides
 from .build import build_estimator, build_optimizer, build_quantized_model, plan_model
 from .checks import check_config
+from .cli import add_train_parser, main
+from .config import ConfigError, TrainConfig, config_from_dict, load_config, parse_overrides
 from .trainer import TrainingInterrupted, train
 
 __all__ = [

@@ -34,7 +34,17 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .config import _HINTS, FIELDS, SECTIONS, ConfigError, _members, _type_name, load_config, parse_overrides, parse_value
+from .config import (
+    _HINTS,
+    FIELDS,
+    SECTIONS,
+    ConfigError,
+    _members,
+    _type_name,
+    load_config,
+    parse_overrides,
+    parse_value,
+)
 
 __all__ = ["EXIT_CODES", "KeepUnknownOptions", "add_train_parser", "main", "run_from_args"]
 

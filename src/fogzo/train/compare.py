@@ -41,7 +41,16 @@ from typing import Any
 from .checkpoint import CONFIG, METRICS, RESULTS, _check_resume_config
 from .config import ConfigError, load_config, parse_overrides
 from .records import check_output_folder, read_json, read_jsonl, strict_json, write_text_atomic
-from .summaries import Curve, format_mean_std, format_number, markdown_table, mean_curve, mean_std, plot_curves, select_best
+from .summaries import (
+    Curve,
+    format_mean_std,
+    format_number,
+    markdown_table,
+    mean_curve,
+    mean_std,
+    plot_curves,
+    select_best,
+)
 from .trainer import train
 
 __all__ = ["main", "parse_estimator", "run_comparison", "summarize"]

@@ -32,15 +32,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import config_io
-from .config_io import ConfigError  # a config file or override is wrong (unknown key, bad type, bad value)
-from .config_io import _members, toml_parser  # noqa: F401  (toml_parser: re-exported, tests hide tomllib through it)
+from .config_io import (  # noqa: F401  (toml_parser: re-exported, tests hide tomllib through it)
+    ConfigError,  # a config file or override is wrong (unknown key, bad type, bad value)
+    _members,
+    toml_parser,
+)
 from .config_io import type_name as _type_name
 
 __all__ = [

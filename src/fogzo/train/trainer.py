@@ -81,7 +81,14 @@ from .. import quantized_layers
 from ..diagnostics import diagnose as fogzo_diagnose
 from ..estimators import derive_seed
 from ..models import count_parameters
-from .build import build_estimator, build_optimizer, build_quantized_model, build_scheduler, resolve_device, warmup_length
+from .build import (
+    build_estimator,
+    build_optimizer,
+    build_quantized_model,
+    build_scheduler,
+    resolve_device,
+    warmup_length,
+)
 from .checkpoint import (
     CHECKPOINT,
     CONFIG,
