@@ -54,6 +54,14 @@ KNOBS: dict[str, dict[str, Any]] = {
     "fogzo-g10-n16": {**_G10, "n": 16},
 }
 ESTIMATORS.update(KNOBS)
+#: The controls of issue 22 (docs/method.md §8): which of FOGZO's ingredients does the work.
+#: "ste-noise" is matched to the paper's reading ("fogzo": β_min 0.999, ‖ĝ‖ = 1, perturb all).
+CONTROLS: dict[str, dict[str, Any]] = {
+    "ste-sr": {"kind": "ste-sr"},
+    "ste-noise": {"kind": "ste-noise", "beta_min": 0.999, "guide_norm": 1.0, "perturb": "all"},
+    "fogzo-beta1": {**ESTIMATORS["fogzo"], "beta": 1.0},
+}
+ESTIMATORS.update(CONTROLS)
 
 
 @dataclass(frozen=True)
@@ -187,6 +195,10 @@ def run(spec: Spec) -> dict[str, Any]:
         estimator = fogzo.SPSA(model, seed=spec.seed, eps=eps, report_loss=False, vectorize=options["n"], **options)
     elif kind == "oracle":
         estimator = fogzo.SmoothedGradient(model, seed=spec.seed, **options)
+    elif kind == "ste-sr":
+        estimator = fogzo.SmoothedForwardSTE(model, seed=spec.seed, **options)
+    elif kind == "ste-noise":
+        estimator = fogzo.NoiseMatchedSTE(model, total_steps=spec.iterations, seed=spec.seed, eps=eps, **options)
     else:
         raise ValueError(f"unknown estimator kind {kind!r}")
     if spec.optimizer == "adam":
@@ -303,6 +315,7 @@ class Grid:
     # estimator -> (leader, seeds): run only at the leader's best seed-0 learning rate, with these
     # seeds (an expensive column that the budget cannot tune on its own)
     follow: dict[str, tuple[str, tuple[int, ...]]] = field(default_factory=dict)
+    last: tuple[str, ...] = ()  # estimators queued after every run of the others
 
 
 GRIDS: dict[str, Grid] = {
@@ -337,6 +350,14 @@ GRIDS: dict[str, Grid] = {
         settings=_settings(["mnist"], [("ternary", "identity"), (2, "identity")], ["fixed"]),
         estimators=("fogzo-g10", *KNOBS),
         lrs=(1e-3, 3e-3, 1e-2),
+    ),
+    # Issue 22's controls on the map's 24 settings, same lr procedure. The STE and FOGZO (paper)
+    # columns are the map's runs (docs/data/map.jsonl): summarize both files together.
+    "controls": Grid(
+        settings=_settings(["mnist", "fashion"], MAP_ROWS, ["fixed", "lsq"]),
+        estimators=tuple(CONTROLS),
+        lrs=(1e-3, 3e-3, 1e-2),
+        last=("fogzo-beta1",),
     ),
     # A seconds-long check of every code path.
     "smoke": Grid(
@@ -404,7 +425,7 @@ def run_grid(name: str, out: Path, workers: int, overrides: dict[str, Any]) -> N
         while True:
             todo = [spec for spec in needed_runs(grid, results, overrides) if spec.key() not in submitted]
             # Expensive estimators first so that they are not the tail.
-            todo.sort(key=lambda s: (s.estimator not in ("oracle", "spsa64"), s.seed))
+            todo.sort(key=lambda s: (s.estimator not in ("oracle", "spsa64"), s.estimator in grid.last, s.seed))
             for spec in todo:
                 if sum(not f.done() for f in submitted.values()) >= workers:
                     break

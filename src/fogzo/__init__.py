@@ -14,7 +14,19 @@ Quick start::
 
 from .convert import QuantConfig, QuantizationReport, full_precision, quantization_report, quantize, quantized_layers
 from .diagnostics import Diagnosis, LayerDiagnosis, diagnose
-from .estimators import FOGZO, SPSA, STE, EstimateInfo, Estimator, PerturbedSet, SmoothedGradient, constant_beta, linear_beta
+from .estimators import (
+    FOGZO,
+    SPSA,
+    STE,
+    EstimateInfo,
+    Estimator,
+    NoiseMatchedSTE,
+    PerturbedSet,
+    SmoothedForwardSTE,
+    SmoothedGradient,
+    constant_beta,
+    linear_beta,
+)
 from .export import ExportedModel, QuantizedWeight, export, pack_codes, rebuild_float_model, unpack_codes
 from .integrations.torchao import to_torchao
 from .layers import QuantConv1d, QuantConv2d, QuantEmbedding, QuantizedLayer, QuantLinear, QuantMultiheadAttention
@@ -36,6 +48,7 @@ __all__ = [
     "ExportedModel",
     "LayerDiagnosis",
     "LevelSet",
+    "NoiseMatchedSTE",
     "NoiseLaw",
     "PerturbedSet",
     "QuantConfig",
@@ -47,6 +60,7 @@ __all__ = [
     "QuantizationReport",
     "QuantizedLayer",
     "QuantizedWeight",
+    "SmoothedForwardSTE",
     "Smoothing",
     "SmoothedGradient",
     "WeightQuantizer",

@@ -1,12 +1,14 @@
-"""Gradient estimators: STE, n-SPSA, FOGZO and the smoothed-gradient oracle, all with
-``estimate(closure) -> EstimateInfo``."""
+"""Gradient estimators: STE, n-SPSA, FOGZO, the smoothed-gradient oracle and two STE controls
+(noise-matched, smoothed-forward), all with ``estimate(closure) -> EstimateInfo``."""
 
 from .base import EstimateInfo, Estimator
 from .fogzo import FOGZO
 from .noise import derive_seed
+from .noise_matched import NoiseMatchedSTE
 from .perturbed_set import PerturbedSet
 from .schedules import constant_beta, linear_beta
 from .smoothed import LevelMoves, SmoothedGradient, smoothed_partials
+from .smoothed_forward import SmoothedForwardSTE
 from .spsa import SPSA
 from .ste import STE
 
@@ -17,7 +19,9 @@ __all__ = [
     "EstimateInfo",
     "Estimator",
     "LevelMoves",
+    "NoiseMatchedSTE",
     "PerturbedSet",
+    "SmoothedForwardSTE",
     "SmoothedGradient",
     "constant_beta",
     "derive_seed",
