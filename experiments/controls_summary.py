@@ -1,12 +1,13 @@
 """Issue 22's table: STE, FOGZO (paper), FOGZO β = 1, noise-matched STE and smoothed-forward STE
 on the map's 24 settings (docs/method.md §8).
 
-The STE and FOGZO (paper) columns are the map's runs (docs/data/map.jsonl), the three controls
-come from ``smoothed_study.py grid controls``; every column uses the same learning-rate
+The STE and FOGZO (paper) columns are the map's runs (docs/data/map.jsonl), the controls come
+from ``smoothed_study.py grid controls`` (and ``grid controls-noise``: the noise-matched STE at
+twice the matched variance); every column uses the same learning-rate
 procedure (experiments/tuning.py) and is shown at its best seed-0 rate (by final training loss)
 as mean ± std over the seeds there.
 
-    python experiments/controls_summary.py docs/data/map.jsonl results/controls.jsonl [--metric accuracy]
+    python experiments/controls_summary.py docs/data/map.jsonl results/controls*.jsonl [--metric accuracy]
 
 Verdict rule (the one used so far): a column beats another only if their mean ± std intervals
 do not overlap (``smoothed_study._beats``); a cell with fewer seeds than the grid's is not judged.
@@ -26,8 +27,9 @@ COLUMNS = {
     "fogzo-beta1": "FOGZO β=1",
     "ste-noise": "noise-matched STE",
     "ste-sr": "smoothed-forward STE",
+    "ste-noise-v2": "noise-matched STE, variance ×2",
 }
-CONTROLS = ("fogzo-beta1", "ste-noise", "ste-sr")
+CONTROLS = ("fogzo-beta1", "ste-noise", "ste-sr", "ste-noise-v2")
 
 
 def merged_results(paths: list[Path]) -> dict[str, dict[str, Any]]:
@@ -55,7 +57,7 @@ def table(results: dict[str, dict[str, Any]], metric: str = "loss") -> tuple[str
     counts = {c: {"beats STE": 0, "loses to STE": 0, "ties STE": 0, "matches FOGZO": 0, "judged": 0} for c in CONTROLS}
     counts["fogzo"] = {"beats STE": 0, "loses to STE": 0, "ties STE": 0, "judged": 0}
     header = ("| data | bits / STE | α | " + " | ".join(COLUMNS.values())
-              + " | vs STE (β=1 / noise / SR) | vs FOGZO (β=1 / noise / SR) |")
+              + " | vs STE (β=1 / noise / SR / noise×2) | vs FOGZO (β=1 / noise / SR / noise×2) |")
     lines = [header, "|" + "---|" * (len(COLUMNS) + 5)]
     for setting in grid.settings:
         row, judged = [], {}

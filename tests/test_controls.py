@@ -173,7 +173,12 @@ def test_noise_matched_ste_is_reproducible_and_resumable():
     assert all(torch.equal(a, b) for a, b in zip(expected, grads(second)))
     model.zero_grad(set_to_none=True)
     fogzo.STE(model).estimate(closure)
-    assert not torch.equal(model[0].weight.grad, expected[0])  # noise was added
+    ste = [p.grad.clone() for p in model.parameters()]
+    assert not torch.equal(ste[0], expected[0])  # noise was added
+    doubled = fogzo.NoiseMatchedSTE(model, total_steps=100, seed=5, noise_scale=2.0)
+    doubled.load_state_dict(state)
+    for s, e, d in zip(ste, expected, grads(doubled)):  # the same noise, twice as large
+        torch.testing.assert_close(d - s, 2 * (e - s), rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("kind, cls", [("ste-sr", fogzo.SmoothedForwardSTE), ("ste-noise", fogzo.NoiseMatchedSTE)])
