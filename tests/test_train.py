@@ -81,6 +81,15 @@ def test_quick_runs_write_config_and_finite_metrics(family, tmp_path):
     assert first_losses["ste"] == first_losses["fogzo"]
 
 
+@pytest.mark.parametrize("estimator", ["ste-sr", "ste-noise"])
+def test_the_ste_controls_train(estimator, tmp_path):
+    train(tiny("resnet20", tmp_path, estimator=estimator, **FAST), log=quiet)
+    steps = [r for r in read_records(tmp_path / "metrics.jsonl") if r["event"] == "train"]
+    assert all(math.isfinite(r["loss"]) for r in steps)
+    assert [r["compute_units"] for r in steps] == [3, 6, 9]  # an STE step's cost
+    assert (steps[-1]["beta"] is None) == (estimator == "ste-sr")  # ste-noise follows FOGZO's β schedule
+
+
 def test_images_are_one_channel_and_fallback_is_logged(tmp_path, monkeypatch):
     def missing(data_dir=None):
         raise FileNotFoundError("Fashion-MNIST was not found (test)")

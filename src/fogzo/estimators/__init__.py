@@ -1,13 +1,13 @@
-"""Gradient estimators: STE, n-SPSA, FOGZO and the smoothed-gradient oracle, all with
-``estimate(closure) -> EstimateInfo``."""
+"""Gradient estimators: STE, n-SPSA, FOGZO, the smoothed-gradient oracle and two STE controls
+(noise-matched, smoothed-forward), all with ``estimate(closure) -> EstimateInfo``."""
 
-from .base import EstimateInfo, Estimator
-from .fogzo import FOGZO, constant_beta, linear_beta
+from .base import EstimateInfo, Estimator, constant_beta, linear_beta
+from .fogzo import FOGZO
 from .noise import derive_seed
 from .perturbed_set import PerturbedSet
 from .smoothed import LevelMoves, SmoothedGradient, smoothed_partials
 from .spsa import SPSA
-from .ste import STE
+from .ste import STE, NoiseMatchedSTE, SmoothedForwardSTE
 
 __all__ = [
     "FOGZO",
@@ -16,7 +16,9 @@ __all__ = [
     "EstimateInfo",
     "Estimator",
     "LevelMoves",
+    "NoiseMatchedSTE",
     "PerturbedSet",
+    "SmoothedForwardSTE",
     "SmoothedGradient",
     "constant_beta",
     "derive_seed",

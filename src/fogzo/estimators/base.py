@@ -29,11 +29,16 @@ import torch
 
 __all__ = [
     "Backward",
+    "BetaSchedule",
     "Closure",
     "EstimateInfo",
     "Estimator",
     "NONFINITE_MODES",
     "SKIP_REASONS",
+    "beta_schedule",
+    "check_beta",
+    "constant_beta",
+    "linear_beta",
     "run_backward",
 ]
 
@@ -201,3 +206,46 @@ def loss_value(loss: torch.Tensor) -> torch.Tensor:
     if loss.requires_grad:
         loss = loss.detach()
     return loss if loss.dtype in (torch.float32, torch.float64) else loss.float()
+
+
+# β schedules (FOGZO's mixing weight; the noise-matched STE follows the same schedule).
+
+BetaSchedule = Callable[[int], float]
+
+
+def linear_beta(total_steps: int, beta_min: float) -> BetaSchedule:
+    """``β_t = 1 − (1 − β_min)·min(t/T, 1)``: linear from 1 at t = 0 to ``β_min`` at t = T."""
+    if not isinstance(total_steps, int) or total_steps < 1:
+        raise ValueError(f"total_steps must be a positive int, got {total_steps!r}")
+    check_beta(beta_min, "beta_min")
+
+    def beta(step: int) -> float:
+        return 1.0 - (1.0 - beta_min) * min(step / total_steps, 1.0)
+
+    return beta
+
+
+def constant_beta(value: float) -> BetaSchedule:
+    """``β_t = value`` for every step."""
+    check_beta(value, "beta")
+    return lambda step: value
+
+
+def beta_schedule(beta: float | BetaSchedule | None, total_steps: int, beta_min: float) -> BetaSchedule:
+    """The schedule of ``beta=`` (a constant or a callable ``step -> β``), or the linear one from 1
+    to ``beta_min`` over ``total_steps`` when ``beta`` is None (both are validated either way)."""
+    linear = linear_beta(total_steps, beta_min)
+    if beta is None:
+        return linear
+    if isinstance(beta, (int, float)) and not isinstance(beta, bool):
+        return constant_beta(beta)
+    if callable(beta):
+        return beta
+    raise ValueError(f"beta must be a number in [0, 1] or a callable step -> beta, got {beta!r}")
+
+
+def check_beta(value: float, name: str = "beta") -> float:
+    """``value`` if it lies in [0, 1], else ``ValueError`` naming it."""
+    if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must lie in [0, 1], got {value!r}")
+    return float(value)

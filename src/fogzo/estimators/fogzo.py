@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
@@ -37,8 +37,11 @@ from torch import nn
 from ..smoothing import Smoothing
 from .base import (
     Backward,
+    BetaSchedule,
     Closure,
     EstimateInfo,
+    beta_schedule,
+    check_beta,
     checked_loss,
     differentiable_loss,
     nothing_measured_message,
@@ -49,34 +52,8 @@ from .noise import SIGN_STREAM, derive_seed
 from .perturbed_set import PerturbedSet, local_part, set_gradient
 from .state import CallState, Snapshot, StateGuard, StepCounter, run_guarded
 
-__all__ = ["FOGZO", "BetaSchedule", "constant_beta", "linear_beta"]
+__all__ = ["FOGZO"]
 
-BetaSchedule = Callable[[int], float]
-
-
-def linear_beta(total_steps: int, beta_min: float) -> BetaSchedule:
-    """``β_t = 1 − (1 − β_min)·min(t/T, 1)``: linear from 1 at t = 0 to ``β_min`` at t = T."""
-    if not isinstance(total_steps, int) or total_steps < 1:
-        raise ValueError(f"total_steps must be a positive int, got {total_steps!r}")
-    check_beta(beta_min, "beta_min")
-
-    def beta(step: int) -> float:
-        return 1.0 - (1.0 - beta_min) * min(step / total_steps, 1.0)
-
-    return beta
-
-
-def constant_beta(value: float) -> BetaSchedule:
-    """``β_t = value`` for every step."""
-    check_beta(value, "beta")
-    return lambda step: value
-
-
-def check_beta(value: float, name: str = "beta") -> float:
-    """``value`` if it lies in [0, 1], else ``ValueError`` naming it."""
-    if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must lie in [0, 1], got {value!r}")
-    return float(value)
 
 NORMALIZATIONS = ("global", "tensor")
 
@@ -165,15 +142,7 @@ class FOGZO:
             raise ValueError(f"guide_norm must be a positive finite number, got {guide_norm!r}")
         self.model = model
         self.n = n
-        linear = linear_beta(total_steps, beta_min)  # validates total_steps and beta_min
-        if beta is None:
-            self.schedule: BetaSchedule = linear
-        elif isinstance(beta, (int, float)):
-            self.schedule = constant_beta(beta)
-        elif callable(beta):
-            self.schedule = beta
-        else:
-            raise ValueError(f"beta must be a number in [0, 1] or a callable step -> beta, got {beta!r}")
+        self.schedule = beta_schedule(beta, total_steps, beta_min)
         self.total_steps = total_steps
         self.ste_steps = round(ste_fraction * total_steps)
         self.normalize = normalize

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import FOGZO, SPSA, STE, QuantConfig, quantize
+from .. import FOGZO, SPSA, STE, NoiseMatchedSTE, QuantConfig, SmoothedForwardSTE, quantize
 from ..models import build_model
 from .config import TrainConfig, estimator_options
 from .data import data_dimensions, is_text_model
@@ -123,6 +123,10 @@ def build_estimator(
     options = estimator_options(config, kind)
     if kind == "spsa":
         return SPSA(model, seed=config.seed, **options)
+    if kind == "ste-sr":
+        return SmoothedForwardSTE(model, seed=config.seed, **options)
+    if kind == "ste-noise":
+        return NoiseMatchedSTE(model, total_steps=total_steps, seed=config.seed, **options)
     if ste_fraction is not None:
         options["ste_fraction"] = ste_fraction
     return FOGZO(model, total_steps=total_steps, seed=config.seed, **options)

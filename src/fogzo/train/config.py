@@ -106,7 +106,8 @@ class TrainConfig:
     skip_first_last: bool = _f(True, "quant", "keep the first and last quantizable layers in full precision")
     skip: tuple[str, ...] = _f((), "quant", "fnmatch patterns of module names to keep in full precision")
     # -------------------------------------------------------------- estimator
-    estimator: str = _f("fogzo", "estimator", "gradient estimator", ("ste", "fogzo", "spsa"))
+    estimator: str = _f("fogzo", "estimator", "gradient estimator (ste-sr: smoothed-forward STE, ste-noise: "
+                        "noise-matched STE)", ("ste", "fogzo", "spsa", "ste-sr", "ste-noise"))
     n: int = _f(1, "estimator", "perturbation samples per step (fogzo, spsa)")
     beta_min: float = _f(0.999, "estimator", "fogzo: beta at the last step of the linear schedule")
     beta: float | None = _f(None, "estimator", "fogzo: constant beta instead of the linear schedule")
@@ -214,8 +215,9 @@ RUN_FIXED_ESTIMATOR_ARGS = frozenset({"model", "total_steps", "seed", "smoothing
 def estimator_options(config: TrainConfig, kind: str | None = None) -> dict[str, Any]:
     """The ``[estimator]`` section as keyword arguments of the estimator class ``kind``.
 
-    ``fogzo``: every key of the section but ``estimator``; ``spsa``: the keys ``fogzo.SPSA``
-    takes (the FOGZO-only ones must keep their defaults); ``ste``: none (``fogzo.STE`` takes
+    ``fogzo``: every key of the section but ``estimator``; ``spsa``, ``ste-sr``
+    (``fogzo.SmoothedForwardSTE``) and ``ste-noise`` (``fogzo.NoiseMatchedSTE``): the keys that
+    class takes (the others must keep their defaults); ``ste``: none (``fogzo.STE`` takes
     no options; the section's values are ignored). The run adds ``total_steps`` and ``seed``.
     """
     kind = kind or config.estimator
@@ -227,14 +229,16 @@ def estimator_options(config: TrainConfig, kind: str | None = None) -> dict[str,
         return {}
     import inspect
 
-    from ..estimators import SPSA
+    from ..estimators import SPSA, NoiseMatchedSTE, SmoothedForwardSTE
 
-    accepted = set(inspect.signature(SPSA).parameters)
+    cls = {"spsa": SPSA, "ste-sr": SmoothedForwardSTE, "ste-noise": NoiseMatchedSTE}[kind]
+    accepted = set(inspect.signature(cls).parameters)
     ignored = {name: value for name, value in options.items()
                if name not in accepted and value != FIELDS[name].default}
     if ignored:
         raise ConfigError(
             f"{', '.join(sorted(ignored))} appl{'ies' if len(ignored) == 1 else 'y'} to estimator=fogzo only"
+            + ("" if kind == "spsa" else f" (not to estimator={kind})")
         )
     return {name: value for name, value in options.items() if name in accepted}
 
@@ -320,8 +324,8 @@ def _validate(config: TrainConfig) -> None:
     if config.on_nonfinite == "keep" and config.autocast != "fp16":
         raise ConfigError("on_nonfinite='keep' hands an overflowing STE gradient to the fp16 loss scaler, which skips "
                           "that step: it needs --autocast=fp16 (without a scaler use 'skip')")
-    if config.estimator == "spsa":
-        estimator_options(config)  # FOGZO-only keys changed for SPSA
+    if config.estimator not in ("ste", "fogzo"):
+        estimator_options(config)  # FOGZO-only keys changed for SPSA or an STE control
 
 
 def config_from_dict(values: dict[str, Any], where: str = "a dict") -> TrainConfig:
