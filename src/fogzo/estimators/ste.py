@@ -63,7 +63,8 @@ class STE:
 
     Cost: 1 forward + 1 backward (3 units). ``model`` is accepted for the common
     ``Estimator(model, ...)`` signature. ``backward``: a hook called with the loss instead
-    of ``loss.backward()`` (see :data:`~fogzo.estimators.base.Backward`).
+    of ``loss.backward()`` (see :data:`~fogzo.estimators.base.Backward`). ``seed``: the step
+    counter's base seed (the STE draws nothing; the two controls below, built on this class, do).
 
     Example::
 
@@ -71,27 +72,36 @@ class STE:
         info = estimator.estimate(lambda: F.cross_entropy(model(x), y))
     """
 
-    def __init__(self, model: nn.Module | None = None, *, backward: Backward | None = None) -> None:
+    perturbed: PerturbedSet | None = None  # the controls below: the tensors they shift or add noise to
+
+    def __init__(self, model: nn.Module | None = None, *, backward: Backward | None = None, seed: int = 0) -> None:
         self.model = model
         self.backward = backward
-        self.counter = StepCounter(0)
-        self._snapshots = (Snapshot(),)  # reused by every call
+        self.counter = StepCounter(seed)
+        self._snapshots = (Snapshot(), Snapshot())  # the call state; the controls' backup of W
 
     def estimate(self, closure: Closure) -> EstimateInfo:
         """``closure().backward()``; on failure (an exception in the closure or the backward,
         ``KeyboardInterrupt`` too) ``.grad``, buffers, the step counter and the global RNG
         are as before the call (``.grad`` and buffers only when ``model`` was given). A
         non-finite loss is not checked: it back-propagates as with plain ``backward``."""
+        if self.perturbed is not None:
+            self.perturbed.check_trainable()
         params = [] if self.model is None else [p for p in self.model.parameters() if p.requires_grad]
         state = CallState(self.model, params, self.counter, self._snapshots[0])
         return run_guarded(state, lambda: self._step(closure, state))
 
-    def _step(self, closure: Closure, state: CallState) -> EstimateInfo:
+    def _ste_pass(self, closure: Closure, state: CallState) -> torch.Tensor:
+        """``L = closure()`` and its backward (through the ``backward=`` hook if given)."""
         loss = differentiable_loss(closure(), state.params)
         if self.backward is None:
             loss.backward()
         else:
             self.backward(loss)
+        return loss
+
+    def _step(self, closure: Closure, state: CallState) -> EstimateInfo:
+        loss = self._ste_pass(closure, state)
         info = EstimateInfo(  # loss: the 0-d tensor, no host sync in the step (see EstimateInfo)
             loss=loss.detach(), forward_passes=1, backward_passes=1, beta=None, seed=None, step=self.counter.step
         )
@@ -105,7 +115,7 @@ class STE:
         self.counter.load_state_dict(state)
 
 
-class SmoothedForwardSTE:
+class SmoothedForwardSTE(STE):
     """``G_W = ∇_STE L(W + c·ε̄·u)`` with a fresh ``u`` from the STE's smoothing each step.
 
     Args:
@@ -134,23 +144,13 @@ class SmoothedForwardSTE:
         smoothing: Smoothing | None = None,
         backward: Backward | None = None,
     ) -> None:
-        self.model = model
-        self.backward = backward
+        super().__init__(model, backward=backward, seed=seed)
         self.perturbed = PerturbedSet.from_model(model, "quantized", smoothing=smoothing)
         if self.perturbed.sharded:
             raise ValueError("SmoothedForwardSTE does not support FSDP-sharded weights")
-        self.counter = StepCounter(seed)
-        self._snapshots = (Snapshot(), Snapshot())  # the call state; the backup of W
-
-    def estimate(self, closure: Closure) -> EstimateInfo:
-        """One step: fills ``.grad`` with the STE gradient at the shifted weights. On failure
-        ``.grad``, parameters, buffers, the step counter and the global RNG are as before."""
-        self.perturbed.check_trainable()
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        state = CallState(self.model, params, self.counter, self._snapshots[0])
-        return run_guarded(state, lambda: self._step(closure, state))
 
     def _step(self, closure: Closure, state: CallState) -> EstimateInfo:
+        assert self.perturbed is not None
         step, step_seed = self.counter.step, self.counter.step_seed()
         eps_bar = self.perturbed.smoothing.eps_bar
         backup = self._snapshots[1]
@@ -160,11 +160,7 @@ class SmoothedForwardSTE:
                 for entry in self.perturbed.tensors:  # W + c·ε̄·u
                     entry.param.add_(self.perturbed.noise(entry, step_seed, 0).mul_(_coordinate_scale(entry, eps_bar)),
                                      alpha=eps_bar)
-            loss = differentiable_loss(closure(), state.params)
-            if self.backward is None:
-                loss.backward()
-            else:
-                self.backward(loss)
+            loss = self._ste_pass(closure, state)
         finally:
             backup.restore()
         info = EstimateInfo(  # loss: read on the host only when info.loss is
@@ -173,14 +169,8 @@ class SmoothedForwardSTE:
         state.commit()
         return info
 
-    def state_dict(self) -> dict:
-        return self.counter.state_dict()
 
-    def load_state_dict(self, state: dict) -> None:
-        self.counter.load_state_dict(state)
-
-
-class NoiseMatchedSTE:
+class NoiseMatchedSTE(STE):
     """``G_W = g_W + k·√(1−β_t)·m·u / c`` with ``m = √(β_t·r² + 1 − β_t)·‖c·g_W‖`` and ``k = noise_scale``
     (1: matched; see the module docstring).
 
@@ -229,25 +219,14 @@ class NoiseMatchedSTE:
             raise ValueError(f"guide_norm must be a positive finite number, got {guide_norm!r}")
         if not (noise_scale >= 0 and math.isfinite(noise_scale)):
             raise ValueError(f"noise_scale must be a finite number >= 0, got {noise_scale!r}")
+        super().__init__(model, backward=backward, seed=seed)
         self.schedule: BetaSchedule = beta_schedule(beta, total_steps, beta_min)
-        self.model = model
         self.total_steps = total_steps
         self.guide_norm = float(guide_norm)
         self.noise_scale = float(noise_scale)
-        self.backward = backward
         self.perturbed = PerturbedSet.from_model(model, perturb, eps, smoothing)
         if self.perturbed.sharded:
             raise ValueError("NoiseMatchedSTE does not support FSDP-sharded weights")
-        self.counter = StepCounter(seed)
-        self._snapshots = (Snapshot(),)
-
-    def estimate(self, closure: Closure) -> EstimateInfo:
-        """One step: the STE gradient plus the matched noise in ``.grad``; on failure nothing
-        changes (state contract of :mod:`fogzo.estimators.state`)."""
-        self.perturbed.check_trainable()
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        state = CallState(self.model, params, self.counter, self._snapshots[0])
-        return run_guarded(state, lambda: self._step(closure, state))
 
     def matched_scale(self, beta: float) -> torch.Tensor:
         """``k·√(1−β)·m`` for the gradients now in ``.grad`` (a device scalar)."""
@@ -262,12 +241,9 @@ class NoiseMatchedSTE:
         return (norm_sq * ((1.0 - beta) * (beta * r2 + 1.0 - beta) * self.noise_scale**2)).sqrt()
 
     def _step(self, closure: Closure, state: CallState) -> EstimateInfo:
+        assert self.perturbed is not None
         step, step_seed = self.counter.step, self.counter.step_seed()
-        loss = differentiable_loss(closure(), state.params)
-        if self.backward is None:
-            loss.backward()
-        else:
-            self.backward(loss)
+        loss = self._ste_pass(closure, state)
         beta = check_beta(self.schedule(step), f"beta at step {step}")
         eps_bar = self.perturbed.smoothing.eps_bar
         scale = self.matched_scale(beta)
@@ -285,12 +261,6 @@ class NoiseMatchedSTE:
         )
         state.commit()
         return info
-
-    def state_dict(self) -> dict:
-        return self.counter.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.counter.load_state_dict(state)
 
 
 def _coordinate_scale(entry: PerturbedTensor, eps_bar: float) -> torch.Tensor | float:
