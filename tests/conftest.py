@@ -1,5 +1,10 @@
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
+
+from fogzo.data import write_idx
 
 pytest_plugins = ["pytester"]
 
@@ -23,3 +28,17 @@ def _deterministic_threads():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+def _write_fake_fashion_mnist(folder: Path, train: int = 64, test: int = 32) -> None:
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True)
+    for split, count in (("train", train), ("t10k", test)):
+        write_idx(folder / f"{split}-images-idx3-ubyte", rng.integers(0, 256, (count, 28, 28), dtype=np.uint8))
+        write_idx(folder / f"{split}-labels-idx1-ubyte", rng.integers(0, 10, count).astype(np.uint8))
+
+
+@pytest.fixture(scope="session")
+def write_fake_fashion_mnist():
+    """``write(folder)``: the four IDX files of a random 28x28 Fashion-MNIST (64 train, 32 test images)."""
+    return _write_fake_fashion_mnist

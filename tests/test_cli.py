@@ -14,11 +14,9 @@ import re
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from fogzo.cli import main as fogzo_main
-from fogzo.data import write_idx
 from fogzo.train import ConfigError, load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "experiments" / "configs"
@@ -85,19 +83,12 @@ def test_text_file_implies_dataset_text(tmp_path):
 # ------------------------------------------------------------------ a tiny run to work with
 
 
-def _write_fake_fashion_mnist(folder: Path, train: int = 64, test: int = 32) -> None:
-    rng = np.random.default_rng(0)
-    folder.mkdir(parents=True)
-    for split, count in (("train", train), ("t10k", test)):
-        write_idx(folder / f"{split}-images-idx3-ubyte", rng.integers(0, 256, (count, 28, 28), dtype=np.uint8))
-        write_idx(folder / f"{split}-labels-idx1-ubyte", rng.integers(0, 10, count).astype(np.uint8))
-
 
 @pytest.fixture(scope="module")
-def tiny_config(tmp_path_factory) -> Path:
+def tiny_config(tmp_path_factory, write_fake_fashion_mnist) -> Path:
     """A JSON config of a 4-step MLP run on 64 random 28x28 images (a fraction of a second)."""
     base = tmp_path_factory.mktemp("cli")
-    _write_fake_fashion_mnist(base / "data")
+    write_fake_fashion_mnist(base / "data")
     values = {
         "model": "mlp", "model_args": {"hidden": [16]}, "dataset": "fashion_mnist", "data_dir": str(base / "data"),
         "batch_size": 8, "eval_size": 16, "train_eval_size": 16, "eval_batch_size": 8, "bits": 2,
@@ -353,13 +344,13 @@ def test_reproduce_checks_estimator_options_before_any_run(capsys, monkeypatch, 
     assert not (tmp_path / "out").exists()
 
 
-def test_reproduce_with_fewer_images_than_a_batch_is_one_line(tmp_path, capsys, monkeypatch):
+def test_reproduce_with_fewer_images_than_a_batch_is_one_line(tmp_path, capsys, monkeypatch, write_fake_fashion_mnist):
     # A user folder (--data-dir, or FOGZO_DATA_DIR) with a handful of images used to make
     # every run loop forever (an epoch held no batch).
     from fogzo.reproduce import mnist
 
     monkeypatch.setattr(mnist, "train_run", lambda *a, **k: pytest.fail("a run started (and would never end)"))
-    _write_fake_fashion_mnist(tmp_path / "mnist")
+    write_fake_fashion_mnist(tmp_path / "mnist")
     out = tmp_path / "out"
     code = fogzo_main(["reproduce", "mnist", *TINY_STUDY, "--data-dir", str(tmp_path / "mnist"), "--out", str(out)])
     assert code == 2

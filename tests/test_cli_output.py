@@ -11,11 +11,9 @@ import json
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from fogzo.cli import main as fogzo_main
-from fogzo.data import write_idx
 from fogzo.train.compare import main as compare_main
 
 RESNET = str(Path(__file__).resolve().parents[1] / "experiments" / "configs" / "resnet20_fmnist.toml")
@@ -28,19 +26,12 @@ def one_line_error(capsys, prefix: str) -> str:
     return captured.err[len(prefix):].strip()
 
 
-def _write_images(folder: Path, train: int = 64, test: int = 32) -> None:
-    rng = np.random.default_rng(0)
-    folder.mkdir(parents=True)
-    for split, count in (("train", train), ("t10k", test)):
-        write_idx(folder / f"{split}-images-idx3-ubyte", rng.integers(0, 256, (count, 28, 28), dtype=np.uint8))
-        write_idx(folder / f"{split}-labels-idx1-ubyte", rng.integers(0, 10, count).astype(np.uint8))
-
 
 @pytest.fixture(scope="module")
-def tiny_config(tmp_path_factory) -> Path:
+def tiny_config(tmp_path_factory, write_fake_fashion_mnist) -> Path:
     """A JSON config of a 6-step MLP run on 64 random 28x28 images (a fraction of a second)."""
     base = tmp_path_factory.mktemp("output")
-    _write_images(base / "data")
+    write_fake_fashion_mnist(base / "data")
     values = {
         "model": "mlp", "model_args": {"hidden": [16]}, "dataset": "fashion_mnist", "data_dir": str(base / "data"),
         "batch_size": 8, "eval_size": 16, "train_eval_size": 16, "eval_batch_size": 8, "bits": 2, "n": 1,

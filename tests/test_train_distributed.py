@@ -41,7 +41,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -49,7 +48,6 @@ import torch.optim.optimizer as optim_hooks
 
 import fogzo
 from fogzo import distributed as fd
-from fogzo.data import write_idx
 from fogzo.train import ConfigError, load_config, train
 from fogzo.train import data as train_data
 from fogzo.train.cli import main as train_main
@@ -71,13 +69,6 @@ U32 = 2.0**-24  # float32 unit roundoff
 # tests/test_distributed.py). It bounds the STE gradient, and FOGZO's guide direction.
 GRAD_RTOL = 1e-5
 
-
-def _write_fake_fashion_mnist(folder: Path, train: int = 64, test: int = 32) -> None:
-    rng = np.random.default_rng(0)
-    folder.mkdir(parents=True)
-    for split, count in (("train", train), ("t10k", test)):
-        write_idx(folder / f"{split}-images-idx3-ubyte", rng.integers(0, 256, (count, 28, 28), dtype=np.uint8))
-        write_idx(folder / f"{split}-labels-idx1-ubyte", rng.integers(0, 10, count).astype(np.uint8))
 
 
 def _values(data_dir: Path, out: Path, **overrides) -> dict:
@@ -313,10 +304,10 @@ def _worker(rank: int, world: int, jobs: list[dict], base: str, results_dir: str
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, write_fake_fashion_mnist):
     base = tmp_path_factory.mktemp("train_ddp")
     data_dir = base / "data"
-    _write_fake_fashion_mnist(data_dir)
+    write_fake_fashion_mnist(data_dir)
     runs_dir, results_dir = base / "runs", base / "results"
     runs_dir.mkdir()
     results_dir.mkdir()
