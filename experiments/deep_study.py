@@ -68,7 +68,13 @@ ESTIMATORS: dict[str, dict[str, Any]] = {
     "ste": {"estimator": "ste"},
     "fogzo": {"estimator": "fogzo", "beta_min": 0.999, "guide_norm": 1.0},
     "fogzo-best": {"estimator": "fogzo", "guide_norm": 10.0, "beta_min": "1-0.8/d"},
+    # Issue 22's controls, on the 1-bit rows only: the noise-matched STE (matched to the paper's
+    # reading: same beta schedule, guide norm and perturbed set) and the smoothed-forward STE.
+    "ste-noise": {"estimator": "ste-noise", "beta_min": 0.999, "guide_norm": 1.0},
+    "ste-sr": {"estimator": "ste-sr"},
 }
+#: Estimators that run on some rows only (the others run on every row).
+ESTIMATOR_ROWS = {"ste-noise": ("1bit",), "ste-sr": ("1bit",)}
 
 
 @dataclass(frozen=True)
@@ -169,6 +175,8 @@ def needed(family: str, out: Path) -> list[Run]:
     runs = []
     for row in ROWS:
         for estimator in ESTIMATORS:
+            if row not in ESTIMATOR_ROWS.get(estimator, (row,)):
+                continue
             scored = _scorer(family, row, estimator, out)
             runs += [Run(family, row, estimator, lr, seed) for lr, seed in tuning.needed(LRS, SEEDS, scored)]
     return runs
@@ -262,7 +270,8 @@ def best_runs(family: str, row: str, estimator: str, out: Path | None) -> tuple[
     return best, [record for record in records if record]
 
 
-LABELS = {"ste": "STE", "fogzo": "FOGZO (paper: ‖ĝ‖ = 1, β_min = 0.999)", "fogzo-best": "FOGZO best MNIST variant (‖ĝ‖ = 10)"}
+LABELS = {"ste": "STE", "fogzo": "FOGZO (paper: ‖ĝ‖ = 1, β_min = 0.999)", "fogzo-best": "FOGZO best MNIST variant (‖ĝ‖ = 10)",
+          "ste-noise": "noise-matched STE (to the paper's FOGZO)", "ste-sr": "smoothed-forward STE"}
 
 
 def plot(out_dir: Path, archive_path: Path = ARCHIVE) -> list[Path]:
