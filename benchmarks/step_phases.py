@@ -47,7 +47,7 @@ PHASES = {
     "guide": (fogzo_module.FOGZO, "_guide"),
     "perturbation": (fogzo_module.FOGZO, "_perturbation"),
     "resolve": (engine.ZerothOrderMeasurement, "resolve"),
-    "noise": (perturbed_set.PerturbedSet, "noise"),
+    "noise": (perturbed_set.PerturbedSet, "noises"),
     "guard": (state.StateGuard, ("after_first_pass", "rewind", "close")),
 }
 

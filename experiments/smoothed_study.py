@@ -386,6 +386,23 @@ GRIDS: dict[str, Grid] = {
         estimators=("ste-noise-v2",),
         lrs=(1e-3, 3e-3, 1e-2),
     ),
+    # Equal wall time (issue 22): the STE with as many more iterations as a control's step costs
+    # more (benchmarks/controls_step_cost.py on this MLP: smoothed-forward STE 1.22×, noise-matched
+    # STE 1.56× an STE step), in the settings where that control beat the STE at equal steps.
+    "equal-time-sr": Grid(
+        settings=[s for s in _settings(["mnist", "fashion"], MAP_ROWS, ["fixed"], iterations=2440)
+                  if (s["bits"], s["ste"]) in ((1, "identity"), ("ternary", "identity"))],
+        estimators=("ste",),
+        lrs=(1e-3, 3e-3, 1e-2),
+        seeds=(0, 1, 2, 3, 4),
+    ),
+    "equal-time-noise": Grid(
+        settings=[s for s in _settings(["mnist", "fashion"], [(1, "identity")], ["fixed", "lsq"], iterations=3120)
+                  if (s["dataset"], s["step_size"]) != ("fashion", "lsq")],
+        estimators=("ste",),
+        lrs=(1e-3, 3e-3, 1e-2),
+        seeds=(0, 1, 2, 3, 4),
+    ),
     # A seconds-long check of every code path.
     "smoke": Grid(
         settings=_settings(["mnist"], [(2, "identity"), (1, "tanh")], ["fixed"], iterations=20),

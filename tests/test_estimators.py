@@ -555,7 +555,7 @@ def _reference_fogzo(model, x, y, *, n, beta, one_sided, seed, guide_norm=1.0, s
         lambda: F.cross_entropy(model(x), y),
         [entry.param for entry in entries],
         [entry.coordinate_scale(eps_bar) for entry in entries],
-        [[estimator.perturbed.noise(entry, step_seed, i) for entry in entries] for i in range(n)],
+        [estimator.perturbed.noises(step_seed, i) for i in range(n)],
         [estimator.sign(step_seed, i) for i in range(n)],
         beta=beta, eps_bar=eps_bar, guide_norm=guide_norm, one_sided=one_sided, model=model,
     )
@@ -689,25 +689,27 @@ def test_keep_mode_keeps_the_ste_gradient_when_a_perturbed_loss_is_not_finite():
         assert torch.equal(a.grad, b.grad), name
 
 
-@pytest.mark.parametrize("n,draws_per_tensor", [(1, 1), (3, 3)])
-def test_noise_draws_per_step(n, draws_per_tensor, monkeypatch):
-    """Each tensor's noise is drawn once per sample and step, never regenerated. (The first step
-    draws once more per tensor: the check that shifts survive the dtype.)"""
+@pytest.mark.parametrize("n", [1, 3])
+def test_noise_is_drawn_once_per_sample_and_step(n, monkeypatch):
+    """u_i is drawn once per sample and step (one call for a small model), never regenerated. (The
+    first step draws once more: the check that shifts survive the dtype.)"""
+    from fogzo.estimators import perturbed_set as perturbed_module
+
     x, y = _batch()
     model = _mlp()
     estimator = fogzo.FOGZO(model, total_steps=10, n=n, beta=0.5, seed=0)
     estimator.estimate(lambda: F.cross_entropy(model(x), y))
     calls = []
-    original = fogzo.PerturbedSet.noise
+    original = perturbed_module.block_noise
 
-    def counting(self, entry, step_seed, sample):
-        calls.append(entry.index)
-        return original(self, entry, step_seed, sample)
+    def counting(smoothing, key, *args, **kwargs):
+        calls.append(key)
+        return original(smoothing, key, *args, **kwargs)
 
-    monkeypatch.setattr(fogzo.PerturbedSet, "noise", counting)
+    monkeypatch.setattr(perturbed_module, "block_noise", counting)
     estimator.estimate(lambda: F.cross_entropy(model(x), y))
-    tensors = len(estimator.perturbed.tensors)
-    assert sorted(calls) == sorted(list(range(tensors)) * draws_per_tensor)
+    step_seed = calls[0][0]
+    assert calls == [(step_seed, 0, sample) for sample in range(n)]
 
 
 # ------------------------------------------------------------ block-seeded noise
@@ -825,8 +827,8 @@ def _explicit_difference(estimator, closure, sample=0):
     eps_bar = perturbed.smoothing.eps_bar
     step_seed = estimator.counter.step_seed()
     originals = [entry.param.detach().clone() for entry in perturbed.tensors]
-    shifts = [entry.coordinate_scale(eps_bar) * eps_bar * perturbed.noise(entry, step_seed, sample)
-              for entry in perturbed.tensors]
+    shifts = [entry.coordinate_scale(eps_bar) * eps_bar * u
+              for entry, u in zip(perturbed.tensors, perturbed.noises(step_seed, sample))]
 
     def loss_at(sign):
         with torch.no_grad():
@@ -1038,3 +1040,30 @@ def test_vectorize_refuses_a_model_whose_random_ops_vmap_does_not_reproduce():
         # fused kernels alone, not under vmap), so d by 256·eps·|L|/ε̄ (|L₊| ≈ |L₋| ≈ 2|L| at most)
         bound = 2 * 256 * torch.finfo(torch.float32).eps * loss / estimator.perturbed.smoothing.eps_bar
         assert vectorized.differences == pytest.approx(looped.differences, rel=0, abs=bound)
+
+
+@pytest.mark.parametrize("stream", ["blocks", "counter"])
+def test_one_noise_draw_per_sample_gives_the_numbers_of_the_tensor_by_tensor_draw(stream, monkeypatch):
+    """A small model draws u_i in one call (d <= NOISE_BLOCK); a large one tensor by tensor, each
+    tensor's range of the same vector: with NOISE_BLOCK shrunk below d the two paths must agree to
+    the bit, and distinct tensors and samples must get distinct noise."""
+    from fogzo.estimators import noise as noise_module
+    from fogzo.estimators import perturbed_set as perturbed_module
+
+    model = _mlp()
+    one_draw = fogzo.PerturbedSet.from_model(model, "all", noise_stream=stream)
+    assert one_draw._flat_sizes is not None
+    monkeypatch.setattr(perturbed_module, "NOISE_BLOCK", 7)  # every block boundary cuts some tensor
+    monkeypatch.setattr(noise_module, "NOISE_BLOCK", 7)
+    by_tensor = fogzo.PerturbedSet.from_model(model, "all", noise_stream=stream)
+    assert by_tensor._flat_sizes is None
+    for sample in (0, 1):
+        whole, parts = one_draw.noises(11, sample), by_tensor.noises(11, sample)
+        assert [u.shape for u in whole] == [p.shape for p in model.parameters()]
+        assert all(torch.equal(a, b) for a, b in zip(whole, parts))
+        targets = [torch.zeros_like(p) for p in model.parameters()]
+        by_tensor.add_noise_(targets, 11, sample, 2.0)
+        assert all(torch.equal(t, 2.0 * u) for t, u in zip(targets, parts))
+    flat = torch.cat([u.flatten() for u in one_draw.noises(11, 0)])
+    assert not torch.equal(flat, torch.cat([u.flatten() for u in one_draw.noises(11, 1)]))
+    assert len(set(flat.tolist())) == flat.numel()  # no tensor repeats another's noise

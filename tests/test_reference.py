@@ -124,19 +124,25 @@ class _Draws:
     def __init__(self, monkeypatch):
         self.noise = {}
         self.signs = {}
-        noise, sign = PerturbedSet.noise, FOGZO.sign
+        noises, add_noise, sign = PerturbedSet.noises, PerturbedSet.add_noise_, FOGZO.sign
 
-        def recorded_noise(perturbed, entry, step_seed, sample):
-            u = noise(perturbed, entry, step_seed, sample)
-            self.noise.setdefault((entry.name, sample), []).append(u.clone())  # the caller scales u in place
-            return u
+        def record(perturbed, step_seed, sample):
+            us = noises(perturbed, step_seed, sample)
+            for entry, u in zip(perturbed.tensors, us):
+                self.noise.setdefault((entry.name, sample), []).append(u.clone())  # the caller scales u in place
+            return us
+
+        def recorded_add(perturbed, tensors, step_seed, sample, alpha):
+            record(perturbed, step_seed, sample)  # (u is a pure function of its key: what add_noise_ adds)
+            add_noise(perturbed, tensors, step_seed, sample, alpha)
 
         def recorded_sign(step_seed, sample):
             s = sign(step_seed, sample)
             self.signs.setdefault(sample, []).append(s)
             return s
 
-        monkeypatch.setattr(PerturbedSet, "noise", recorded_noise)
+        monkeypatch.setattr(PerturbedSet, "noises", record)
+        monkeypatch.setattr(PerturbedSet, "add_noise_", recorded_add)
         monkeypatch.setattr(FOGZO, "sign", staticmethod(recorded_sign))
 
     def clear(self):

@@ -105,7 +105,7 @@ def test_perturbations_are_in_units_of_torchaos_scale():
     weight, plus, minus = model[2].weight.detach(), seen[1], seen[2]  # seen[0]: the loss pass
     eps_bar = estimator.perturbed.smoothing.eps_bar
     assert eps_bar == pytest.approx(1 / (2 * math.sqrt(3)))
-    shift = entry.coordinate_scale(eps_bar) * eps_bar * estimator.perturbed.noise(entry, info.seed, 0)
+    shift = entry.coordinate_scale(eps_bar) * eps_bar * estimator.perturbed.noises(info.seed, 0)[entry.index]
     torch.testing.assert_close(plus - weight, shift)
     torch.testing.assert_close(minus - weight, -shift)
     # The shift is up to half a quantization step per weight (uniform noise, √3·ε̄ = 1/2).

@@ -96,7 +96,7 @@ class Passes:
         self._grad_mode = torch.is_grad_enabled()
         torch.set_grad_enabled(False)
         if perturbed.sharded:
-            self._logs = perturbed.forward_logs()
+            self._logs = fsdp_forward_logs(perturbed.fsdp_modules)
         return self
 
     def __exit__(self, kind: object, error: object, traceback: object) -> None:
@@ -108,7 +108,7 @@ class Passes:
             if self._written:
                 self.engine.backup.restore()  # W, bit for bit
             if perturbed.sharded:
-                perturbed.reshard()
+                reshard(perturbed.fsdp_modules)
                 for log, length in self._logs:  # the perturbed forwards have no backward
                     del log[length:]
             self.guard.close()
@@ -154,7 +154,7 @@ class Passes:
         torch._foreach_addcmul_(self.weights, v, self.scales, value=sign * perturbed.smoothing.eps_bar)
         self.guard.rewind()
         if perturbed.sharded:  # (FSDP's forward sets version counters, which inference tensors lack)
-            perturbed.reshard()  # the forward all-gathers the shifted shards
+            reshard(perturbed.fsdp_modules)  # the forward all-gathers the shifted shards
             return loss_value(checked_loss(self.closure()))
         with torch.inference_mode():
             return loss_value(checked_loss(self.closure()))
@@ -269,8 +269,8 @@ class ZerothOrderMeasurement:
         """
         eps_bar = self.perturbed.smoothing.eps_bar
         lost = []
-        for entry, c in zip(self.perturbed.tensors, self.perturbed.scales()):
-            shift = self.perturbed.noise(entry, step_seed, 0).mul_(c)  # c·u, shifted by ε̄·c·u
+        for entry, c, u in zip(self.perturbed.tensors, self.perturbed.scales(), self.perturbed.noises(step_seed, 0)):
+            shift = u.mul_(c)  # c·u, shifted by ε̄·c·u
             weight = entry.local_param()
             with torch.no_grad():
                 moving = shift != 0
@@ -337,3 +337,29 @@ class ZerothOrderMeasurement:
                 f"alone {looped!r}: the model draws random numbers that torch.func.vmap does not "
                 "reproduce (e.g. dropout after attention in training mode); use vectorize=None"
             )
+
+
+def reshard(fsdp_modules: list[torch.nn.Module]) -> None:
+    """Free FSDP's unsharded parameters, so that the next forward all-gathers the (shifted) shards."""
+    for module in fsdp_modules:
+        module.reshard()  # type: ignore[operator]
+
+
+def fsdp_forward_logs(fsdp_modules: list[torch.nn.Module]) -> list[tuple[list, int]]:
+    """FSDP2's forward-order logs and their lengths now (private attributes; skipped where a
+    version lacks them): the perturbed forwards have no backward, so the passes cut them off
+    again (else the next backward prefetches a module it does not need: a wasted all-gather)."""
+    logs: dict[int, list] = {}
+    for module in fsdp_modules:
+        get_state = getattr(module, "_get_fsdp_state", None)
+        state = get_state() if callable(get_state) else None
+        groups = getattr(state, "_fsdp_param_groups", None)
+        if groups is None:
+            group = getattr(state, "_fsdp_param_group", None)
+            groups = [] if group is None else [group]
+        for group in groups:
+            for log in (getattr(group, "_post_forward_indices", None),
+                        getattr(getattr(group, "comm_ctx", None), "post_forward_order", None)):
+                if isinstance(log, list):
+                    logs[id(log)] = log
+    return [(log, len(log)) for log in logs.values()]

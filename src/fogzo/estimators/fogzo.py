@@ -316,15 +316,14 @@ class FOGZO:
     def _perturbation(self, guide: list[torch.Tensor], beta: float, step_seed: int, sample: int) -> list[torch.Tensor]:
         """``v_i = √β·s_i·ĝ + √(1−β)·u_i``; for n = 1 in ``ĝ``'s buffer (already scaled by
         ``√β·s``, see :meth:`_guide`), else in a new one. One noise draw per tensor and sample,
-        added as it is drawn (one noise tensor alive at a time)."""
+        added by :meth:`~fogzo.estimators.perturbed_set.PerturbedSet.add_noise_` (one draw for a small model)."""
         noise_weight = math.sqrt(1.0 - beta)
         if self.n == 1:
             v = guide
         else:
             v = torch._foreach_mul(guide, math.sqrt(beta) * self.sign(step_seed, sample))
         if noise_weight != 0.0:
-            for entry, tensor in zip(self.perturbed.tensors, v):
-                tensor.add_(self.perturbed.noise(entry, step_seed, sample), alpha=noise_weight)
+            self.perturbed.add_noise_(v, step_seed, sample, noise_weight)
         return v
 
     def _redo_ste_pass(self, closure: Closure, guard: StateGuard, state: CallState) -> None:

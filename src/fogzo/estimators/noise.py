@@ -1,8 +1,9 @@
 """Deterministic noise ``u``: seeds, the block stream and the counter (SplitMix64) stream.
 
-``u`` for tensor ``k`` and sample ``i`` at step seed ``s`` is drawn, block by block of
-``NOISE_BLOCK`` flattened elements, from private ``torch.Generator`` s seeded with
-``derive_seed(s, 0, k, i, block)`` (:func:`block_noise`, the default ``"blocks"`` stream), or
+``u`` of sample ``i`` at step seed ``s`` is one vector over the perturbed tensors laid end to
+end (:meth:`fogzo.estimators.perturbed_set.PerturbedSet.noises`), drawn block by block of
+``NOISE_BLOCK`` elements from private ``torch.Generator`` s seeded with
+``derive_seed(s, 0, i, block)`` (:func:`block_noise`, the default ``"blocks"`` stream), or
 computed as a pure function of the seed and the global coordinate (:func:`counter_noise`, the
 ``"counter"`` stream): reproducible, independent of the global RNG, different for every tensor,
 defined by global coordinates (a shard draws only its own part), and regenerated rather than

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..adapters import QuantizerView, foreign_quantized_layers, quantizer_parameters, quantizer_views
 from ..smoothing import Smoothing
-from .noise import NOISE_STREAM, NOISE_STREAMS, block_noise, counter_noise
+from .noise import NOISE_BLOCK, NOISE_STREAM, NOISE_STREAMS, block_noise, counter_noise
 
 __all__ = ["PerturbedSet", "PerturbedTensor", "is_dtensor", "local_part", "set_gradient"]
 
@@ -153,6 +153,13 @@ class PerturbedSet:
         self.padded = [entry for entry in self.tensors if entry.padding_row is not None]
         self._scales: list[torch.Tensor] | None = None
         self._scales_key: tuple | None = None
+        sizes = [entry.param.numel() for entry in self.tensors]
+        self.num_coordinates = sum(sizes)
+        """``d``: the number of perturbed scalars."""
+        self._offsets = [sum(sizes[:k]) for k in range(len(sizes))]  # tensor k's first coordinate of u
+        one_draw = (not self.sharded and self.num_coordinates <= NOISE_BLOCK
+                    and len({(p.device, p.dtype) for p in self.params}) == 1)
+        self._flat_sizes = sizes if one_draw else None
 
     @classmethod
     def from_model(
@@ -276,11 +283,6 @@ class PerturbedSet:
             "build a new estimator after changing requires_grad"
         )
 
-    @property
-    def num_coordinates(self) -> int:
-        """``d``: the number of perturbed scalars."""
-        return sum(entry.param.numel() for entry in self.tensors)
-
     def local_params(self) -> list[torch.Tensor]:
         """The perturbed parameters (their local shards under FSDP), whose storage a perturbed pass writes."""
         return [local_part(param.detach()) for param in self.params] if self.sharded else self.params
@@ -303,17 +305,43 @@ class PerturbedSet:
             self._scales, self._scales_key = scales, key
         return scales
 
-    def noise(self, entry: PerturbedTensor, step_seed: int, sample: int) -> torch.Tensor:
-        """Unit-variance noise ``u`` of ``entry`` and ``sample`` (its local part), a new tensor."""
-        key, device = (step_seed, NOISE_STREAM, entry.index, sample), entry.param.device
+    def noises(self, step_seed: int, sample: int) -> list[torch.Tensor]:
+        """Unit-variance noise ``u`` of every perturbed tensor (its local part) for ``sample``.
+
+        ``u`` is one vector over the perturbed tensors laid end to end (tensor ``k`` holds
+        coordinates ``[offset_k, offset_k + numel_k)`` of ``d``), drawn from the key
+        ``(step_seed, NOISE_STREAM, sample)`` by :mod:`fogzo.estimators.noise`, whose streams give
+        any coordinate range on its own (a shard draws only its part). Where the whole vector fits
+        one noise block (``d <= NOISE_BLOCK``, unsharded, one device and dtype: every small model)
+        it is one draw, split into views; else one draw per tensor, the same numbers."""
+        key = (step_seed, NOISE_STREAM, sample)
+        if self._flat_sizes is not None:
+            first = self.params[0]
+            flat = self._draw(key, (self.num_coordinates,), first.device, first.dtype, 0)
+            return [u.view(entry.local_shape) for entry, u in zip(self.tensors, flat.split(self._flat_sizes))]
+        return [self._draw(key, entry.local_shape, entry.param.device, entry.param.dtype, offset + entry.start)
+                for entry, offset in zip(self.tensors, self._offsets)]
+
+    def add_noise_(self, tensors: list[torch.Tensor], step_seed: int, sample: int, alpha: float) -> None:
+        """``tensors[k] += alpha·u_k`` (:meth:`noises`), one noise tensor alive at a time where ``u``
+        is more than one draw."""
+        if self._flat_sizes is not None:
+            torch._foreach_add_(tensors, self.noises(step_seed, sample), alpha=alpha)
+            return
+        key = (step_seed, NOISE_STREAM, sample)
+        for entry, offset, tensor in zip(self.tensors, self._offsets, tensors):
+            tensor.add_(self._draw(key, entry.local_shape, entry.param.device, entry.param.dtype, offset + entry.start),
+                        alpha=alpha)
+
+    def _draw(self, key: tuple[int, ...], shape, device: torch.device, dtype: torch.dtype, start: int) -> torch.Tensor:
         if self.noise_stream == "counter":
-            return counter_noise(self.smoothing, key, entry.local_shape, device, entry.param.dtype,
-                                 start=entry.start, total=entry.param.numel(), compiled=self.compile_noise)
+            return counter_noise(self.smoothing, key, shape, device, dtype, start=start, total=self.num_coordinates,
+                                 compiled=self.compile_noise)
         generator = self._generators.get(device)
         if generator is None:
             generator = self._generators[device] = torch.Generator(device=device)
-        return block_noise(self.smoothing, key, entry.local_shape, device, entry.param.dtype, start=entry.start,
-                           total=entry.param.numel(), generator=generator)
+        return block_noise(self.smoothing, key, shape, device, dtype, start=start, total=self.num_coordinates,
+                           generator=generator)
 
     def mask_padding_rows(self, gradients: list[torch.Tensor]) -> None:
         """Zero the padding row of every ``nn.Embedding(padding_idx=…)`` weight's gradient in
@@ -341,32 +369,6 @@ class PerturbedSet:
             for entry in self.tensors:
                 for module, name in entry.owners:
                     module._parameters[name] = entry.param
-
-    # ------------------------------------------------------------------------- FSDP2
-
-    def reshard(self) -> None:
-        """Free FSDP's unsharded parameters, so that the next forward all-gathers the (shifted) shards."""
-        for module in self.fsdp_modules:
-            module.reshard()  # type: ignore[operator]
-
-    def forward_logs(self) -> list[tuple[list, int]]:
-        """FSDP2's forward-order logs and their lengths now (private attributes; skipped where a
-        version lacks them): the perturbed forwards have no backward, so the engine cuts them off
-        again (else the next backward prefetches a module it does not need: a wasted all-gather)."""
-        logs: dict[int, list] = {}
-        for module in self.fsdp_modules:
-            get_state = getattr(module, "_get_fsdp_state", None)
-            state = get_state() if callable(get_state) else None
-            groups = getattr(state, "_fsdp_param_groups", None)
-            if groups is None:
-                group = getattr(state, "_fsdp_param_group", None)
-                groups = [] if group is None else [group]
-            for group in groups:
-                for log in (getattr(group, "_post_forward_indices", None),
-                            getattr(getattr(group, "comm_ctx", None), "post_forward_order", None)):
-                    if isinstance(log, list):
-                        logs[id(log)] = log
-        return [(log, len(log)) for log in logs.values()]
 
 
 def _shard_rows(param: torch.Tensor) -> tuple[int, int]:

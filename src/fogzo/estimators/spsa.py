@@ -120,7 +120,7 @@ class SPSA:
         # queued on the device before the step's one host sync (resolve).
         with self.measurement.passes(closure, guard, step_seed, loss0) as passes:
             for sample in range(self.n):
-                passes.measure([self.perturbed.noise(entry, step_seed, sample) for entry in self.perturbed.tensors])
+                passes.measure(self.perturbed.noises(step_seed, sample))
         gradients = passes.gradient
         torch._foreach_div_(gradients, passes.scales)
         if self.n != 1:

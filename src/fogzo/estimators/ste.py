@@ -157,9 +157,8 @@ class SmoothedForwardSTE(STE):
         backup.take(self.perturbed.params)  # W, restored bit for bit below
         try:
             with torch.no_grad():
-                for entry in self.perturbed.tensors:  # W + c·ε̄·u
-                    entry.param.add_(self.perturbed.noise(entry, step_seed, 0).mul_(_coordinate_scale(entry, eps_bar)),
-                                     alpha=eps_bar)
+                for entry, u in zip(self.perturbed.tensors, self.perturbed.noises(step_seed, 0)):  # W + c·ε̄·u
+                    entry.param.add_(u.mul_(_coordinate_scale(entry, eps_bar)), alpha=eps_bar)
             loss = self._ste_pass(closure, state)
         finally:
             backup.restore()
@@ -248,9 +247,8 @@ class NoiseMatchedSTE(STE):
         eps_bar = self.perturbed.smoothing.eps_bar
         scale = self.matched_scale(beta)
         with torch.no_grad():
-            for entry in self.perturbed.tensors:
+            for entry, noise in zip(self.perturbed.tensors, self.perturbed.noises(step_seed, 0)):
                 param = entry.param
-                noise = self.perturbed.noise(entry, step_seed, 0)
                 noise.mul_(scale.to(noise.dtype)).div_(_coordinate_scale(entry, eps_bar))
                 if param.grad is None:
                     param.grad = noise
