@@ -32,7 +32,7 @@ class QuantizedLayer(nn.Module):
     quantized layer (``nn.MultiheadAttention`` has up to three).
     """
 
-    weight: nn.Parameter
+    weight: torch.Tensor
     weight_quantizer: WeightQuantizer
     input_quantizer: ActivationQuantizer | None
     quantization_enabled: bool
