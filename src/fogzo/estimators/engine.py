@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -85,7 +86,7 @@ class Passes:
         self._distributed = is_distributed()
         self._grad_mode = True
         self._logs: list[tuple[list, int]] = []
-        self._side_effects = None
+        self._side_effects: Callable[[], list[str]] | None = None
 
     def __enter__(self) -> Passes:
         engine, perturbed = self.engine, self.engine.perturbed
