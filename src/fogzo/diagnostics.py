@@ -205,7 +205,8 @@ def diagnose(
         )
     finally:
         before.restore()
-    rows, pooled = [], {"ste": [], "slope": [], "partials": []}
+    rows = []
+    pooled: dict[str, list[torch.Tensor]] = {"ste": [], "slope": [], "partials": []}
     for entry, coords, gradient, result in zip(perturbed.tensors, chosen, gradients, results):
         scale = broadcast_scale(entry, eps_bar)
         param = entry.local_param()
