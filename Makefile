@@ -12,7 +12,7 @@ TORCH  := torch==2.13.0
 
 FMNIST := $(VENV)/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: venv test-venv data test lint demo bench wheel-check clean
+.PHONY: venv test-venv data test lint typecheck demo bench wheel-check clean
 
 venv: $(STAMP)
 
@@ -53,6 +53,10 @@ test: $(TEST_STAMP)
 # ruff (pinned in the test extra; rules in pyproject.toml) on the library.
 lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff check src
+
+# mypy (pinned in the test extra; settings in pyproject.toml) on the library.
+typecheck: $(TEST_STAMP)
+	$(VENV)/bin/python -m mypy src
 
 demo: $(STAMP)
 	# --resume: a second `make demo` keeps the finished runs (and an interrupted one continues).

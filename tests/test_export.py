@@ -537,6 +537,8 @@ def test_rebuild_rejects_a_different_architecture() -> None:
             nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 6)
         )
         rebuild_float_model(wrong_width, exported)
+    with pytest.raises(ValueError, match="is Identity with weight None"):  # a module without a weight
+        rebuild_float_model(nn.Sequential(nn.Identity(), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 5)), exported)
     with pytest.raises(ValueError, match="no module '4'"):
         rebuild_float_model(nn.Sequential(nn.Conv2d(1, 4, 3)), exported)
     with pytest.raises(ValueError, match="does not match"):  # missing BatchNorm entries

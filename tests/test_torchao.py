@@ -210,6 +210,17 @@ def test_other_torchao_weight_quantizers_are_refused_before_any_work():
         fogzo.FOGZO(model, total_steps=5)
 
 
+def test_the_smoothed_gradient_refuses_a_torchao_model_with_a_value_error():
+    """torchao's view has no levels, which the oracle and diagnose need (was an AttributeError)."""
+    model = _prepare(_classifier(), CONFIGS["int4-per-channel"]())
+    x, y = _tokens(size=8)
+    closure = lambda: F.cross_entropy(model(x), y)
+    with pytest.raises(ValueError, match="needs the quantizer's levels, and its TorchaoIntxView has none"):
+        fogzo.diagnose(model, closure, coordinates=2, draws=1)
+    with pytest.raises(ValueError, match="needs the quantizer's levels"):
+        fogzo.SmoothedGradient(model).estimate(closure)
+
+
 # ------------------------------------------------------------ fogzo -> torchao
 
 

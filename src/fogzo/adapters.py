@@ -34,7 +34,7 @@ import re
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -43,6 +43,9 @@ from torch.nn.utils import parametrize
 from .layers import QuantizedLayer
 from .quantizers import ActivationQuantizer, WeightQuantizer
 from .smoothing import Smoothing, smoothing_for
+
+if TYPE_CHECKING:  # never imported at run time: torchao is optional (and untyped)
+    from torchao.quantization.qat import IntxFakeQuantizer
 
 __all__ = [
     "FogzoAdapter",
@@ -128,7 +131,7 @@ class TorchaoIntxView:
     """
 
     weight: nn.Parameter
-    fake_quantizer: nn.Module
+    fake_quantizer: IntxFakeQuantizer
     smoothing: Smoothing = IDENTITY_SMOOTHING
 
     def coordinate_scale(self) -> torch.Tensor:

@@ -8,7 +8,9 @@ import fnmatch
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TypeVar, cast
 
+import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -32,6 +34,7 @@ _SWAPS: dict[type[nn.Module], type[QuantizedLayer]] = {
     nn.Conv2d: QuantConv2d,
     nn.Embedding: QuantEmbedding,
 }
+_Quantized = TypeVar("_Quantized", bound=nn.Module)
 
 
 @dataclass(frozen=True)
@@ -163,7 +166,7 @@ def quantize(
     smoothing = config.smoothing
     attention_inputs = []
 
-    def weight_quantizer(weight: nn.Parameter, name: str) -> WeightQuantizer:
+    def weight_quantizer(weight: torch.Tensor, name: str) -> WeightQuantizer:
         return WeightQuantizer(
             weight,
             levels,
@@ -179,18 +182,16 @@ def quantize(
             continue
         if isinstance(module, nn.MultiheadAttention):
             projections = ["in_proj_weight"] if module._qkv_same_embed_dim else ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
-            quantizers = {p: weight_quantizer(module._parameters[p], f"{name}.{p}") for p in projections}  # type: ignore[arg-type]
-            out_proj = module.out_proj
-            out_proj.__class__ = QuantLinear
-            out_proj._attach(weight_quantizer(out_proj.weight, f"{name}.out_proj"), None)  # type: ignore[attr-defined]
-            module.__class__ = QuantMultiheadAttention
-            module._attach_projections(quantizers)  # type: ignore[attr-defined]
+            quantizers = {p: weight_quantizer(module.get_parameter(p), f"{name}.{p}") for p in projections}
+            out_proj = _swap_class(module.out_proj, QuantLinear)
+            out_proj._attach(weight_quantizer(out_proj.weight, f"{name}.out_proj"), None)
+            _swap_class(module, QuantMultiheadAttention)._attach_projections(quantizers)
             if config.activation_bits is not None:
                 attention_inputs.append(name)
             continue
         if isinstance(module, nn.Embedding) and (module.max_norm is not None or module.sparse):
             raise ValueError(f"{name}: Embedding with max_norm or sparse=True is not supported")
-        quantized = _swap_class(module)
+        quantized = _swap_class(module, _SWAPS[type(module)])
         input_quantizer = None
         if config.activation_bits is not None and not isinstance(module, nn.Embedding):
             input_quantizer = ActivationQuantizer(level_set(config.activation_bits), smoothing)
@@ -356,7 +357,7 @@ def quantization_report(model: nn.Module) -> QuantizationReport:
                 detail = f"{', '.join(weights)} parametrized (torch.nn.utils.parametrize) after quantize(): not supported"
                 quantized.append(ReportEntry(name, type(module).__name__, weights, detail + ", no parameter to perturb"))
                 continue
-            parts = [f"{p} {tuple(module._parameters[p].shape)}" for p, _ in module.quantized_weights()]  # type: ignore[union-attr]
+            parts = [f"{p} {tuple(module.get_parameter(p).shape)}" for p, _ in module.quantized_weights()]
             if isinstance(module, QuantMultiheadAttention) and isinstance(module.out_proj, QuantizedLayer):
                 parts.append(f"out_proj.weight {tuple(module.out_proj.weight.shape)}")
             detail = f"{', '.join(parts)} -> {_describe(module)}"
@@ -370,10 +371,10 @@ def quantization_report(model: nn.Module) -> QuantizationReport:
     return QuantizationReport(tuple(quantized), tuple(float_modules))
 
 
-def _swap_class(module: nn.Module) -> QuantizedLayer:
-    """Re-class ``module`` in place, keeping its parameters, buffers and hooks."""
-    module.__class__ = _SWAPS[type(module)]
-    return module  # type: ignore[return-value]
+def _swap_class(module: nn.Module, cls: type[_Quantized]) -> _Quantized:
+    """Re-class ``module`` in place as ``cls``, keeping its parameters, buffers and hooks."""
+    module.__class__ = cls
+    return cast(_Quantized, module)  # the same object, now a ``cls``: mypy cannot follow a class swap
 
 
 def quantized_layers(model: nn.Module) -> Iterator[tuple[str, QuantizedLayer]]:

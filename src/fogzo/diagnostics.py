@@ -38,7 +38,7 @@ from torch import nn
 from .estimators.base import Closure, checked_loss
 from .estimators.noise import derive_seed
 from .estimators.perturbed_set import PerturbedSet
-from .estimators.smoothed import COORDINATE_STREAM, broadcast_scale, smoothed_partials
+from .estimators.smoothed import COORDINATE_STREAM, broadcast_scale, quantizer_levels, smoothed_partials
 from .estimators.state import CallState, StateGuard
 from .smoothing import Smoothing
 
@@ -205,14 +205,15 @@ def diagnose(
         )
     finally:
         before.restore()
-    rows, pooled = [], {"ste": [], "slope": [], "partials": []}
+    rows = []
+    pooled: dict[str, list[torch.Tensor]] = {"ste": [], "slope": [], "partials": []}
     for entry, coords, gradient, result in zip(perturbed.tensors, chosen, gradients, results):
         scale = broadcast_scale(entry, eps_bar)
         param = entry.local_param()
         grad_x = torch.zeros_like(param) if gradient is None else gradient.detach() * scale  # g_x = c·g_W
         ste = grad_x.reshape(-1)[coords]
         assert entry.quantizer is not None
-        levels = entry.quantizer.levels
+        levels = quantizer_levels(entry)
         x = (param / scale).reshape(-1)[coords]
         slope = entry.quantizer.smoothing.surrogate_slope(x, levels.first_threshold, levels.num_thresholds, levels.jump)
         rows.append(_compare(entry.name, param.numel(), ste, slope, result.partials))

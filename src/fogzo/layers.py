@@ -15,6 +15,8 @@ as it computes ``Q(W)``.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,7 +34,7 @@ class QuantizedLayer(nn.Module):
     quantized layer (``nn.MultiheadAttention`` has up to three).
     """
 
-    weight: nn.Parameter
+    weight: torch.Tensor
     weight_quantizer: WeightQuantizer
     input_quantizer: ActivationQuantizer | None
     quantization_enabled: bool
@@ -128,9 +130,9 @@ class QuantMultiheadAttention(nn.MultiheadAttention, QuantizedLayer):
     def quantized_weight(self) -> torch.Tensor:
         raise AttributeError("QuantMultiheadAttention has several quantized weights: use quantized_weights()")
 
-    def forward(self, *args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         if not self.quantization_enabled:
-            return super().forward(*args, **kwargs)  # type: ignore[arg-type]
+            return super().forward(*args, **kwargs)
         substitutions: list[tuple[nn.Module, str, torch.Tensor]] = [
             (self, name, quantizer(self._parameters[name])) for name, quantizer in self.quantized_weights()
         ]
@@ -142,7 +144,7 @@ class QuantMultiheadAttention(nn.MultiheadAttention, QuantizedLayer):
             for module, name, tensor in substitutions:
                 saved.append((module, name, module._parameters[name]))
                 module._parameters[name] = tensor  # type: ignore[assignment]
-            return super().forward(*args, **kwargs)  # type: ignore[arg-type]
+            return super().forward(*args, **kwargs)
         finally:
             for module, name, latent in reversed(saved):
                 module._parameters[name] = latent  # type: ignore[assignment]

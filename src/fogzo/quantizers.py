@@ -111,13 +111,13 @@ class _FakeQuantize(torch.autograd.Function):
     """``α·h(W/α)`` forward; surrogate-slope backward (see module docstring)."""
 
     @staticmethod
-    def forward(ctx, weight, alpha, levels, smoothing, alpha_grad_scale):  # type: ignore[override]
+    def forward(ctx, weight, alpha, levels, smoothing, alpha_grad_scale):
         ctx.save_for_backward(weight, alpha)
         ctx.levels, ctx.smoothing, ctx.alpha_grad_scale = levels, smoothing, alpha_grad_scale
         return _quantize(weight, alpha, levels)
 
     @staticmethod
-    def backward(ctx, grad_output):  # type: ignore[override]
+    def backward(ctx, grad_output):
         weight, alpha = ctx.saved_tensors
         levels, smoothing = ctx.levels, ctx.smoothing
         x = weight / alpha
@@ -279,7 +279,7 @@ class WeightQuantizer(nn.Module):
             return self.alpha.detach().clamp_min(_MIN_STEP)
         return self.alpha
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if not isinstance(self.alpha, nn.Parameter):
             with torch.no_grad():
@@ -331,7 +331,7 @@ class ActivationQuantizer(nn.Module):
         scale = 1.0 / math.sqrt(max(per_example, 1) * self.levels.top_level)
         return fake_quantize(x, self.alpha.clamp_min(_MIN_STEP), self.levels, self.smoothing, scale)
 
-    def _load_from_state_dict(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
         self._seen_initialized = False  # read the loaded flag at the next forward
 

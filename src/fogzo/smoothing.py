@@ -236,8 +236,8 @@ class Smoothing:
         radius = math.ceil(self.reach()) + 1
         base = torch.floor(x - first_threshold) + first_threshold  # threshold just below x
         slope = torch.zeros_like(x)
-        for offset in range(-radius + 1, radius + 1):
-            threshold = base + offset
+        for shift in range(-radius + 1, radius + 1):
+            threshold = base + shift
             valid = (threshold >= first_threshold) & (threshold <= last_threshold)
             slope += torch.where(valid, self.density(threshold - x), 0.0)
         return slope * jump

@@ -73,7 +73,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             short = round(size / 0.875)
             width, height = image.size
             scale = short / min(width, height)
-            image = image.resize((max(short, round(width * scale)), max(short, round(height * scale))), Image.BILINEAR)
+            image = image.resize((max(short, round(width * scale)), max(short, round(height * scale))), Image.Resampling.BILINEAR)
             width, height = image.size
             left, top = (width - size) // 2, (height - size) // 2
             image = image.crop((left, top, left + size, top + size))
@@ -90,8 +90,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                     left, top = rng.randint(0, width - w), rng.randint(0, height - h)
                     box = (left, top, left + w, top + h)
                     break
-            image = image.resize((size, size), Image.BILINEAR, box=box)
+            image = image.resize((size, size), Image.Resampling.BILINEAR, box=box)
             if rng.random() < 0.5:
-                image = image.transpose(Image.FLIP_LEFT_RIGHT)
+                image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         array = np.asarray(image, dtype=np.uint8).copy()
         return torch.from_numpy(array).permute(2, 0, 1), label

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -30,6 +32,9 @@ import torch.distributed as dist
 from .base import NONFINITE_MODES, Closure, checked_loss, loss_value
 from .perturbed_set import PerturbedSet
 from .state import Snapshot, StateGuard
+
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import FSDPModule
 
 __all__ = ["NONFINITE_ADVICE", "Passes", "Verdict", "ZerothOrderMeasurement", "is_distributed"]
 
@@ -85,7 +90,7 @@ class Passes:
         self._distributed = is_distributed()
         self._grad_mode = True
         self._logs: list[tuple[list, int]] = []
-        self._side_effects = None
+        self._side_effects: Callable[[], list[str]] | None = None
 
     def __enter__(self) -> Passes:
         engine, perturbed = self.engine, self.engine.perturbed
@@ -339,13 +344,13 @@ class ZerothOrderMeasurement:
             )
 
 
-def reshard(fsdp_modules: list[torch.nn.Module]) -> None:
+def reshard(fsdp_modules: Sequence[FSDPModule]) -> None:
     """Free FSDP's unsharded parameters, so that the next forward all-gathers the (shifted) shards."""
     for module in fsdp_modules:
-        module.reshard()  # type: ignore[operator]
+        module.reshard()
 
 
-def fsdp_forward_logs(fsdp_modules: list[torch.nn.Module]) -> list[tuple[list, int]]:
+def fsdp_forward_logs(fsdp_modules: Sequence[FSDPModule]) -> list[tuple[list, int]]:
     """FSDP2's forward-order logs and their lengths now (private attributes; skipped where a
     version lacks them): the perturbed forwards have no backward, so the passes cut them off
     again (else the next backward prefetches a module it does not need: a wasted all-gather)."""

@@ -214,16 +214,18 @@ class FOGZO:
         # 4. G_W = (1/n) Σ_i d_i·v_i / c (times k), queued on the device before the step's one
         # host sync (resolve), which checks every value.
         gradient = passes.gradient  # Σ_i d_i·v_i
+        assert gradient is not None  # set by the n >= 1 measured directions
         torch._foreach_div_(gradient, passes.scales)
         if hook_factor / self.n != 1.0:
             torch._foreach_mul_(gradient, hook_factor / self.n)
         verdict = self.measurement.resolve(passes, loss0, norm)  # raises for on_nonfinite="raise"
+        assert verdict.loss is not None  # read from loss0: FOGZO always makes the STE pass
         if verdict.reason is not None:  # on_nonfinite="skip" or "keep"
             if keep:
                 state.commit()  # the STE pass's gradient stays
             else:
                 state.restore(advance=True)
-            return EstimateInfo(verdict.loss, forward_passes, 1, beta, step_seed, step,  # type: ignore[arg-type]
+            return EstimateInfo(verdict.loss, forward_passes, 1, beta, step_seed, step,
                                 ste_grad_norm=verdict.norm, skipped=True, skip_reason=verdict.reason)
         differences = verdict.differences
         if not any(differences):  # every d_i is exactly 0: nothing measured, keep the STE gradient
@@ -233,7 +235,7 @@ class FOGZO:
                 self._warned_unmeasured = True
             self._redo_ste_pass(closure, guard, state)
             state.commit()
-            return EstimateInfo(verdict.loss, forward_passes + 1, 2, beta, step_seed, step,  # type: ignore[arg-type]
+            return EstimateInfo(verdict.loss, forward_passes + 1, 2, beta, step_seed, step,
                                 differences=differences, zero_differences=len(differences),
                                 ste_grad_norm=verdict.norm, measured=False)
         self.perturbed.mask_padding_rows(gradient)
@@ -242,7 +244,7 @@ class FOGZO:
                 set_gradient(param, tensor)  # replaces this call's STE gradient
         state.commit()  # adds the gradients from before the call, as backward would
         return EstimateInfo(
-            loss=verdict.loss,  # type: ignore[arg-type]
+            loss=verdict.loss,
             forward_passes=forward_passes,
             backward_passes=1,
             beta=beta,
@@ -275,7 +277,8 @@ class FOGZO:
                                                           dtype=entry.param.dtype))
             gradients = [param.grad for param in self.perturbed.params]
         self._checked_reads = True
-        return [local_part(g) for g in gradients] if self.perturbed.sharded else gradients  # type: ignore[misc]
+        ste = [g for g in gradients if g is not None]  # every one by now
+        return [local_part(g) for g in ste] if self.perturbed.sharded else ste
 
     def _guide(
         self, ste_gradients: list[torch.Tensor], hook_factor: float, in_place: bool, weight: float = 1.0
@@ -293,9 +296,9 @@ class FOGZO:
             torch._foreach_mul_(ste_gradients, scales)
             g_x = ste_gradients
         else:
-            g_x = torch._foreach_mul(ste_gradients, scales)
+            g_x = list(torch._foreach_mul(ste_gradients, scales))
         wide = abs(hook_factor) >= 2.0**32 or g_x[0].dtype == torch.float64
-        norms = torch.stack(torch._foreach_norm(g_x, 2, dtype=torch.float64 if wide else torch.float32))  # type: ignore[call-arg]
+        norms = torch.stack(torch._foreach_norm(g_x, 2, dtype=torch.float64 if wide else torch.float32))
         if self.perturbed.sharded and dist.is_initialized():
             # Squared norms of the shards add up to those of the tensors: one all-reduce of
             # K scalars (K perturbed tensors), the only collective FSDP adds to the ZO part.
@@ -321,7 +324,7 @@ class FOGZO:
         if self.n == 1:
             v = guide
         else:
-            v = torch._foreach_mul(guide, math.sqrt(beta) * self.sign(step_seed, sample))
+            v = list(torch._foreach_mul(guide, math.sqrt(beta) * self.sign(step_seed, sample)))
         if noise_weight != 0.0:
             self.perturbed.add_noise_(v, step_seed, sample, noise_weight)
         return v

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, TypeGuard
 
 import torch
 from torch import nn
@@ -30,12 +31,16 @@ from ..adapters import QuantizerView, foreign_quantized_layers, quantizer_parame
 from ..smoothing import Smoothing
 from .noise import NOISE_BLOCK, NOISE_STREAM, NOISE_STREAMS, block_noise, counter_noise
 
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
 __all__ = ["PerturbedSet", "PerturbedTensor", "is_dtensor", "local_part", "set_gradient"]
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-def is_dtensor(tensor: object) -> bool:
+def is_dtensor(tensor: object) -> TypeGuard[DTensor]:
     return type(tensor).__name__ == "DTensor" and hasattr(tensor, "to_local")
 
 
@@ -44,7 +49,7 @@ def local_part(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if is_dtensor(tensor) else tensor
 
 
-def set_gradient(param: nn.Parameter, gradient: torch.Tensor) -> None:
+def set_gradient(param: torch.Tensor, gradient: torch.Tensor) -> None:
     """``param.grad = gradient``; for an FSDP parameter ``gradient`` may be the rank's local
     part: it becomes a ``DTensor`` with the parameter's layout (no copy)."""
     if is_dtensor(param) and not is_dtensor(gradient):
@@ -136,7 +141,7 @@ class PerturbedSet:
 
     tensors: list[PerturbedTensor]
     smoothing: Smoothing
-    fsdp_modules: list[nn.Module] = field(default_factory=list, repr=False)
+    fsdp_modules: list[FSDPModule] = field(default_factory=list, repr=False)
     noise_stream: str = "blocks"
     compile_noise: bool = False
     left_frozen: list[tuple[str, nn.Parameter]] = field(default_factory=list, repr=False)
@@ -147,7 +152,7 @@ class PerturbedSet:
             raise ValueError(f"noise_stream must be one of {NOISE_STREAMS}, got {self.noise_stream!r}")
         if self.compile_noise and self.noise_stream != "counter":
             raise ValueError("compile_noise=True needs noise_stream='counter' (torch's generators cannot be compiled)")
-        self.params = [entry.param for entry in self.tensors]
+        self.params: list[torch.Tensor] = [entry.param for entry in self.tensors]
         self.sharded = self.tensors[0].sharded
         """True when the perturbed tensors are FSDP shards (``DTensor``)."""
         self.padded = [entry for entry in self.tensors if entry.padding_row is not None]
@@ -232,9 +237,9 @@ class PerturbedSet:
         if len(by_id) != len(chosen):
             raise ValueError("perturb contains parameters that are not in the model")
         for module in model.modules():
-            for name, param in module._parameters.items():
-                if param is not None and id(param) in by_id:
-                    entry = by_id[id(param)]
+            for name, value in module._parameters.items():
+                if value is not None and id(value) in by_id:
+                    entry = by_id[id(value)]
                     entry.owners.append((module, name))
                     if isinstance(module, nn.Embedding) and name == "weight" and module.padding_idx is not None:
                         entry.padding_row = module.padding_idx % module.num_embeddings
@@ -348,8 +353,8 @@ class PerturbedSet:
         place (this rank's rows under FSDP), as backward leaves it."""
         for entry in self.padded:
             row = entry.padding_row
-            if entry.first_row <= row < entry.first_row + entry.rows:  # type: ignore[operator]
-                gradients[entry.index][row - entry.first_row] = 0.0  # type: ignore[operator]
+            if row is not None and entry.first_row <= row < entry.first_row + entry.rows:
+                gradients[entry.index][row - entry.first_row] = 0.0
 
     @contextlib.contextmanager
     def swapped(self, replacement: Callable[[PerturbedTensor], torch.Tensor]) -> Iterator[None]:
@@ -371,22 +376,22 @@ class PerturbedSet:
                     module._parameters[name] = entry.param
 
 
-def _shard_rows(param: torch.Tensor) -> tuple[int, int]:
+def _shard_rows(param: DTensor) -> tuple[int, int]:
     """``(first row, rows)`` of this rank's shard of a dim-0-sharded ``DTensor``."""
     from torch.distributed.tensor import Shard
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    placements = tuple(param.placements)  # type: ignore[attr-defined]
-    if param.device_mesh.ndim != 1 or placements != (Shard(0),):  # type: ignore[attr-defined]
+    placements = tuple(param.placements)
+    if param.device_mesh.ndim != 1 or placements != (Shard(0),):
         raise ValueError(
             f"sharded parameters must be DTensors sharded on dim 0 over a 1-D mesh (FSDP2's default); "
             f"got placements {placements}"
         )
-    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, placements)  # type: ignore[attr-defined]
+    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, placements)
     return int(offset[0]), int(shape[0])
 
 
-def _is_fsdp(module: nn.Module) -> bool:
+def _is_fsdp(module: nn.Module) -> TypeGuard[FSDPModule]:
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # pragma: no cover - torch without FSDP2

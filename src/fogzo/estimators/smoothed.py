@@ -114,6 +114,18 @@ def broadcast_scale(entry: PerturbedTensor, eps_bar: float) -> torch.Tensor:
     return scale.to(param.dtype).expand_as(param)
 
 
+def quantizer_levels(entry: PerturbedTensor) -> LevelSet:
+    """The levels of the tensor's quantizer; ``ValueError`` without a quantizer, or for one whose
+    view has no ``levels`` (torchao's, say: :class:`fogzo.WeightQuantizer` has them)."""
+    if entry.quantizer is None:
+        raise ValueError(f"{entry.name} has no quantizer: the smoothed gradient needs its levels")
+    levels = getattr(entry.quantizer, "levels", None)
+    if not isinstance(levels, LevelSet):
+        raise ValueError(f"{entry.name}: the smoothed gradient needs the quantizer's levels, and its "
+                         f"{type(entry.quantizer).__name__} has none (a model quantized with fogzo.quantize has them)")
+    return levels
+
+
 def _fast_layer(entry: PerturbedTensor, excluded: frozenset[int] | set[int] = frozenset()) -> QuantLinear | None:
     """The owning :class:`QuantLinear` if the linear fast path applies to ``entry``."""
     if entry.index in excluded or len(entry.owners) != 1:
@@ -151,8 +163,7 @@ def smoothed_partials(
         raise ValueError(f"draws must be >= 1, got {draws!r}")
     smoothing = perturbed.smoothing
     for entry in perturbed.tensors:
-        if entry.quantizer is None:
-            raise ValueError(f"{entry.name} has no quantizer: the smoothed gradient needs its levels")
+        quantizer_levels(entry)  # (raises without them)
         if entry.sharded:
             raise ValueError("the smoothed-gradient oracle does not support FSDP-sharded models")
     if engine is None:
@@ -183,11 +194,10 @@ def smoothed_partials(
 
 def _draw_levels(entry: PerturbedTensor, smoothing: Smoothing, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(c, h(x + ε̄u))``: the coordinate scale and one stochastic rounding of the tensor."""
-    assert entry.quantizer is not None
     param = entry.local_param()
     scale = broadcast_scale(entry, smoothing.eps_bar)
     noise = block_noise(smoothing, (seed,), param.shape, param.device, param.dtype)
-    levels = entry.quantizer.levels.round(param / scale + smoothing.eps_bar * noise)
+    levels = quantizer_levels(entry).round(param / scale + smoothing.eps_bar * noise)
     return scale, levels
 
 
@@ -201,8 +211,7 @@ def _tensor_partials(
     base_loss: torch.Tensor,
 ) -> tuple[torch.Tensor, int]:
     """``Σ_k p_ε̄(t_k − x_j)·(L(above t_k) − L(below t_k))`` at ``coords``; and the moves run."""
-    assert entry.quantizer is not None
-    levels = entry.quantizer.levels
+    levels = quantizer_levels(entry)
     flat_x = (entry.local_param() / scale).reshape(-1)
     x = flat_x[coords].double()
     thresholds = levels.first_threshold + torch.arange(levels.num_thresholds, dtype=torch.float64, device=x.device)
@@ -525,7 +534,7 @@ class SmoothedGradient:
             numel = entry.param.numel()
             coords = torch.linspace(0, numel - 1, min(4, numel)).long().to(entry.param.device)
             scale, level = drawn[entry.index]
-            levels = entry.quantizer.levels  # type: ignore[union-attr]
+            levels = quantizer_levels(entry)
             current = level.reshape(-1)[coords]
             step = 2.0 if levels.is_sign else 1.0
             target = torch.where(current < levels.high, current + step, current - step)

@@ -122,6 +122,7 @@ class SPSA:
             for sample in range(self.n):
                 passes.measure(self.perturbed.noises(step_seed, sample))
         gradients = passes.gradient
+        assert gradients is not None  # set by the n >= 1 measured directions
         torch._foreach_div_(gradients, passes.scales)
         if self.n != 1:
             torch._foreach_mul_(gradients, 1.0 / self.n)

@@ -177,11 +177,11 @@ class StateGuard:
         self._model = model
         self._rng_before = rng_state() if state is None else state.rng
         self._modules = None if state is None or not state.modules else state.modules
-        self._buffers = None if self._modules is None else state.buffers
+        self._buffers = None if state is None or self._modules is None else state.buffers
         self._rng_after: tuple | None = None
         self._snapshot = Snapshot() if snapshot is None else snapshot
         self._taken = False
-        self._ddp_sync: list[tuple[nn.Module, bool]] = []
+        self._ddp_sync: list[tuple[nn.parallel.DistributedDataParallel, bool]] = []
 
     def after_first_pass(self) -> None:
         """Call after the unperturbed (STE) pass: snapshot its buffers and RNG state.

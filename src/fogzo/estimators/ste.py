@@ -163,7 +163,7 @@ class SmoothedForwardSTE(STE):
         finally:
             backup.restore()
         info = EstimateInfo(  # loss: read on the host only when info.loss is
-            loss=loss.detach(), forward_passes=1, backward_passes=1, beta=None, seed=step_seed, step=step  # type: ignore[arg-type]
+            loss=loss.detach(), forward_passes=1, backward_passes=1, beta=None, seed=step_seed, step=step
         )
         state.commit()
         return info
@@ -229,6 +229,7 @@ class NoiseMatchedSTE(STE):
 
     def matched_scale(self, beta: float) -> torch.Tensor:
         """``k·√(1−β)·m`` for the gradients now in ``.grad`` (a device scalar)."""
+        assert self.perturbed is not None
         eps_bar = self.perturbed.smoothing.eps_bar
         squares = [
             (entry.param.grad.detach() * _coordinate_scale(entry, eps_bar)).double().square().sum()
@@ -255,7 +256,7 @@ class NoiseMatchedSTE(STE):
                 else:
                     param.grad.add_(noise)
         info = EstimateInfo(
-            loss=loss.detach(), forward_passes=1, backward_passes=1, beta=beta, seed=step_seed, step=step  # type: ignore[arg-type]
+            loss=loss.detach(), forward_passes=1, backward_passes=1, beta=beta, seed=step_seed, step=step
         )
         state.commit()
         return info

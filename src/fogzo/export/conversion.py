@@ -77,7 +77,7 @@ def export(model: nn.Module) -> ExportedModel:
     return ExportedModel(tuple(layers), tensors)
 
 
-def _to_plain(module: QuantizedLayer) -> nn.Module:
+def _to_plain(module: nn.Module) -> nn.Module:
     """Undo :func:`fogzo.quantize`'s re-classing in place: back to the plain torch layer."""
     module.__class__ = _PLAIN_CLASSES[type(module)]
     for attribute in ("weight_quantizer", "input_quantizer", "quantization_enabled"):
@@ -134,12 +134,14 @@ def rebuild_float_model(model_like: nn.Module, exported: ExportedModel) -> nn.Mo
                 raise ValueError(
                     f"model_like has no module {name!r} for the exported {layer.layer_type}"
                 ) from error
-            if type(module) is not expected or tuple(module.weight.shape) != layer.shape:
+            weight = getattr(module, "weight", None)  # (a module of another type may have none)
+            shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else None
+            if type(module) is not expected or shape != layer.shape:
                 raise ValueError(
-                    f"module {name!r} is {type(module).__name__} with weight {tuple(module.weight.shape)}, "
+                    f"module {name!r} is {type(module).__name__} with weight {shape}, "
                     f"but the export holds a {layer.layer_type} weight {layer.shape}"
                 )
-            seen = weights.setdefault(id(module.weight), (name, dequantized))
+            seen = weights.setdefault(id(weight), (name, dequantized))
             if seen[0] != name and not torch.equal(seen[1], dequantized):
                 raise ValueError(
                     f"modules {seen[0]!r} and {name!r} share one weight but quantized it differently "

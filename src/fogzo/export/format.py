@@ -119,7 +119,7 @@ def decode(
     if "sha256" not in metadata:
         raise ValueError("metadata has no 'sha256' checksum")
     if all(isinstance(name, str) and name in tensors for name in order) and len(set(order)) == len(tensors):
-        if _content_digest([tensors[name] for name in order]) != metadata["sha256"]:
+        if _content_digest([tensors[name] for name in order if isinstance(name, str)]) != metadata["sha256"]:  # (all are)
             raise ValueError("data checksum (sha256) mismatch: the tensor data is corrupted")
     used: set[str] = set()
     layers = []

@@ -36,7 +36,7 @@ Lightning: it only calls ``manual_backward`` and ``log_dict`` on ``self``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..estimators import EstimateInfo, Estimator
 from ..estimators.base import Closure
@@ -45,9 +45,14 @@ from . import estimator_logs
 __all__ = ["CHECKPOINT_KEY", "FogzoLightningMixin"]
 
 CHECKPOINT_KEY = "fogzo_estimator"
+# The mixin goes before a LightningModule: the type checker sees it as one, Python as a plain mixin.
+if TYPE_CHECKING:
+    from lightning.pytorch import LightningModule as _MixinBase
+else:
+    _MixinBase = object
 
 
-class FogzoLightningMixin:
+class FogzoLightningMixin(_MixinBase):
     """Mix into a ``LightningModule`` (first in the bases) that sets ``automatic_optimization = False``.
 
     Provide the estimator as ``self.estimator`` (in ``__init__``) or return it from
@@ -73,7 +78,7 @@ class FogzoLightningMixin:
         estimator = self._fogzo_estimator()
         info = estimator.estimate(closure)
         if log:
-            self.log_dict(estimator_logs([info], estimator), on_step=True, on_epoch=False)  # type: ignore[attr-defined]
+            self.log_dict(estimator_logs([info], estimator), on_step=True, on_epoch=False)
         return info
 
     def _fogzo_estimator(self) -> Estimator:
@@ -83,21 +88,21 @@ class FogzoLightningMixin:
                 raise TypeError(f"configure_estimator() returned {type(estimator).__name__}, not an estimator")
             self.estimator = estimator
         if hasattr(self.estimator, "backward") and self.estimator.backward is None:
-            self.estimator.backward = self.manual_backward  # type: ignore[attr-defined]
+            self.estimator.backward = self.manual_backward
         if self._fogzo_pending is not None:
             _restore(self.estimator, self._fogzo_pending)
             self._fogzo_pending = None
         return self.estimator
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)  # type: ignore[misc]
+        super().on_save_checkpoint(checkpoint)
         if self.estimator is not None:
             checkpoint[CHECKPOINT_KEY] = {"estimator": type(self.estimator).__name__, "state": self.estimator.state_dict()}
         elif self._fogzo_pending is not None:  # saved again before the first step of a resumed run
             checkpoint[CHECKPOINT_KEY] = self._fogzo_pending
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
+        super().on_load_checkpoint(checkpoint)
         saved = checkpoint.get(CHECKPOINT_KEY)
         if saved is None:
             return

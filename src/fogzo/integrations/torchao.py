@@ -22,6 +22,7 @@ plain layer with an ``IntxUnpackedToInt8Tensor`` weight (what ``QATConfig(IntxWe
 from __future__ import annotations
 
 import copy
+from typing import cast
 
 import torch
 from torch import nn
@@ -131,7 +132,7 @@ def to_torchao(model: nn.Module, *, packing: str = "unpacked", inplace: bool = F
         if shared is not None and _same(shared.data, tensor):
             parameter = shared  # a tied weight quantized alike by both layers stays tied
         converted.setdefault(source, parameter)
-        module.__class__ = _PLAIN[type(module)]
+        cast(nn.Module, module).__class__ = _PLAIN[type(module)]  # no longer a QuantizedLayer
         for attribute in ("weight_quantizer", "input_quantizer", "quantization_enabled"):
             module.__dict__.pop(attribute, None)
             module._modules.pop(attribute, None)

@@ -43,7 +43,7 @@ import json
 import logging
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -62,9 +62,14 @@ logger = logging.getLogger(__name__)
 
 ESTIMATOR_STATE_NAME = "fogzo_estimator.json"
 EstimatorFactory = Callable[[nn.Module, int], Estimator]
+# The mixin goes before a Trainer class: the type checker sees it as one, Python as a plain mixin.
+if TYPE_CHECKING:
+    _MixinBase = Trainer
+else:
+    _MixinBase = object
 
 
-class FogzoTrainerMixin:
+class FogzoTrainerMixin(_MixinBase):
     """``training_step`` through a fogzo estimator; mix into any ``Trainer`` subclass first.
 
     ``class MyTrainer(FogzoTrainerMixin, SomeTrainer)``; the mixin takes the keyword
@@ -94,8 +99,9 @@ class FogzoTrainerMixin:
     ) -> torch.Tensor:
         estimator = self._fogzo_estimator(model)
         model.train()
-        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
-            self.optimizer.train()
+        train = getattr(self.optimizer, "train", None)  # a schedule-free optimizer's mode switch
+        if callable(train):
+            train()
         inputs = self._prepare_inputs(inputs)
         scaled = self._fogzo_loss_is_scaled(num_items_in_batch)
         accumulation = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
@@ -103,7 +109,7 @@ class FogzoTrainerMixin:
         def closure() -> torch.Tensor:
             with self.compute_loss_context_manager():
                 # A copy: compute_loss may pop "labels" (label smoothing, compute_loss_func).
-                loss = self.compute_loss(model, dict(inputs), num_items_in_batch=num_items_in_batch)
+                loss = cast(torch.Tensor, self.compute_loss(model, dict(inputs), num_items_in_batch=num_items_in_batch))  # the loss alone (no return_outputs)
             if self.args.n_gpu > 1:
                 loss = loss.mean()
             return loss if scaled else loss / accumulation

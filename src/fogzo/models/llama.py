@@ -174,6 +174,9 @@ class RotaryEmbedding(nn.Module):
     cast to ``dtype`` when given. No parameters.
     """
 
+    cos: torch.Tensor
+    sin: torch.Tensor
+
     def __init__(self, head_dim: int, max_seq_len: int, base: float = 10000.0) -> None:
         super().__init__()
         inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # [d/2]
@@ -245,7 +248,8 @@ class DecoderBlock(nn.Module):
         self.attn_norm = RMSNorm(config.dim, config.norm_eps)
         self.attn = CausalSelfAttention(config)
         self.mlp_norm = RMSNorm(config.dim, config.norm_eps)
-        self.mlp = SwiGLU(config.dim, config.hidden_dim, config.dropout)  # type: ignore[arg-type]
+        assert config.hidden_dim is not None  # filled in by LlamaConfig.__post_init__
+        self.mlp = SwiGLU(config.dim, config.hidden_dim, config.dropout)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin)
