@@ -95,11 +95,44 @@ def table(results: dict[str, dict[str, Any]], metric: str = "loss") -> tuple[str
     return "\n".join(lines), counts
 
 
+def equal_time_table(results: dict[str, dict[str, Any]]) -> str:
+    """The STE given as many more iterations as a control's step costs more (grids
+    ``equal-time-sr`` and ``equal-time-noise``) against that control at 2,000 iterations, loss and
+    test accuracy, each at its own best rate (mean ± std over its seeds)."""
+    lines = ["| data | bits / STE | α | control (2,000 it.) | STE, 2,000 it. | STE, equal time | control | "
+             "loss: control vs STE equal time | accuracy % : STE equal time | control | vs |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for grid_name, control in (("equal-time-sr", "ste-sr"), ("equal-time-noise", "ste-noise")):
+        grid = study.GRIDS[grid_name]
+        long_cells = study.best_cells(results, grid)
+        for setting in grid.settings:
+            base = {**setting, "iterations": 2000}
+            cell = {name: study.best_cells(results, study.GRIDS["controls"]).get(
+                (study.spec_from({**base, "estimator": name}).setting(), name)) for name in ("ste", control)}
+            long = long_cells.get((study.spec_from({**setting, "estimator": "ste"}).setting(), "ste"))
+            if long is None or cell[control] is None or cell["ste"] is None:
+                continue
+            loss = _verdict(cell[control]["loss"], long["loss"])
+            accuracy = _verdict((-cell[control]["accuracy"][0], cell[control]["accuracy"][1]),
+                                (-long["accuracy"][0], long["accuracy"][1]))
+            lines.append(
+                f"| {setting['dataset']} | {setting['bits']} / {setting['ste']} | {setting['step_size']} | "
+                f"{COLUMNS[control]} | {study._fmt(cell['ste']['loss'])} | {study._fmt(long['loss'])} "
+                f"({setting['iterations']} it., lr {long['lr']:g}, {len(long['seeds'])} seeds) | "
+                f"{study._fmt(cell[control]['loss'])} | {loss} | {study._fmt(long['accuracy'], 1)} | "
+                f"{study._fmt(cell[control]['accuracy'], 1)} | {accuracy} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paths", type=Path, nargs="+", help="JSONL files of runs (the map's and the controls')")
     parser.add_argument("--metric", default="loss", choices=("loss", "accuracy"))
+    parser.add_argument("--equal-time", action="store_true", help="the equal-wall-time table (grids equal-time-*)")
     args = parser.parse_args()
+    if args.equal_time:
+        print(equal_time_table(merged_results(args.paths)))
+        return
     text, counts = table(merged_results(args.paths), args.metric)
     print(text)
     print()
