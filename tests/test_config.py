@@ -18,7 +18,7 @@ from fogzo.reproduce.mnist_config import FogzoOptions, MnistConfig, quick_config
 from fogzo.train import ConfigError, TrainConfig, build_estimator, load_config, parse_overrides
 from fogzo.train.build import RUN_FIXED_ESTIMATOR_ARGS, estimator_options
 from fogzo.train.config import FIELDS
-from fogzo.train.config_io import config_to_dict, option, parse_command_line, spellings
+from fogzo.train.config_io import Schema, config_to_dict, option
 
 
 def _error_line(capsys, prefix: str) -> str:
@@ -38,7 +38,7 @@ class Inner:
 
 
 @dataclasses.dataclass
-class Schema:
+class Example:
     """Spellings come from the schema: a flat key with a section, nested keys, their last parts."""
 
     lr: float = option(1e-3, section="optim")
@@ -49,30 +49,31 @@ class Schema:
 
 
 def test_parse_command_line_reads_every_spelling():
-    aliases = spellings(Schema)
+    schema = Schema(Example)
+    aliases = schema.spellings
     assert aliases["optim.lr"] == "lr" and aliases["lr"] == "lr" and "quant.lr" not in aliases
     assert "beta_min" not in aliases and aliases["fogzo.beta_min"] == "fogzo.beta_min"  # other.beta_min too
     tokens = ["--optim.lr=3e-3", "--fogzo.beta-min", "0.99", "--one-sided", "--seeds", "0,1", "--lr", "-1"]
-    assert parse_command_line(Schema, tokens) == {
+    assert schema.parse_command_line(tokens) == {
         "lr": -1.0,  # a later spelling of the same key wins; a negative number is a value
         "fogzo.beta_min": 0.99,
         "one_sided": True,
         "seeds": (0, 1),
     }
-    assert parse_command_line(Schema, ["--no-one-sided"]) == {"one_sided": False}
+    assert schema.parse_command_line(["--no-one-sided"]) == {"one_sided": False}
     with pytest.raises(ConfigError, match=r"--no-lr: lr is not a boolean"):
-        parse_command_line(Schema, ["--no-lr"])
+        schema.parse_command_line(["--no-lr"])
     with pytest.raises(ConfigError, match=r"--lr needs a value \(expected float\)"):
-        parse_command_line(Schema, ["--lr"])
-    with pytest.raises(ConfigError, match=r"--lr: expected float, got 'fast'"):
-        parse_command_line(Schema, ["--lr=fast"])
+        schema.parse_command_line(["--lr"])
+    with pytest.raises(ConfigError, match=r"lr in the command line: expected float, got 'fast'"):
+        schema.parse_command_line(["--lr=fast"])
     with pytest.raises(ConfigError, match=r"expected --key=value, got 'lr=3'; valid keys: lr, one_sided"):
-        parse_command_line(Schema, ["lr=3"])
+        schema.parse_command_line(["lr=3"])
 
 
 def test_a_last_part_shared_by_two_keys_is_not_a_spelling():
     with pytest.raises(ConfigError, match=r"unknown config key 'eps'.*did you mean fogzo.eps or other.eps\?"):
-        parse_command_line(Schema, ["--eps=1"])
+        Schema(Example).parse_command_line(["--eps=1"])
 
 
 def test_train_reads_a_key_bare_or_with_its_section():

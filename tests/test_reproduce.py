@@ -199,7 +199,7 @@ def test_overrides_and_round_trip():
     assert resolve_config(["--spsa-n="]).spsa_n == ()
     with pytest.raises(ConfigError, match="unknown config key 'fogzo.nope'"):
         resolve_config(["--fogzo.nope=1"])
-    with pytest.raises(ConfigError, match="--iterations: expected int, got 'abc'"):
+    with pytest.raises(ConfigError, match="iterations in the command line: expected int, got 'abc'"):
         resolve_config(["--iterations=abc"])
     with pytest.raises(ConfigError, match="spsa_iterations must be one value"):
         resolve_config(["--spsa_iterations=1,2"])  # neither one value nor one per ladder entry

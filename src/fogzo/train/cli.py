@@ -33,8 +33,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .config import ConfigError, TrainConfig, load_config
-from .config_io import keys_help
+from .config import SCHEMA, ConfigError, TrainConfig, load_config
 
 __all__ = ["EXIT_CODES", "KeepUnknownOptions", "add_train_parser", "main", "run_from_args"]
 
@@ -118,7 +117,7 @@ def _error(message: str) -> int:
 
 def run_from_args(args: argparse.Namespace, extra: Sequence[str] = (), command: list[str] | None = None) -> int:
     if args.help_keys:
-        _print(keys_help(TrainConfig()))
+        _print(SCHEMA.help(TrainConfig()))
         return 0
     try:
         config = load_config(args.config, list(extra), quick=args.quick)  # every config key is in extra

@@ -1,10 +1,8 @@
-"""``fogzo train``'s config: :class:`TrainConfig`, its files (TOML/JSON) and command line.
+"""``fogzo train``'s config: :class:`TrainConfig`; its files and command line (:mod:`.config_io`) derive from it.
 
-A config file's keys are :class:`TrainConfig` fields, at the top level or in the section tables
-``[model] [data] [quant] [estimator] [optim] [run]``; a ``[quick]`` table holds the overrides
-``--quick`` applies. Resolution: defaults < file < ``[quick]`` (with ``--quick``) < command line
-(the syntax of :mod:`fogzo.train.config_io`: ``--lr=3e-3``, ``--optim.lr 3e-3``, ``--no-augment``).
-The ``[estimator]`` section is the estimator's keyword arguments (:func:`fogzo.train.build.estimator_options`).
+File keys sit at the top level or in sections ``[model] [data] [quant] [estimator] [optim] [run]``; a
+``[quick]`` table holds ``--quick``'s overrides. Defaults < file < ``[quick]`` < command line. The
+``[estimator]`` section is the estimator's keyword arguments (:func:`fogzo.train.build.estimator_options`).
 """
 
 from __future__ import annotations
@@ -15,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config_io import ConfigError, build, check, config_to_dict, flatten, option, parse_command_line, read_table
+from .config_io import ConfigError, Schema, config_to_dict, option, read_table
 
-__all__ = ["FIELDS", "ConfigError", "TrainConfig", "load_config", "parse_overrides"]
+__all__ = ["FIELDS", "SCHEMA", "ConfigError", "TrainConfig", "load_config", "parse_overrides"]
 
 
 def _f(default: Any, section: str, help: str, choices: tuple | None = None, low: int | None = None) -> Any:
@@ -124,7 +122,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.text_file:  # text_file implies dataset=text
             self.dataset = "text"
-        check(self)  # choices and least values (field metadata)
+        SCHEMA.check(self)  # choices and least values (field metadata)
         if isinstance(self.bits, str) and self.bits != "ternary":
             raise ConfigError(f"bits must be an int or 'ternary', got {self.bits!r}")
         rules = [
@@ -142,32 +140,27 @@ class TrainConfig:
                               "skips that step: it needs --autocast=fp16 (without a scaler use 'skip')")
 
 
+SCHEMA = Schema(TrainConfig)
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
 def parse_overrides(tokens: list[str]) -> dict[str, Any]:
     """``["--lr=3e-3", "--seed", "1", "--one-sided", "--no-augment", "--optim.lr=1e-3"]`` → typed values."""
-    return parse_command_line(TrainConfig, tokens)
+    return SCHEMA.parse_command_line(tokens)
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | list[str] | None = None, *,
                 quick: bool = False) -> TrainConfig:
     """Defaults < file < its ``[quick]`` table (if ``quick``) < ``overrides`` (command-line tokens or a dict)."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        table = read_table(path)
-        quick_table = table.pop("quick", None)
-        values = {"name": Path(path).stem, **flatten(TrainConfig, table, str(path))}
-        if quick and not quick_table:
-            raise ConfigError(f"--quick: {path} has no [quick] table")
-        if quick:
-            quick_values = flatten(TrainConfig, quick_table, f"{path} [quick]")
-            values = {**values, "name": f"{values['name']}_quick", **quick_values}
-    elif quick:
+    if quick and path is None:
         raise ConfigError("--quick applies the [quick] table of a config file: pass --config FILE as well "
                           "(e.g. --config experiments/configs/resnet20_fmnist.toml --quick)")
-    if isinstance(overrides, list):
-        values.update(parse_command_line(TrainConfig, overrides))
-    else:
-        values.update(flatten(TrainConfig, overrides or {}, "the overrides"))
-    return build(TrainConfig, values, str(path or "the overrides"))
+    table = read_table(path) if path is not None else {}
+    quick_table = table.pop("quick", None)
+    if quick and not quick_table:
+        raise ConfigError(f"--quick: {path} has no [quick] table")
+    values = {"name": Path(path).stem, **SCHEMA.read(table, str(path))} if path is not None else {}
+    if quick:
+        values = {**values, "name": f"{values['name']}_quick", **SCHEMA.read(quick_table, f"{path} [quick]")}
+    more = SCHEMA.parse_command_line(overrides) if isinstance(overrides, list) else overrides or {}
+    return SCHEMA.build({**values, **SCHEMA.read(more, "the overrides")}, str(path or "the overrides"))
