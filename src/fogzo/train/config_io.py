@@ -101,12 +101,13 @@ class Schema:
         return {key: functools.reduce(getattr, key.split("."), config) for key in self.keys}
 
     def check(self, config: Any) -> None:
-        """Each value against its field's ``choices`` and ``low`` (least value)."""
+        """Each value against its field's ``choices`` and ``low`` (least value; of each item of a tuple)."""
         for key, value in self.values(config).items():
             meta = self.keys[key][1].metadata
             if meta.get("choices") and value not in meta["choices"]:
                 raise ConfigError(f"{key}={value!r} is not one of {list(meta['choices'])}")
-            if meta.get("low") is not None and value is not None and value < meta["low"]:
+            items = value if isinstance(value, tuple) else () if value is None else (value,)
+            if meta.get("low") is not None and any(item < meta["low"] for item in items):
                 raise ConfigError(f"{key} must be >= {meta['low']}, got {value!r}")
 
     def unknown(self, key: str, where: str) -> ConfigError:
