@@ -142,11 +142,8 @@ class TrainConfig:
 
 SCHEMA = Schema(TrainConfig)
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}
-
-
-def parse_overrides(tokens: list[str]) -> dict[str, Any]:
-    """``["--lr=3e-3", "--seed", "1", "--one-sided", "--no-augment", "--optim.lr=1e-3"]`` → typed values."""
-    return SCHEMA.parse_command_line(tokens)
+#: Command-line tokens → typed values: ``["--lr=3e-3", "--seed", "1", "--no-augment", "--optim.lr=1e-3"]``.
+parse_overrides = SCHEMA.parse_command_line
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | list[str] | None = None, *,

@@ -74,22 +74,16 @@ def coerce(value: Any, tp: Any) -> Any:
     raise ValueError(f"expected {type_name(tp)}, got {value!r}")
 
 
-def _keys(cls: type) -> dict[str, tuple[Any, dataclasses.Field]]:
-    found, hints = {}, typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(hints[f.name]):
-            found.update({f"{f.name}.{key}": value for key, value in _keys(hints[f.name]).items()})
-        else:
-            found[f.name] = (hints[f.name], f)
-    return found
-
-
 class Schema:
     """A command's config dataclass: its keys (dotted for nested dataclasses) → (type, field), and every
     spelling of a key → the key (the key, ``section.key``, the last part where no other key ends so)."""
 
     def __init__(self, cls: type) -> None:
-        self.cls, self.keys = cls, _keys(cls)
+        self.cls, hints = cls, typing.get_type_hints(cls)
+        self.keys: dict[str, tuple[Any, dataclasses.Field]] = {}  # key → (type, field)
+        for f in dataclasses.fields(cls):
+            nested = Schema(hints[f.name]).keys if dataclasses.is_dataclass(hints[f.name]) else {}
+            self.keys.update({f"{f.name}.{k}": v for k, v in nested.items()} if nested else {f.name: (hints[f.name], f)})
         self.spellings = {key: key for key in self.keys}
         self.spellings.update({f"{f.metadata['section']}.{k}": k for k, (_, f) in self.keys.items()
                                if f.metadata.get("section")})
@@ -111,7 +105,8 @@ class Schema:
                 raise ConfigError(f"{key} must be >= {meta['low']}, got {value!r}")
 
     def unknown(self, key: str, where: str) -> ConfigError:
-        head, pool = key.rpartition(".")[0], {}  # the last parts of the keys in the same table → the keys
+        head = key.rpartition(".")[0]
+        pool: dict[str, list[str]] = {}  # the last parts of the keys in the same table → the keys
         for spelled, full in self.spellings.items():
             if spelled.rpartition(".")[0] == head:
                 pool.setdefault(spelled.rpartition(".")[2], []).append(spelled)
