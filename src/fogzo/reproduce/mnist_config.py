@@ -51,7 +51,7 @@ class MnistConfig:
     eval_subset: int | None = option(None, "evaluate on the first this-many training and test examples", low=1)
     fogzo: FogzoOptions = field(default_factory=FogzoOptions)
     spsa_n: tuple[int, ...] = option((1, 8, 64, 512, 7960), "the n-SPSA ladder (7,960 = every parameter)", low=1)
-    spsa_iterations: tuple[int, ...] = option((2000, 1000, 400, 40, 2), "steps per ladder entry (or one for all)", low=1)
+    spsa_iterations: tuple[int, ...] = option((2000, 1000, 400, 40, 2), "steps per ladder entry (or one)", low=1)
     spsa_seeds: tuple[int, ...] = option((0,), "seeds of the ladder runs")
     spsa_lrs: tuple[float, ...] = option((1e-3, 3e-3, 1e-2), "the learning-rate grid of the ladder (every n)")
     spsa_eval_points: int = option(20, "evaluations per ladder run (about; plus the start and the end)", low=1)

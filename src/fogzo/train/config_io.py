@@ -82,8 +82,10 @@ class Schema:
         self.cls, hints = cls, typing.get_type_hints(cls)
         self.keys: dict[str, tuple[Any, dataclasses.Field]] = {}  # key → (type, field)
         for f in dataclasses.fields(cls):
-            nested = Schema(hints[f.name]).keys if dataclasses.is_dataclass(hints[f.name]) else {}
-            self.keys.update({f"{f.name}.{k}": v for k, v in nested.items()} if nested else {f.name: (hints[f.name], f)})
+            if dataclasses.is_dataclass(hints[f.name]):
+                self.keys.update({f"{f.name}.{k}": v for k, v in Schema(hints[f.name]).keys.items()})
+            else:
+                self.keys[f.name] = (hints[f.name], f)
         self.spellings = {key: key for key in self.keys}
         self.spellings.update({f"{f.metadata['section']}.{k}": k for k, (_, f) in self.keys.items()
                                if f.metadata.get("section")})
@@ -121,10 +123,10 @@ class Schema:
         """A (nested) table of a file, dict or command line → ``{key: value read by its type}``."""
         found: dict[str, Any] = {}
         for spelled, value in table.items():
-            path = prefix + spelled.replace("-", "_")
-            key = self.spellings.get(path)
             if spelled.startswith("_"):  # a comment
                 continue
+            path = prefix + spelled.replace("-", "_")
+            key = self.spellings.get(path)
             if isinstance(value, Mapping) and (key is None or self.keys[key][0] is not dict):
                 inner = self.read(value, where, path + ".")
             elif key is None and any(s.startswith(path + ".") for s in self.spellings):
@@ -161,13 +163,14 @@ class Schema:
             token = tokens.pop(0)
             body, equals, text = token[2:].partition("=")
             name = body.replace("-", "_")
-            head, _, last = name.rpartition(".")
-            negated = [s for s in (name[3:], f"{head}.{last[3:]}") if s in spelled and "no_" in (name[:3], last[:3])]
+            head, _, last = name.rpartition(".")  # --no-fogzo.one-sided and --fogzo.no-one-sided negate a flag
+            plain = name[3:] if name[:3] == "no_" else f"{head}.{last[3:]}" if last[:3] == "no_" else ""
+            negated = spelled.get(plain, "")
             if not token.startswith("--") or token == "--":
                 raise ConfigError(f"expected --key=value, got {token!r}; valid keys: {', '.join(self.keys)}")
             if name not in spelled and (equals or not negated):
                 raise self.unknown(name, "the command line")
-            key = spelled.get(name) or spelled[negated[0]]
+            key = spelled.get(name, negated)
             tp = self.keys[key][0]
             if not equals and (name not in spelled or tokens[0].startswith("--")):
                 if bool not in _members(tp):
