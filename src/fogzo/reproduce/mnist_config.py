@@ -26,13 +26,13 @@ class FogzoOptions:
     """Keyword arguments of ``fogzo.FOGZO(model, total_steps=iterations, seed=seed, ...)``; ``eps`` is also
     n-SPSA's step for the biases (0.05 ≈ ε̄·α of the weights under ``alpha_init="max"``: both smooth one loss)."""
 
-    n: int = 1
-    beta_min: float = 0.999
-    perturb: str = "all"
-    eps: float = 0.05
-    normalize: str = "global"
-    guide_norm: float = 1.0
-    one_sided: bool = False
+    n: int = option(1, "perturbation samples per step")
+    beta_min: float = option(0.999, "beta at the last step of the linear schedule")
+    perturb: str = option("all", "perturbed tensors: quantized or all (the biases too)")
+    eps: float = option(0.05, "perturbation step of the tensors without a quantizer")
+    normalize: str = option("global", "guide normalisation: global or tensor")
+    guide_norm: float = option(1.0, "norm of the guide direction")
+    one_sided: bool = option(False, "one-sided finite differences (reuse L0)")
 
 
 @dataclass(frozen=True)
