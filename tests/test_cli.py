@@ -336,10 +336,10 @@ def test_reproduce_checks_estimator_options_before_any_run(capsys, monkeypatch, 
     monkeypatch.setattr(mnist, "load_data", lambda *a, **k: pytest.fail("data was loaded"))
     for option, expected in (("fogzo.n=0", "FOGZO options .*n must be"), ("spsa_n=0,4", "spsa_n"),
                              ("fogzo.beta_min=2", "beta_min"), ("fogzo.normalize=row", "normalize")):
-        code = fogzo_main(["reproduce", "mnist", "--quick", "--set", option, "--out", str(tmp_path / "out")])
+        code = fogzo_main(["reproduce", "mnist", "--quick", f"--{option}", "--out", str(tmp_path / "out")])
         assert code == 2, option
         assert re.search(expected, one_line_error(capsys, "fogzo reproduce mnist: error: ")), option
-    assert fogzo_main(["reproduce", "mnist", "--quick", "--dry-run", "--set", "fogzo.n=0"]) == 2
+    assert fogzo_main(["reproduce", "mnist", "--quick", "--dry-run", "--fogzo.n=0"]) == 2
     one_line_error(capsys, "fogzo reproduce mnist: error: ")
     assert not (tmp_path / "out").exists()
 
@@ -428,8 +428,8 @@ def test_closed_output_pipe_is_not_a_traceback(tmp_path):
 
 # ------------------------------------------------------------------ fogzo reproduce mnist (item 8)
 
-TINY_STUDY = ["--quick", "--lrs", "1e-2", "--iterations", "4", "--set", "eval_every=2", "--set", "eval_subset=200",
-              "--set", "spsa_n=1", "--set", "spsa_iterations=4", "--set", "spsa_lrs=1e-2", "--set", "spsa_eval_points=2"]
+TINY_STUDY = ["--quick", "--lrs", "1e-2", "--iterations", "4", "--eval-every=2", "--eval-subset=200",
+              "--spsa-n=1", "--spsa-iterations=4", "--spsa-lrs=1e-2", "--spsa-eval-points=2"]
 
 
 def test_reproduce_resumes_an_interrupted_study_and_never_overwrites_one(tmp_path, monkeypatch, capsys):
@@ -474,7 +474,7 @@ def test_reproduce_resumes_an_interrupted_study_and_never_overwrites_one(tmp_pat
     before = snapshot(split)
     assert study(split) == 2
     assert "--resume" in one_line_error(capsys, "fogzo reproduce mnist: error: ")
-    assert study(split, "--resume", "--set", "fogzo.beta_min=0.99") == 2
+    assert study(split, "--resume", "--fogzo.beta_min=0.99") == 2
     assert "fogzo: saved" in one_line_error(capsys, "fogzo reproduce mnist: error: ")
     assert snapshot(split) == before
     # --resume runs only the unfinished runs and ends where the straight study ends.

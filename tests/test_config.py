@@ -16,8 +16,9 @@ import fogzo
 from fogzo.cli import main as fogzo_main
 from fogzo.reproduce.mnist_config import FogzoOptions, MnistConfig, quick_config, resolve_config
 from fogzo.train import ConfigError, TrainConfig, build_estimator, load_config, parse_overrides
-from fogzo.train.config import FIELDS, RUN_FIXED_ESTIMATOR_ARGS, estimator_options
-from fogzo.train.config_io import config_to_dict, key_aliases, parse_command_line
+from fogzo.train.build import RUN_FIXED_ESTIMATOR_ARGS, estimator_options
+from fogzo.train.config import FIELDS
+from fogzo.train.config_io import Schema, config_to_dict, option
 
 
 def _error_line(capsys, prefix: str) -> str:
@@ -30,31 +31,49 @@ def _error_line(capsys, prefix: str) -> str:
 # ------------------------------------------------------------------ the one syntax
 
 
+@dataclasses.dataclass
+class Inner:
+    beta_min: float = 0.999
+    eps: float = 1.0
+
+
+@dataclasses.dataclass
+class Example:
+    """Spellings come from the schema: a flat key with a section, nested keys, their last parts."""
+
+    lr: float = option(1e-3, section="optim")
+    one_sided: bool = False
+    seeds: tuple[int, ...] = (0,)
+    fogzo: Inner = dataclasses.field(default_factory=Inner)
+    other: Inner = dataclasses.field(default_factory=Inner)
+
+
 def test_parse_command_line_reads_every_spelling():
-    keys = {"lr": float, "one_sided": bool, "fogzo.beta_min": float, "seeds": tuple[int, ...]}
-    aliases = key_aliases(keys, {"lr": "optim"})
-    assert aliases["optim.lr"] == "lr" and aliases["beta_min"] == "fogzo.beta_min"
-    tokens = ["--optim.lr=3e-3", "--beta-min", "0.99", "--one-sided", "--seeds", "0,1", "--lr", "-1"]
-    assert parse_command_line(tokens, keys, aliases, "valid: ...") == {
-        "lr": "-1",  # a later spelling of the same key wins; a negative number is a value
-        "fogzo.beta_min": "0.99",
-        "one_sided": "true",
-        "seeds": "0,1",
+    schema = Schema(Example)
+    aliases = schema.spellings
+    assert aliases["optim.lr"] == "lr" and aliases["lr"] == "lr" and "quant.lr" not in aliases
+    assert "beta_min" not in aliases and aliases["fogzo.beta_min"] == "fogzo.beta_min"  # other.beta_min too
+    tokens = ["--optim.lr=3e-3", "--fogzo.beta-min", "0.99", "--one-sided", "--seeds", "0,1", "--lr", "-1"]
+    assert schema.parse_command_line(tokens) == {
+        "lr": -1.0,  # a later spelling of the same key wins; a negative number is a value
+        "fogzo.beta_min": 0.99,
+        "one_sided": True,
+        "seeds": (0, 1),
     }
-    assert parse_command_line(["--no-one-sided"], keys, aliases, "") == {"one_sided": "false"}
+    assert schema.parse_command_line(["--no-one-sided"]) == {"one_sided": False}
     with pytest.raises(ConfigError, match=r"--no-lr: lr is not a boolean"):
-        parse_command_line(["--no-lr"], keys, aliases, "")
+        schema.parse_command_line(["--no-lr"])
     with pytest.raises(ConfigError, match=r"--lr needs a value \(expected float\)"):
-        parse_command_line(["--lr"], keys, aliases, "")
-    with pytest.raises(ConfigError, match=r"expected --key=value, got 'lr=3'; valid: here"):
-        parse_command_line(["lr=3"], keys, aliases, "valid: here")
+        schema.parse_command_line(["--lr"])
+    with pytest.raises(ConfigError, match=r"lr in the command line: expected float, got 'fast'"):
+        schema.parse_command_line(["--lr=fast"])
+    with pytest.raises(ConfigError, match=r"expected --key=value, got 'lr=3'; valid keys: lr, one_sided"):
+        schema.parse_command_line(["lr=3"])
 
 
-def test_a_last_part_shared_by_two_keys_is_not_an_alias():
-    aliases = key_aliases(["a.eps", "b.eps", "c.n"])
-    assert "eps" not in aliases and aliases["n"] == "c.n"
-    with pytest.raises(ConfigError, match=r"unknown config key 'eps'.*did you mean"):
-        parse_command_line(["--eps=1"], {"a.eps": float, "b.eps": float, "c.n": int}, aliases, "keys")
+def test_a_last_part_shared_by_two_keys_is_not_a_spelling():
+    with pytest.raises(ConfigError, match=r"unknown config key 'eps'.*did you mean fogzo.eps or other.eps\?"):
+        Schema(Example).parse_command_line(["--eps=1"])
 
 
 def test_train_reads_a_key_bare_or_with_its_section():
@@ -65,7 +84,7 @@ def test_train_reads_a_key_bare_or_with_its_section():
         parse_overrides(["--quant.lr=1"])  # a key under another section is not that key
 
 
-def test_reproduce_takes_the_same_syntax_and_the_older_set(capsys):
+def test_reproduce_takes_the_same_syntax(capsys):
     expected = dataclasses.replace(
         quick_config(),
         bits="ternary",
@@ -75,8 +94,6 @@ def test_reproduce_takes_the_same_syntax_and_the_older_set(capsys):
     spellings = [
         ["--bits", "ternary", "--seeds=0,1", "--fogzo.beta-min=0.99", "--fogzo.guide_norm", "10", "--fogzo.one-sided"],
         ["--bits=ternary", "--seeds", "0,1", "--beta-min", "0.99", "--guide-norm=10", "--one-sided"],
-        ["--set", "bits=ternary", "--set", "seeds=0,1", "--set", "fogzo.beta_min=0.99", "--set", "guide_norm=10",
-         "--set", "fogzo.one_sided=true"],
     ]
     for spelling in spellings:
         assert fogzo_main(["reproduce", "mnist", "--quick", "--dry-run", *spelling]) == 0, spelling
@@ -89,6 +106,8 @@ def test_reproduce_takes_the_same_syntax_and_the_older_set(capsys):
     )
     assert fogzo_main(["reproduce", "mnist", "--dry-run", "--iterations"]) == 2
     assert "--iterations needs a value (expected int)" in _error_line(capsys, "fogzo reproduce mnist: error: ")
+    assert fogzo_main(["reproduce", "mnist", "--dry-run", "--set", "bits=1"]) == 2  # the older spelling is gone
+    assert "unknown config key 'set'" in _error_line(capsys, "fogzo reproduce mnist: error: ")
 
 
 def test_help_keys_lists_every_key_of_both_commands(capsys):
@@ -120,9 +139,10 @@ def test_reproduce_reads_a_toml_file_and_its_own_saved_config(tmp_path):
 @pytest.mark.parametrize(
     ("content", "expected"),
     [
-        ('bits = 2\n[fogzo]\nbeta = 0.9\n', r"unknown config key 'beta' in .*\[fogzo\] \(did you mean beta_min\?\)"),
+        ('bits = 2\n[fogzo]\nbeta = 0.9\n', r"unknown config key 'fogzo.beta' in .* \(did you mean fogzo.beta_min\?\)"),
         ('fogzo = 3\n', r"fogzo in .*: expected a table, got 3"),
-        ('iterations = "many"\n', r"iterations: expected an int"),
+        ('iterations = "many"\n', r"iterations in .*: expected int, got 'many'"),
+        ('optimizer = "adamw"\n', r"optimizer='adamw' is not one of \['adam', 'sgd'\]"),
         ('spsa_n = [1, 8]\nspsa_iterations = [1, 2, 3]\n', r"spsa_iterations must be one value"),
         ("bits = 2\nbits = 3\n", r"not valid TOML"),
     ],
@@ -171,10 +191,11 @@ def test_build_estimator_passes_the_section_through_unchanged(monkeypatch):
 
 
 def test_spsa_refuses_fogzo_only_keys_and_builds_with_the_rest():
-    with pytest.raises(ConfigError, match=r"beta_min, guide_norm apply to estimator=fogzo only"):
-        load_config(None, ["--estimator=spsa", "--guide-norm=10", "--beta-min=0.9"])
-    config = load_config(None, ["--estimator=spsa", "--n=3", "--noise-stream=counter", "--eps=0.01"])
     model = fogzo.quantize(nn.Sequential(nn.Linear(4, 4)), fogzo.QuantConfig(bits=2), skip_first_last=False)
+    config = load_config(None, ["--estimator=spsa", "--guide-norm=10", "--beta-min=0.9"])
+    with pytest.raises(ConfigError, match=r"beta_min, guide_norm apply to estimator=fogzo only"):
+        build_estimator(config, model, 10)  # also checked before any work: check_config builds it
+    config = load_config(None, ["--estimator=spsa", "--n=3", "--noise-stream=counter", "--eps=0.01"])
     estimator = build_estimator(config, model, 10)
     assert isinstance(estimator, fogzo.SPSA) and estimator.n == 3
     info = estimator.estimate(lambda: model(torch.ones(2, 4)).square().mean())

@@ -9,9 +9,9 @@ import pytest
 
 from fogzo.cli import main
 from fogzo.reproduce.mnist import OUTPUT_FILES
-from fogzo.reproduce.mnist_config import FogzoOptions, MnistConfig, quick_config
+from fogzo.reproduce.mnist_config import FogzoOptions, MnistConfig, quick_config, resolve_config
 from fogzo.reproduce.mnist_report import analyze
-from fogzo.train.config_io import apply_overrides, config_from_dict, config_to_dict
+from fogzo.train.config_io import ConfigError, config_from_dict, config_to_dict
 from fogzo.train.records import read_jsonl
 from fogzo.train.summaries import Curve, compute_ratio, first_reach, is_png, markdown_table, mean_curve, select_best
 
@@ -184,25 +184,27 @@ def test_mean_curve_averages_seeds():
 
 
 def test_overrides_and_round_trip():
-    config = apply_overrides(
-        MnistConfig(),
-        ["fogzo.beta_min=0.99", "seeds=0,1", "bits=ternary", "eval_subset=5000", "lrs=1e-3,1e-2", "fogzo.one_sided=true"],
+    config = resolve_config(
+        ["--fogzo.beta_min=0.99", "--seeds=0,1", "--bits=ternary", "--eval_subset=5000", "--lrs=1e-3,1e-2",
+         "--fogzo.one_sided=true"]
     )
     assert config.fogzo.beta_min == 0.99 and config.fogzo.one_sided is True
     assert config.seeds == (0, 1) and config.bits == "ternary" and config.lrs == (1e-3, 1e-2)
-    assert apply_overrides(config, ["bits=2", "eval_subset=none"]).bits == 2
-    assert apply_overrides(config, ["eval_subset=none"]).eval_subset is None
+    assert resolve_config(["--bits=2", "--eval-subset=none"]).bits == 2
+    assert resolve_config(["--eval-subset=none"]).eval_subset is None
     assert config_from_dict(MnistConfig, json.loads(json.dumps(config_to_dict(config)))) == config
     # fields validated against each other change together; an empty value is an empty tuple
-    ladder = apply_overrides(MnistConfig(), ["spsa_n=1,64", "spsa_iterations=10,20"])
+    ladder = resolve_config(["--spsa_n=1,64", "--spsa_iterations=10,20"])
     assert ladder.spsa_n == (1, 64) and ladder.spsa_iterations_for(64) == 20
-    assert apply_overrides(MnistConfig(), ["spsa_n="]).spsa_n == ()
-    with pytest.raises(ValueError, match="unknown field"):
-        apply_overrides(config, ["fogzo.nope=1"])
-    with pytest.raises(ValueError):
-        apply_overrides(config, ["iterations=abc"])
-    with pytest.raises(ValueError):
-        apply_overrides(config, ["spsa_iterations=1,2"])  # neither one value nor one per ladder entry
+    assert resolve_config(["--spsa-n="]).spsa_n == ()
+    with pytest.raises(ConfigError, match="unknown config key 'fogzo.nope'"):
+        resolve_config(["--fogzo.nope=1"])
+    with pytest.raises(ConfigError, match="iterations in the command line: expected int, got 'abc'"):
+        resolve_config(["--iterations=abc"])
+    with pytest.raises(ConfigError, match="spsa_iterations must be one value"):
+        resolve_config(["--spsa_iterations=1,2"])  # neither one value nor one per ladder entry
+    with pytest.raises(ConfigError, match="eval_subset must be >= 1, got 0"):
+        resolve_config(["--eval-subset=0"])
 
 
 def test_markdown_table():
@@ -210,6 +212,6 @@ def test_markdown_table():
 
 
 def test_cli_dry_run(capsys):
-    assert main(["reproduce", "mnist", "--dry-run", "--bits", "1", "--seeds", "3", "--set", "fogzo.n=2"]) == 0
+    assert main(["reproduce", "mnist", "--dry-run", "--bits", "1", "--seeds", "3", "--fogzo.n=2"]) == 0
     printed = capsys.readouterr().out
     assert "bits = 1" in printed and "seeds = (3,)" in printed and "FOGZO n=2" in printed

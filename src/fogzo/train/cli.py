@@ -7,8 +7,8 @@ Every config key is an option: ``--estimator=fogzo --lr=3e-3 --seed=1 --steps=50
 ``--time-budget 120``, ``--device cuda``, ``--autocast bf16``, ``--threads 1``,
 ``--data-dir PATH``, ``--text-file PATH``, ``--one-sided`` / ``--no-augment``
 (``-`` and ``_`` are interchangeable), also with its section (``--optim.lr=3e-3``): the
-syntax ``fogzo reproduce`` shares (:func:`fogzo.train.config_io.parse_command_line`).
-``--help-keys`` lists them with their defaults.
+syntax ``fogzo reproduce`` shares, derived from :class:`~fogzo.train.config.TrainConfig`
+(:mod:`fogzo.train.config_io`). ``--help-keys`` lists them with their defaults and help texts.
 
 The run folder (``--out``, default ``runs/<name>-<estimator>-lr<lr>-seed<seed>``) is never
 overwritten silently: a folder that holds files needs ``--resume`` (continue that run; the
@@ -27,24 +27,13 @@ global batch; see ``docs/distributed.md``)::
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .config import (
-    _HINTS,
-    FIELDS,
-    SECTIONS,
-    ConfigError,
-    _members,
-    _type_name,
-    load_config,
-    parse_overrides,
-    parse_value,
-)
+from .config import SCHEMA, ConfigError, TrainConfig, load_config
 
 __all__ = ["EXIT_CODES", "KeepUnknownOptions", "add_train_parser", "main", "run_from_args"]
 
@@ -63,21 +52,6 @@ EPILOG = (
     "A run folder that holds files needs --resume or --overwrite. Exit status: 0 done, "
     "1 diverged, 2 usage or config error, 130 interrupted (checkpoint saved; --resume continues)."
 )
-_PREFIX = "set_"
-
-
-def keys_help() -> str:
-    lines = []
-    for section in SECTIONS:
-        lines.append(f"[{section}]")
-        for name, f in FIELDS.items():
-            if f.metadata["section"] != section:
-                continue
-            choices = f.metadata["choices"]
-            extra = f" (one of: {', '.join(map(str, choices))})" if choices else ""
-            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            lines.append(f"  --{name.replace('_', '-')}  default {default!r}: {f.metadata['help']}{extra}")
-    return "\n".join(lines)
 
 
 def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -94,27 +68,12 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--help-keys", action="store_true", help="list every config key with its default and exit")
-    for section in SECTIONS:
-        group = parser.add_argument_group(f"[{section}] config keys")
-        for name, f in FIELDS.items():
-            if f.metadata["section"] != section:
-                continue
-            flags = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])
-            hint = _HINTS[name]
-            choices = f.metadata["choices"]
-            text = f"{f.metadata['help']} ({'|'.join(map(str, choices)) if choices else _type_name(hint)})"
-            if bool in _members(hint):
-                group.add_argument(*flags, dest=_PREFIX + name, nargs="?", const="true", metavar="BOOL", help=text)
-                negations = [f"--no-{name.replace('_', '-')}"] + ([f"--no_{name}"] if "_" in name else [])
-                group.add_argument(*negations, dest=_PREFIX + name, action="store_const", const="false", help=argparse.SUPPRESS)
-            else:
-                group.add_argument(*flags, dest=_PREFIX + name, metavar="VALUE", help=text)
     parser.set_defaults(func=run_from_args, handler=_handler)
     return parser
 
 
 class KeepUnknownOptions(argparse.ArgumentParser):
-    """Keeps unrecognised arguments (``extra``) for the config's own parser
+    """Keeps unrecognised arguments (``extra``: the config keys) for the config's own parser
     (:func:`fogzo.train.config_io.parse_command_line`), so that a wrong key gets the config's
     error message (with the valid keys and a did-you-mean) instead of argparse's generic one."""
 
@@ -140,15 +99,6 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     return _configure(parser)
 
 
-def _overrides(args: argparse.Namespace) -> dict:
-    values = {}
-    for name in FIELDS:
-        text = getattr(args, _PREFIX + name, None)
-        if text is not None:
-            values[name] = parse_value(name, text)
-    return values
-
-
 def _main_rank() -> bool:
     """Rank 0 (or no torchrun): the process that prints. Read from the environment, so it
     also holds before the process group exists."""
@@ -167,12 +117,10 @@ def _error(message: str) -> int:
 
 def run_from_args(args: argparse.Namespace, extra: Sequence[str] = (), command: list[str] | None = None) -> int:
     if args.help_keys:
-        _print(keys_help())
+        _print(SCHEMA.help(TrainConfig()))
         return 0
     try:
-        overrides = _overrides(args)
-        overrides.update(parse_overrides(list(extra)))  # unknown keys end up here: a clear error
-        config = load_config(args.config, overrides, quick=args.quick)
+        config = load_config(args.config, list(extra), quick=args.quick)  # every config key is in extra
     except ConfigError as error:
         return _error(str(error))
     if args.print_config:
