@@ -165,11 +165,15 @@ def _keyword_options(cls: type) -> set[str]:
 
 def test_the_estimator_section_is_exactly_fogzos_keyword_arguments():
     section = {name for name, f in FIELDS.items() if f.metadata["section"] == "estimator"} - {"estimator"}
-    assert section == _keyword_options(fogzo.FOGZO)
-    assert _keyword_options(fogzo.SPSA) <= section
+    classes = (fogzo.FOGZO, fogzo.SPSA, fogzo.SmoothedForwardSTE, fogzo.NoiseMatchedSTE)
+    assert section == set().union(*map(_keyword_options, classes))
     config = TrainConfig(noise_stream="counter", guide_norm=10.0, n=3)
     options = estimator_options(config)
-    assert options == {name: getattr(config, name) for name in section}
+    assert options == {name: getattr(config, name) for name in _keyword_options(fogzo.FOGZO)}
+    noise = estimator_options(TrainConfig(estimator="ste-noise", noise_scale=2.0))
+    assert set(noise) == _keyword_options(fogzo.NoiseMatchedSTE) and noise["noise_scale"] == 2.0
+    with pytest.raises(ConfigError, match=r"noise_scale does not apply to estimator=fogzo"):
+        estimator_options(TrainConfig(noise_scale=2.0))
     # and the FOGZO options of fogzo reproduce are FOGZO's keyword arguments too
     assert {f.name for f in dataclasses.fields(FogzoOptions)} <= _keyword_options(fogzo.FOGZO)
 
@@ -180,6 +184,8 @@ def test_build_estimator_passes_the_section_through_unchanged(monkeypatch):
     class Recorder:
         def __init__(self, model, **kwargs):
             seen.update(kwargs)
+
+    Recorder.__signature__ = inspect.signature(fogzo.FOGZO)  # (the keys FOGZO takes)
 
     from fogzo.train import build
 
@@ -193,10 +199,19 @@ def test_build_estimator_passes_the_section_through_unchanged(monkeypatch):
 def test_spsa_refuses_fogzo_only_keys_and_builds_with_the_rest():
     model = fogzo.quantize(nn.Sequential(nn.Linear(4, 4)), fogzo.QuantConfig(bits=2), skip_first_last=False)
     config = load_config(None, ["--estimator=spsa", "--guide-norm=10", "--beta-min=0.9"])
-    with pytest.raises(ConfigError, match=r"beta_min, guide_norm apply to estimator=fogzo only"):
+    with pytest.raises(ConfigError, match=r"beta_min, guide_norm do not apply to estimator=spsa"):
         build_estimator(config, model, 10)  # also checked before any work: check_config builds it
     config = load_config(None, ["--estimator=spsa", "--n=3", "--noise-stream=counter", "--eps=0.01"])
     estimator = build_estimator(config, model, 10)
     assert isinstance(estimator, fogzo.SPSA) and estimator.n == 3
     info = estimator.estimate(lambda: model(torch.ones(2, 4)).square().mean())
     assert info.forward_passes == 2 * 3 + 1 and len(info.differences) == 3
+
+
+def test_the_noise_matched_ste_takes_noise_scale_from_the_command_line():
+    model = fogzo.quantize(nn.Sequential(nn.Linear(4, 4)), fogzo.QuantConfig(bits=2), skip_first_last=False)
+    config = load_config(None, ["--estimator=ste-noise", "--noise-scale=1.5", "--beta-min=0.99"])
+    estimator = build_estimator(config, model, 10)
+    assert isinstance(estimator, fogzo.NoiseMatchedSTE) and estimator.noise_scale == 1.5
+    with pytest.raises(ConfigError, match="noise_scale does not apply to estimator=spsa"):
+        build_estimator(load_config(None, ["--estimator=spsa", "--noise-scale=2"]), model, 10)

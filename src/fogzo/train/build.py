@@ -119,23 +119,21 @@ RUN_FIXED_ESTIMATOR_ARGS = frozenset({"model", "total_steps", "seed", "smoothing
 
 
 def estimator_options(config: TrainConfig, kind: str | None = None) -> dict[str, Any]:
-    """The ``[estimator]`` section (but ``estimator``) as keyword arguments of the estimator class ``kind``.
-
-    ``fogzo``: every key; ``spsa``, ``ste-sr`` (``fogzo.SmoothedForwardSTE``) and ``ste-noise``
-    (``fogzo.NoiseMatchedSTE``): the keys that class takes (the others must keep their defaults, else a
-    :class:`ConfigError`); ``ste``: none. The run adds ``total_steps`` and ``seed``.
+    """The ``[estimator]`` section (but ``estimator``) as keyword arguments of the estimator class ``kind``
+    (``fogzo.FOGZO``, ``fogzo.SPSA``, ``ste-sr``: ``fogzo.SmoothedForwardSTE``, ``ste-noise``:
+    ``fogzo.NoiseMatchedSTE``): the keys that class takes; a key it does not take must keep its
+    default, else a :class:`ConfigError`. ``ste``: none. The run adds ``total_steps`` and ``seed``.
     """
     kind = kind or config.estimator
+    if kind == "ste":
+        return {}
     options = {name: getattr(config, name) for name, f in FIELDS.items()
                if f.metadata["section"] == "estimator" and name != "estimator"}
-    if kind in ("fogzo", "ste"):
-        return options if kind == "fogzo" else {}
-    cls = {"spsa": SPSA, "ste-sr": SmoothedForwardSTE, "ste-noise": NoiseMatchedSTE}[kind]
+    cls = {"fogzo": FOGZO, "spsa": SPSA, "ste-sr": SmoothedForwardSTE, "ste-noise": NoiseMatchedSTE}[kind]
     accepted = set(inspect.signature(cls).parameters)
     ignored = sorted(name for name, value in options.items() if name not in accepted and value != FIELDS[name].default)
     if ignored:
-        raise ConfigError(f"{', '.join(ignored)} appl{'ies' if len(ignored) == 1 else 'y'} to estimator=fogzo only"
-                          + ("" if kind == "spsa" else f" (not to estimator={kind})"))
+        raise ConfigError(f"{', '.join(ignored)} do{'es' if len(ignored) == 1 else ''} not apply to estimator={kind}")
     return {name: value for name, value in options.items() if name in accepted}
 
 

@@ -70,6 +70,7 @@ class TrainConfig:
     eps: float = _f(1e-3, "estimator", "perturbation step for tensors without a quantizer")
     guide_norm: float = _f(1.0, "estimator", "fogzo: norm of the guide direction")
     normalize: str = _f("global", "estimator", "fogzo: guide normalisation", ("global", "tensor"))
+    noise_scale: float = _f(1.0, "estimator", "ste-noise: factor on the matched noise's size (variance x k^2)")
     on_nonfinite: str = _f("raise", "estimator", "on a non-finite loss or STE gradient: raise, skip the step, "
                            "or keep the STE gradient (for --autocast fp16's loss scaler)", ("raise", "skip", "keep"))
     vectorize: int | None = _f(None, "estimator", "perturbed passes per vmap forward (None: one by one)")
