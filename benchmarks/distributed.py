@@ -71,7 +71,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fogzo
-from fogzo import distributed as fd
+from fogzo.train import distributed as fd
 
 MODELS = {
     "tiny": {"layers": (32, 64, 10), "batch": 64},

@@ -9,9 +9,9 @@
 * FSDP2 (``fully_shard``): the same equivalence with sharded parameters (noise by global
   coordinates), per-channel α on uneven shards, and the collectives the ZO part adds.
 
-Every multi-process run goes through :func:`fogzo.distributed.spawn_local`, which bounds
+Every multi-process run goes through :func:`fogzo.train.distributed.spawn_local`, which bounds
 it by a wall-clock deadline and a collective timeout. Processes start with
-:func:`fogzo.distributed.safe_start_method`: forked on a CPU-only machine (starting a spawned
+:func:`fogzo.train.distributed.safe_start_method`: forked on a CPU-only machine (starting a spawned
 interpreter and importing torch costs ~10 s on a loaded 2-core machine; a fork costs
 milliseconds), from a forkserver where a GPU is present (a forked child could not run
 autograd or CUDA there). Everything runs on the CPU with gloo, also on a GPU machine: the
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fogzo
-from fogzo import distributed as fd
+from fogzo.train import distributed as fd
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 

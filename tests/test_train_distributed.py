@@ -23,7 +23,7 @@ to a rounding boundary that it rounds to another level in one run only (a discre
 which the test finds in the recorded codes and checks to be within reach of the boundary).
 The data are 64 + 32 random 28x28 "Fashion-MNIST" images written as IDX files.
 
-The 2-rank runs go through :func:`fogzo.distributed.spawn_local` (file rendezvous,
+The 2-rank runs go through :func:`fogzo.train.distributed.spawn_local` (file rendezvous,
 collective timeout, wall-clock deadline) with its safe start method (forked on a CPU-only
 machine, forkserver where a GPU is present), on the CPU with gloo also on a GPU machine.
 All 2-rank jobs share one launch (module fixture).
@@ -47,7 +47,7 @@ import torch.distributed as dist
 import torch.optim.optimizer as optim_hooks
 
 import fogzo
-from fogzo import distributed as fd
+from fogzo.train import distributed as fd
 from fogzo.train import ConfigError, load_config, train
 from fogzo.train import data as train_data
 from fogzo.train.cli import main as train_main

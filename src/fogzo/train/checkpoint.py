@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from .. import distributed as fd
 from ..estimators import derive_seed
+from . import distributed as fd
 from .config import ConfigError, TrainConfig
 from .records import check_output_folder, read_json, read_jsonl, write_json
 

@@ -132,7 +132,7 @@ def run_from_args(args: argparse.Namespace, extra: Sequence[str] = (), command: 
             f"{config.dataset}, {config.steps} steps of {config.estimator} (--print-config shows them all)",
             file=sys.stderr,
         )
-    from .. import distributed as fd
+    from . import distributed as fd
     from .trainer import TrainingInterrupted, train
 
     command = command or [Path(sys.argv[0]).name, *sys.argv[1:]]

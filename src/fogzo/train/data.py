@@ -17,7 +17,7 @@
 Data parallelism (``torchrun``; :mod:`fogzo.train.sharding`). Every rank runs the same
 stream with the same generator, so every rank draws the same *global* batch
 (``batch_size`` examples); ``next_batch()`` then returns this rank's equal share
-(:func:`fogzo.distributed.shard_indices`: rank ``r`` of ``w`` keeps examples
+(:func:`fogzo.train.distributed.shard_indices`: rank ``r`` of ``w`` keeps examples
 ``r·b/w … (r+1)·b/w − 1``). The image-folder stream decodes only its own share. Stream
 states are therefore defined in global batches and do not depend on the world size: a
 checkpoint of a 2-rank run resumes in 1 process and vice versa. Evaluation splits the
@@ -38,7 +38,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import distributed as fd
 from ..data import (
     FASHION_MNIST_MEAN,
     FASHION_MNIST_STD,
@@ -56,6 +55,7 @@ from ..data import (
 from ..data.image_folder import ImageFolderDataset, list_image_folder
 from ..data.text import bpe_tokens
 from ..estimators import derive_seed
+from . import distributed as fd
 from .config import TrainConfig
 from .evaluation import ForwardContext, classification_metrics, evaluating
 from .sharding import Shard

@@ -1,7 +1,7 @@
 """Data parallelism in the training loop: the world size of a launch, the few collectives
 the loop needs (means over ranks, rank 0's buffers, a barrier, a config digest) and the
 device synchronisation that makes step times honest. The process group and DDP wrapping
-are :mod:`fogzo.distributed`'s."""
+are :mod:`fogzo.train.distributed`'s."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .. import distributed as fd
+from . import distributed as fd
 from .config import TrainConfig
 
 __all__ = ["launch_world_size"]

@@ -2,7 +2,7 @@
 
 Every rank runs the same batch stream with the same generator, so every rank draws the same
 *global* batch; :class:`Shard` keeps this rank's equal share
-(:func:`fogzo.distributed.shard_indices`), deals evaluation chunks round-robin and gathers
+(:func:`fogzo.train.distributed.shard_indices`), deals evaluation chunks round-robin and gathers
 their per-chunk sums so they add up in the single-process order.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .. import distributed as fd
+from . import distributed as fd
 
 __all__ = ["Shard"]
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import distributed as fd
+from . import distributed as fd
 from .build import build_estimator, build_optimizer
 from .checkpoint import _rng_state, _set_rng_state
 from .config import TrainConfig

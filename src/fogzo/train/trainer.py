@@ -36,7 +36,7 @@ Progress: a tqdm bar on stderr when it is a terminal; otherwise (a log file, a b
 system) one line every ``progress_every`` steps (0: about 20 per run); rank 0 only.
 
 Data parallelism. Under ``torchrun --nproc-per-node N`` (``WORLD_SIZE`` in the environment)
-:func:`train` joins the process group (:func:`fogzo.distributed.init_from_env`: gloo on CPU,
+:func:`train` joins the process group (:func:`fogzo.train.distributed.init_from_env`: gloo on CPU,
 nccl on ``cuda:LOCAL_RANK``), wraps the model in DDP and hands the DDP module to the
 estimator. ``batch_size`` stays the *global* batch: every rank draws the same global batch
 and trains on its equal share, so N ranks follow the 1-process trajectory up to float
@@ -76,11 +76,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .. import distributed as fd
 from .. import quantized_layers
 from ..diagnostics import diagnose as fogzo_diagnose
 from ..estimators import derive_seed
 from ..models import count_parameters
+from . import distributed as fd
 from .build import (
     build_estimator,
     build_optimizer,
@@ -193,7 +193,7 @@ def train(
     step, saves a checkpoint and raises :class:`TrainingInterrupted`.
 
     Under torchrun (``WORLD_SIZE`` > 1) this joins the process group (and leaves it joined:
-    :func:`fogzo.distributed.cleanup` ends it; the CLI does) and trains with DDP; every rank
+    :func:`fogzo.train.distributed.cleanup` ends it; the CLI does) and trains with DDP; every rank
     returns the same record. ``log`` is called on rank 0 only.
     """
     world = launch_world_size()

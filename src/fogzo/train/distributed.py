@@ -7,7 +7,7 @@ STE gradient, so every rank sees the same ``ĝ``; and the ``n`` finite differenc
 are averaged over ranks with one ``all_reduce`` of ``n`` scalars. What is left for the
 training script is process-group plumbing, which this module provides::
 
-    import fogzo.distributed as fd
+    import fogzo.train.distributed as fd
 
     device = fd.init_from_env()                 # torchrun: gloo on CPU, nccl on CUDA
     model = fogzo.quantize(make_model(), fogzo.QuantConfig(bits=2)).to(device)
@@ -359,7 +359,7 @@ def _spawned_entry(
 
 
 #: Modules the forkserver imports once, so that each forked worker starts with them loaded.
-FORKSERVER_PRELOAD = ("torch", "torch._dynamo", "torch.distributed", "fogzo", "fogzo.distributed")
+FORKSERVER_PRELOAD = ("torch", "torch._dynamo", "torch.distributed", "fogzo", "fogzo.train.distributed")
 
 
 def spawn_local(
