@@ -148,10 +148,11 @@ def default_workers() -> int:
 # ----------------------------------------------------------------------------- workers
 
 
-def _start_worker(threads: int, initializer: Callable[..., None] | None, initargs: tuple[Any, ...]) -> None:
+def _start_worker(threads: int | None, initializer: Callable[..., None] | None, initargs: tuple[Any, ...]) -> None:
     """A worker process: ``threads`` torch threads; Ctrl-C only interrupts a run (not the idle loop)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    torch.set_num_threads(threads)
+    if threads is not None:
+        torch.set_num_threads(threads)
     if initializer is not None:
         initializer(*initargs)
 
@@ -174,10 +175,10 @@ class _InProcess(Generic[Task]):
 
 
 @contextmanager
-def _pool(workers: int, threads: int, initializer: Callable[..., None] | None, initargs: tuple[Any, ...]) -> Iterator[Any]:
+def _pool(workers: int, threads: int | None, initializer: Callable[..., None] | None, initargs: tuple[Any, ...]) -> Iterator[Any]:
     if workers == 1:
         previous = torch.get_num_threads()
-        torch.set_num_threads(threads)
+        torch.set_num_threads(threads or previous)
         try:
             if initializer is not None:
                 initializer(*initargs)
@@ -205,7 +206,7 @@ def run_sweep(
     *,
     key: Callable[[Task], str],
     workers: int | None = None,
-    threads: int = 1,
+    threads: int | None = 1,
     initializer: Callable[..., None] | None = None,
     initargs: tuple[Any, ...] = (),
     describe: Callable[[dict[str, Any]], str] | None = None,
@@ -221,7 +222,7 @@ def run_sweep(
     ``"key": key(task)`` added, on one line of ``archive``, when the run finishes.
 
     ``workers`` processes (default :func:`default_workers`), each with ``threads`` torch
-    threads and ``initializer(*initargs)`` called once (load the data there); ``run`` and
+    threads (``None``: as they are) and ``initializer(*initargs)`` called once (load the data there); ``run`` and
     the tasks must be picklable (``run`` a module-level function). ``workers=1`` runs
     everything in this process. ``echo`` (default: stderr) gets one line per finished run:
     its result (``describe(record)``), the runs in flight and the number left. A failing
@@ -236,7 +237,8 @@ def run_sweep(
     todo = [task for task in plan(results) if key(task) not in results]
     say(
         f"{len(todo)} runs to do" + (f" ({before} finished before, kept)" if before else "")
-        + f"; {workers} worker{'s' * (workers > 1)} of {threads} thread{'s' * (threads > 1)}; archive {archive}"
+        + f"; {workers} worker{'s' * (workers > 1)}"
+        + (f" of {threads} thread{'s' * (threads > 1)}" if threads else "") + f"; archive {archive}"
     )
     archive.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
