@@ -157,10 +157,16 @@ def _start_worker(threads: int | None, initializer: Callable[..., None] | None, 
         initializer(*initargs)
 
 
+def _timed(run: Callable[[Any], dict[str, Any]], task: Any) -> dict[str, Any]:
+    """``run(task)`` with the CPU seconds this process spent on it, as ``"cpu_s"``."""
+    cpu = time.process_time()
+    return {**run(task), "cpu_s": round(time.process_time() - cpu, 2)}
+
+
 def _call(run: Callable[[Any], dict[str, Any]], task: Any) -> dict[str, Any]:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        return run(task)
+        return _timed(run, task)
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
@@ -170,7 +176,7 @@ class _InProcess(Generic[Task]):
 
     def submit(self, run: Callable[[Task], dict[str, Any]], task: Task) -> Future[dict[str, Any]]:
         future: Future[dict[str, Any]] = Future()
-        future.set_result(run(task))
+        future.set_result(_timed(run, task))
         return future
 
 
@@ -219,13 +225,15 @@ def run_sweep(
     plan may grow with the results (the learning-rate procedure). Tasks already finished or
     in flight are skipped. ``run(task)`` returns the run's record (a dict of JSON values; NaN
     and infinities are kept, see :func:`fogzo.train.records.strict_json`); it is stored with
-    ``"key": key(task)`` added, on one line of ``archive``, when the run finishes.
+    ``"key": key(task)`` and ``"cpu_s"`` (the CPU seconds of the run's process) added, on one
+    line of ``archive``, when the run finishes.
 
     ``workers`` processes (default :func:`default_workers`), each with ``threads`` torch
     threads (``None``: as they are) and ``initializer(*initargs)`` called once (load the data there); ``run`` and
     the tasks must be picklable (``run`` a module-level function). ``workers=1`` runs
     everything in this process. ``echo`` (default: stderr) gets one line per finished run:
-    its result (``describe(record)``), the runs in flight and the number left. A failing
+    its result (``describe(record)``), its wall and CPU seconds (CPU well below wall: the
+    machine is busy with other work), the runs in flight and the number left. A failing
     run's exception, and Ctrl-C, propagate once the runs in flight have stopped; the archive
     holds every run finished before.
     """
@@ -260,7 +268,8 @@ def run_sweep(
                 text = describe(results[name]) if describe else ""
                 say(
                     f"[{len(results) - before} done, {left} to go, {time.perf_counter() - started:.0f} s] "
-                    f"{name}{': ' + text if text else ''} ({seconds:.1f} s) | running {len(running)}/{workers}: {busy}"
+                    f"{name}{': ' + text if text else ''} ({seconds:.1f} s, {results[name]['cpu_s']:.1f} s CPU) "
+                    f"| running {len(running)}/{workers}: {busy}"
                 )
             finished = []
             if not running:
