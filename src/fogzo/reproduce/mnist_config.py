@@ -54,7 +54,8 @@ class FogzoOptions:
 class MnistConfig:
     """Everything one ``fogzo reproduce mnist`` run depends on.
 
-    Main runs: STE and FOGZO, every ``lrs`` × ``seeds``, ``iterations`` steps each, evaluated
+    Main runs: STE and FOGZO, learning rates tuned by the procedure of :mod:`fogzo.train.sweep`
+    on ``lrs`` and ``seeds``, ``iterations`` steps each, evaluated
     every ``eval_every`` steps on the full training set (loss) and the test set (accuracy);
     ``eval_subset`` limits both to their first examples (the quick run uses 5,000).
 
@@ -63,19 +64,15 @@ class MnistConfig:
     ``spsa_eval_points`` times per run. It is tuned on its own (smaller) grid
     ``spsa_lrs``, the same grid for every n; STE and FOGZO share ``lrs``.
 
-    Sizing of the defaults. Measured on the 2-core development machine while other jobs kept
-    its load at 6–9, with one torch thread (two threads were 5–20x *slower* there: the
-    matrices are tiny and OpenMP threads wait for each other on a busy machine), training
-    time per step: STE 5–7 ms, FOGZO(n=1) 11–12 ms, n-SPSA (vmapped, ``spsa_vectorize`` =
-    256) n=1 13–15 ms, n=8 40–44 ms, n=64 190 ms, n=512 1.1–1.6 s, n=7,960 18–23 s; one
-    evaluation of the 60,000-example training loss 0.2 s. The main grid (2 estimators × 4
-    learning rates × 3 seeds × 2,000 steps, 21 evaluations each) takes about 5 CPU-minutes;
-    the ladder gets the rest of a ~15-minute budget: one seed, three learning rates, and
-    per n = 1 / 8 / 64 / 512 / 7,960 the iterations 2,000 / 1,000 / 400 / 40 / 2. The whole
-    default run needs about 10 CPU-minutes (21 min of wall time at 39 % of a core on the
-    loaded machine, with two ladder learning rates). The n = 512 and n = 7,960 rungs are
-    far too short to converge; raise ``spsa_iterations`` (or use ``device="cuda"``) for a
-    ladder that can reach FOGZO's loss — the compute ratio is then less of a lower bound.
+    Sizing of the defaults (one torch thread per run: the matrices are tiny, and OpenMP
+    threads mostly wait for each other on a busy machine). CPU seconds per run, measured on
+    the 2-core development machine: STE 4.5–6.5, FOGZO(n=1) 7–9; the ladder (vmapped,
+    ``spsa_vectorize`` = 256) per n = 1 / 8 / 64 / 512 / 7,960 with 2,000 / 1,000 / 400 / 40
+    / 2 iterations about 6.5 / 8 / 15 / 9 / 6. The whole default study (13 STE/FOGZO runs after
+    the learning-rate procedure, 15 ladder runs) needs 3.6 CPU-minutes: about 2 minutes of
+    wall time with two workers on two idle cores. The n = 512 and n = 7,960 rungs are far too
+    short to converge; raise ``spsa_iterations`` (or use ``device="cuda"``) for a ladder that
+    can reach FOGZO's loss — the compute ratio is then less of a lower bound.
 
     Args:
         bits: weight bits: 1 (sign), ``"ternary"``, or 2..8.

@@ -235,22 +235,12 @@ def summary_markdown(
             verdict += " (gap larger than the two seed stds together)" if clear else " (gap within the seed spread)"
         else:
             verdict += " (one seed: no spread to compare)"
-        rows.append(
-            [
-                "FOGZO (n=1) reaches a lower training loss than STE at equal iterations",
-                "yes",
-                f"{verdict}: FOGZO {format_mean_std(fogzo_loss)} vs STE {format_mean_std(ste_loss)}",
-            ]
-        )
+        rows.append(["FOGZO (n=1) reaches a lower training loss than STE at equal iterations", "yes",
+                     f"{verdict}: FOGZO {format_mean_std(fogzo_loss)} vs STE {format_mean_std(ste_loss)}"])
     if a.ratio is not None:
         where = f" (cheapest: {a.ratio.best_label})" if a.ratio.best_label else " (no ladder entry reached it)"
-        rows.append(
-            [
-                "n-SPSA compute / FOGZO compute for the same loss",
-                f"{PAPER_RATIO}x",
-                f"{a.ratio.text()}{where}; target loss {a.target:.4f}",
-            ]
-        )
+        rows.append(["n-SPSA compute / FOGZO compute for the same loss", f"{PAPER_RATIO}x",
+                     f"{a.ratio.text()}{where}; target loss {a.target:.4f}"])
     add(markdown_table(["claim", "paper", "ours"], rows, "lll") if rows else "(no STE/FOGZO runs)")
     add("")
     edges = grid_edges(a)
@@ -273,37 +263,16 @@ def summary_markdown(
         walls = [run[-1]["wall_s"] for run in runs]
         computes = [run[-1]["compute_units"] for run in runs]
         iterations = runs[0][-1]["iterations"]
-        rows.append(
-            [
-                label,
-                _lr(lr) + (" (edge)" if label in edges else ""),
-                format_mean_std(losses, 4),
-                ", ".join("diverged" if not math.isfinite(x) else f"{x:.4f}" for x in losses),
-                format_mean_std(accuracies, 2, scale=100.0) + " %",
-                iterations,
-                len(runs),
-                format_number(mean_std(computes)[0]),
-                f"{mean_std(walls)[0]:.1f}",
-                f"{1000 * mean_std(walls)[0] / max(iterations, 1):.1f}",
-            ]
-        )
-    add(
-        markdown_table(
-            [
-                "estimator",
-                "best lr",
-                "final train loss",
-                "per seed",
-                "test accuracy",
-                "iterations",
-                "seeds",
-                "compute units / run",
-                "wall s / run",
-                "ms / step",
-            ],
-            rows,
-        )
-    )
+        wall = mean_std(walls)[0]
+        rows.append([
+            label, _lr(lr) + (" (edge)" if label in edges else ""), format_mean_std(losses, 4),
+            ", ".join("diverged" if not math.isfinite(x) else f"{x:.4f}" for x in losses),
+            format_mean_std(accuracies, 2, scale=100.0) + " %", iterations, len(runs),
+            format_number(mean_std(computes)[0]), f"{wall:.1f}", f"{1000 * wall / max(iterations, 1):.1f}",
+        ])
+    headers = ["estimator", "best lr", "final train loss", "per seed", "test accuracy", "iterations", "seeds",
+               "compute units / run", "wall s / run", "ms / step"]
+    add(markdown_table(headers, rows))
     add("")
 
     # Compute to reach FOGZO's loss.
@@ -320,33 +289,21 @@ def summary_markdown(
             curve = a.best_curves_compute[label]
             reached = a.reach.get(label)
             spent = max(curve.x, default=0.0)
-            rows.append(
-                [
-                    label,
-                    _lr(a.best_lr[label]),
-                    format_number(spent),
-                    f"{curve.mean[-1]:.4f}" if curve.mean else "n/a",
-                    format_number(reached) if reached is not None else "not reached",
-                    (f"{format_number(reached / a.fogzo_compute)}x" if reached is not None else f">= {format_number(spent / a.fogzo_compute)}x"),
-                ]
-            )
-        add(
-            markdown_table(
-                ["estimator", "best lr", "compute spent", "final loss (seed mean)", "compute to reach", "/ FOGZO compute"],
-                rows,
-            )
-        )
+            share = f"{format_number(reached / a.fogzo_compute)}x" if reached is not None else None
+            rows.append([
+                label, _lr(a.best_lr[label]), format_number(spent), f"{curve.mean[-1]:.4f}" if curve.mean else "n/a",
+                format_number(reached) if reached is not None else "not reached",
+                share or f">= {format_number(spent / a.fogzo_compute)}x",
+            ])
+        headers = ["estimator", "best lr", "compute spent", "final loss (seed mean)", "compute to reach", "/ FOGZO compute"]
+        add(markdown_table(headers, rows))
         add("")
         if a.ratio is not None:
             add(
                 f"**Ratio (n-SPSA ladder): {a.ratio.text()}** — the smallest compute over the ladder at "
                 "which an n-SPSA curve reaches FOGZO's final loss, divided by FOGZO's total compute"
-                + (
-                    "; no ladder entry reached it, so this is a lower bound: the largest compute any "
-                    "ladder run spent, divided by FOGZO's."
-                    if a.ratio.lower_bound
-                    else "."
-                )
+                + ("; no ladder entry reached it, so this is a lower bound: the largest compute any "
+                   "ladder run spent, divided by FOGZO's." if a.ratio.lower_bound else ".")
                 + f" The paper reports {PAPER_RATIO}x.\n"
             )
 
