@@ -4,7 +4,7 @@ on the map's 24 settings (docs/method.md §8).
 The STE and FOGZO (paper) columns are the map's runs (docs/data/map.jsonl), the controls come
 from ``smoothed_study.py grid controls`` (and ``grid controls-noise``: the noise-matched STE at
 twice the matched variance); every column uses the same learning-rate
-procedure (experiments/tuning.py) and is shown at its best seed-0 rate (by final training loss)
+procedure (fogzo.train.sweep) and is shown at its best seed-0 rate (by final training loss)
 as mean ± std over the seeds there.
 
     python experiments/controls_summary.py docs/data/map.jsonl results/controls*.jsonl [--metric accuracy]

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import tuning
+from fogzo.train import sweep as tuning  # the learning-rate procedure
 
 ROOT = Path(__file__).resolve().parent
 CONFIGS = ROOT / "configs"

@@ -3,16 +3,22 @@
     python experiments/run_grid.py GRID_NAME OUT.jsonl [--workers 2]
 
 Grids are defined in ``GRIDS`` below; each entry is a list of command-line argument lists.
+The runs go through the sweep driver (:func:`fogzo.train.sweep.run_sweep`): one archive line
+per finished run (the script's JSON line, with its arguments as ``"key"``), appended as it
+finishes; the same command again runs only what ``OUT.jsonl`` lacks.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
+
+from fogzo.train.sweep import run_sweep
 
 SCRIPT = str(Path(__file__).with_name("mnist_ablation.py"))
 LRS = ["3e-4", "1e-3", "3e-3", "1e-2"]
@@ -53,6 +59,15 @@ GRIDS = {
 }
 
 
+def run(args: list[str]) -> dict[str, Any]:
+    """One ``mnist_ablation.py`` run in a child process; its last stdout line, parsed."""
+    result = subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True)
+    lines = result.stdout.strip().splitlines()
+    if result.returncode != 0 or not lines:
+        raise RuntimeError(f"run {' '.join(args)} failed: {result.stderr[-500:]}")
+    return json.loads(lines[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("grid", choices=sorted(GRIDS))
@@ -61,16 +76,7 @@ def main() -> None:
     parser.add_argument("--extra", default="", help="extra arguments appended to every run")
     args = parser.parse_args()
     runs = [run + args.extra.split() for run in GRIDS[args.grid]]
-    with open(args.out, "a") as out, ThreadPoolExecutor(args.workers) as pool:
-        for index, result in enumerate(pool.map(lambda r: subprocess.run(
-            [sys.executable, SCRIPT, *r], capture_output=True, text=True), runs)):
-            line = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
-            if result.returncode != 0 or not line:
-                print(f"run {runs[index]} failed: {result.stderr[-500:]}", file=sys.stderr)
-                continue
-            out.write(line + "\n")
-            out.flush()
-            print(f"[{index + 1}/{len(runs)}] {line[:160]}", file=sys.stderr, flush=True)
+    run_sweep(lambda done: runs, run, args.out, key=" ".join, workers=args.workers)
 
 
 if __name__ == "__main__":

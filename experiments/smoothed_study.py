@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import tuning  # experiments/tuning.py: the learning-rate procedure
+from fogzo.train import sweep as tuning  # the learning-rate procedure
 
 #: Named estimator variants. "fogzo" is the paper's reading (n = 1, β_min = 0.999, ‖ĝ‖ = 1,
 #: every parameter perturbed); "fogzo-g10" is the best variant of docs/results.md (‖ĝ‖ = 10).

@@ -444,13 +444,17 @@ def test_reproduce_resumes_an_interrupted_study_and_never_overwrites_one(tmp_pat
         pytest.skip(f"MNIST is not available: {error}")
 
     def study(out: Path, *extra: str) -> int:
-        return fogzo_main(["reproduce", "mnist", *TINY_STUDY, "--out", str(out), *extra])
+        return fogzo_main(["reproduce", "mnist", *TINY_STUDY, "--workers=1", "--out", str(out), *extra])
 
-    def runs(out: Path) -> list[tuple]:
-        return [(r["label"], r["iteration"], r["train_loss"], r["test_accuracy"]) for r in strict_lines(out / "runs.jsonl")]
+    def runs(out: Path) -> list[tuple]:  # one archive line per finished run, its points inside
+        return [(r["key"], p["iteration"], p["train_loss"], p["test_accuracy"])
+                for r in strict_lines(out / "runs.jsonl") for p in r["points"]]
 
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert study(straight) == 0
+    order = [r["label"] for r in strict_lines(straight / "runs.jsonl")]  # one worker: the order they ran in
+    assert order[0] == "STE" and set(order) == {"STE", "FOGZO", "SPSA n=1"}
+    assert len(order) > 3  # the one-rate grid of STE and FOGZO was extended past its winning edge
     started = []
     original = mnist.train_run
 
@@ -468,8 +472,8 @@ def test_reproduce_resumes_an_interrupted_study_and_never_overwrites_one(tmp_pat
     except KeyboardInterrupt:
         pytest.fail("Ctrl-C escaped the command as a KeyboardInterrupt")
     assert code == 130
-    assert "1 of 3 runs are finished" in capsys.readouterr().err
-    assert {label for label, *_ in runs(split)} == {"STE"}
+    assert "interrupted: 1 runs are finished and saved" in capsys.readouterr().err
+    assert {key for key, *_ in runs(split)} == {"STE lr=0.01 seed=0"}
     # The folder holds a study: a new one is refused, a different config cannot resume it.
     before = snapshot(split)
     assert study(split) == 2
@@ -483,14 +487,32 @@ def test_reproduce_resumes_an_interrupted_study_and_never_overwrites_one(tmp_pat
     real_replace = os.replace
     monkeypatch.setattr(os, "replace", lambda a, b: replaced.append(Path(b).name) or real_replace(a, b))
     assert study(split, "--resume") == 0
-    assert started == ["FOGZO", "SPSA n=1"]
+    assert started == order[1:]
     assert sorted(runs(split)) == sorted(runs(straight))
-    assert {"summary.md", "config.json", "runs.jsonl", "loss_vs_compute.png"} <= set(replaced)
+    assert {"summary.md", "config.json", "loss_vs_compute.png"} <= set(replaced)
     assert "resumed: 1 runs finished by an earlier invocation" in (split / "summary.md").read_text()
     # --overwrite starts the study again.
     started[:] = []
     assert study(split, "--overwrite") == 0
-    assert started == ["STE", "FOGZO", "SPSA n=1"] and sorted(runs(split)) == sorted(runs(straight))
+    assert started == order and sorted(runs(split)) == sorted(runs(straight))
+
+
+def test_reproduce_with_two_workers_gives_the_runs_of_one(tmp_path, capsys):
+    from fogzo.data import load_mnist
+
+    try:
+        load_mnist()
+    except (FileNotFoundError, ImportError) as error:
+        pytest.skip(f"MNIST is not available: {error}")
+    outputs = {}
+    for workers in (1, 2):
+        out = tmp_path / f"workers-{workers}"
+        assert fogzo_main(["reproduce", "mnist", *TINY_STUDY, f"--workers={workers}", "--out", str(out)]) == 0
+        records = strict_lines(out / "runs.jsonl")
+        assert len({r["key"] for r in records}) == len(records)  # one line per run
+        outputs[workers] = {r["key"]: [{k: v for k, v in p.items() if k != "wall_s"} for p in r["points"]] for r in records}
+    assert "running 2/2: " in capsys.readouterr().err  # both workers were busy
+    assert outputs[1] == outputs[2]
 
 
 def test_deterministic_turns_on_deterministic_algorithms_for_the_run(tiny_config, tmp_path, monkeypatch):

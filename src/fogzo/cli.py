@@ -43,7 +43,7 @@ Config keys (--key=value or --key value; dotted for the FOGZO options, or their 
 alone; tuples are comma-separated, 'none' clears an optional field). Examples:
   --bits ternary   --seeds 0,1,2   --lrs 1e-3,3e-3   --iterations 500
   --fogzo.beta-min=0.99   --guide-norm 10   --fogzo.perturb=quantized   --one-sided
-  --spsa-n 1,64,512   --spsa-iterations 2000,300,50   --eval-every 50   --threads 1
+  --spsa-n 1,64,512   --spsa-iterations 2000,300,50   --eval-every 50   --workers 2
 --help-keys lists every key with its type and default."""
 
 
@@ -75,9 +75,10 @@ def _add_mnist(experiments: argparse._SubParsersAction) -> None:
         help="784-10-10 MLP on MNIST: STE vs FOGZO vs the n-SPSA ladder",
         description=(
             "Train MLP(784, 10, 10) with quantized weights on MNIST with STE, FOGZO and n-SPSA "
-            "(n on a ladder up to every parameter), tune the learning rate per estimator on one "
-            "grid, and write config.json, runs.jsonl, summary.md, loss_vs_iterations.png and "
-            "loss_vs_compute.png. The default run took 19.9 minutes on 2 CPU cores shared with other jobs."
+            "(n on a ladder up to every parameter), tune the learning rate per estimator (one grid, "
+            "extended past a winning edge), train the runs in parallel worker processes (--workers, "
+            "default: one per CPU core), and write config.json, runs.jsonl, summary.md, "
+            "loss_vs_iterations.png and loss_vs_compute.png."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=(
@@ -145,7 +146,8 @@ def _run_mnist(args: argparse.Namespace, argv: Sequence[str]) -> int:
         plan = plan_runs(config)
         for spec in plan:
             print(f"  {spec.label:<14} lr {spec.lr:<8g} seed {spec.seed} iterations {spec.iterations}")
-        print(f"{len(plan)} runs; output folder {out}")
+        print(f"{len(plan)} runs to start with (STE and FOGZO add runs as their results come in: the grid "
+              f"extended past a winning edge, the best lr with the other seeds); output folder {out}")
         return 0
     try:
         reproduce(config, out, command="fogzo " + shlex.join(argv), resume=args.resume, overwrite=args.overwrite)

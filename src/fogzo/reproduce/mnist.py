@@ -2,13 +2,16 @@
 
 ``fogzo reproduce mnist`` (or :func:`reproduce`) trains ``MLP((784, 10, 10))`` (7,960
 parameters) with quantized weights from one initialisation per seed and one data order per
-seed, with every estimator and every learning rate of one grid, and writes to the output
-folder:
+seed, with every estimator, its learning rate tuned by the procedure of
+:mod:`fogzo.train.sweep` (STE and FOGZO) or on a fixed grid (the n-SPSA ladder), the runs
+trained in parallel worker processes (``workers``, default: one per CPU core), and writes to
+the output folder:
 
 * ``config.json``: the resolved :class:`~fogzo.reproduce.mnist_config.MnistConfig`
   (``config_from_dict`` reads it back);
-* ``runs.jsonl``: one JSON object per evaluation point of every run (see
-  :func:`~fogzo.reproduce.mnist_runs.train_run`);
+* ``runs.jsonl``: the sweep archive, one JSON object per finished run, appended as it
+  finishes: the run (:func:`~fogzo.reproduce.mnist_runs.run_record`) and its ``"points"``,
+  one per evaluation (see :func:`~fogzo.reproduce.mnist_runs.train_run`);
 * ``summary.md``: the learning-rate grid, the best-lr comparison, the compute ratio and the
   paper's claims beside ours, with the command that produced it;
 * ``loss_vs_iterations.png`` and ``loss_vs_compute.png``.
@@ -21,7 +24,8 @@ not counted. Wall time is training time only (evaluation excluded).
 The study's pieces: :mod:`~fogzo.reproduce.mnist_config` (the config),
 :mod:`~fogzo.reproduce.mnist_runs` (the plan and the loop of one run) and
 :mod:`~fogzo.reproduce.mnist_report` (the analysis, ``summary.md`` and the plots). This module
-checks the config and the output folder, runs the plan and writes the outputs.
+checks the config and the output folder, runs the plan with :func:`fogzo.train.sweep.run_sweep`
+and writes the outputs.
 """
 
 from __future__ import annotations
@@ -37,14 +41,27 @@ from typing import Any
 import torch
 
 from ..train.config_io import ConfigError, config_to_dict, format_config
-from ..train.records import JsonlLogger, RunInterrupted, check_output_folder, progress, read_jsonl, write_text_atomic
+from ..train.records import RunInterrupted, check_output_folder, read_jsonl, write_text_atomic
+from ..train.sweep import default_workers, read_archive, run_sweep
 from .mnist_config import MnistConfig, load_config
-from .mnist_report import MnistAnalysis, _console_summary, _group, _lr, write_outputs
-from .mnist_runs import RunSpec, build_model, load_data, make_estimator, plan_runs, spsa_accepts_vectorize, train_run
+from .mnist_report import MnistAnalysis, console_summary, write_outputs
+from .mnist_runs import (
+    MnistData,
+    RunSpec,
+    build_model,
+    final_score,
+    load_data,
+    make_estimator,
+    plan_runs,
+    run_record,
+    spsa_accepts_vectorize,
+    train_run,
+)
 
 __all__ = [
     "OUTPUT_FILES",
     "RESUME_FREE_FIELDS",
+    "points_of",
     "prepare_output",
     "reproduce",
     "resummarize",
@@ -55,7 +72,7 @@ OUTPUT_FILES = ("config.json", "runs.jsonl", "summary.md", "loss_vs_iterations.p
 
 
 #: Fields a resumed run may change: they do not change any result.
-RESUME_FREE_FIELDS = frozenset({"threads"})
+RESUME_FREE_FIELDS = frozenset({"threads", "workers"})
 
 
 def validate(config: MnistConfig) -> None:
@@ -68,6 +85,8 @@ def validate(config: MnistConfig) -> None:
     """
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={config.device!r} but CUDA is not available here (torch.cuda.is_available() is False)")
+    if config.device != "cpu" and (config.workers or 1) > 1:
+        raise ConfigError(f"workers={config.workers} needs device='cpu'; on {config.device!r} the runs share one process")
     model = build_model(config, 0)
     specs = [RunSpec("fogzo", config.fogzo.n, config.lrs[0], 0, config.iterations, config.eval_every)]
     specs += [RunSpec("spsa", n, config.spsa_lrs[0], 0, config.spsa_iterations_for(n), 1) for n in config.spsa_n]
@@ -88,21 +107,21 @@ def _differences(saved: MnistConfig, config: MnistConfig) -> list[str]:
     ]
 
 
-def prepare_output(out: Path, config: MnistConfig, *, resume: bool, overwrite: bool) -> list[dict[str, Any]]:
-    """Check the output folder before anything is written; return the records to keep.
+def prepare_output(out: Path, config: MnistConfig, *, resume: bool, overwrite: bool) -> int:
+    """Check the output folder before anything is written; return the number of finished runs kept.
 
     An empty or missing folder: a new study. A folder with files needs ``overwrite``
     (the earlier study's :data:`OUTPUT_FILES` are removed by :func:`reproduce`, nothing
     else) or ``resume``: its ``config.json`` must equal ``config`` (all fields but
-    ``threads``) and the finished runs of its ``runs.jsonl`` are kept (each run is
-    independent of the others, so they are not redone). Raises ``ConfigError``.
+    :data:`RESUME_FREE_FIELDS`) and the finished runs of its ``runs.jsonl`` are kept (each
+    run is independent of the others, so they are not redone). Raises ``ConfigError``.
     """
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite exclude each other")
     check_output_folder(out)
     entries = sorted(entry.name for entry in out.iterdir()) if out.is_dir() else []
     if overwrite or not entries:
-        return []
+        return 0
     if not resume:
         shown = ", ".join(entries[:6]) + (", ..." if len(entries) > 6 else "")
         raise ConfigError(
@@ -121,18 +140,37 @@ def prepare_output(out: Path, config: MnistConfig, *, resume: bool, overwrite: b
             f"cannot resume: the config differs from {out / 'config.json'} ({'; '.join(differing)}); "
             "resume with the same options, or use --overwrite or another --out"
         )
-    if not (out / "runs.jsonl").is_file():
-        return []
     try:
-        records = read_jsonl(out / "runs.jsonl")
+        return len(read_archive(out / "runs.jsonl"))
     except (OSError, ValueError) as error:
         raise ConfigError(f"--resume: {out / 'runs.jsonl'} is unreadable ({error}); use --overwrite or another --out") from None
-    return [record for run in _group(records).values() if _finished(run) for record in run]
 
 
-def _finished(points: Sequence[dict[str, Any]]) -> bool:
-    last = points[-1]
-    return bool(last.get("diverged")) or last.get("iteration") == last.get("iterations")
+def points_of(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The evaluation points of archive records (a ``runs.jsonl`` of an older fogzo, one
+    point a line, is read as it is)."""
+    return [point for record in records for point in record.get("points", [record])]
+
+
+# The worker processes' state: the study's config, data and initial models (one per seed).
+_WORKER: dict[str, Any] = {}
+
+
+def _start_worker(config: MnistConfig, data: MnistData) -> None:
+    _WORKER.clear()
+    _WORKER.update(config=config, data=data, initial={})
+
+
+def _run(spec: RunSpec) -> dict[str, Any]:
+    config, initial = _WORKER["config"], _WORKER["initial"]
+    if spec.seed not in initial:
+        initial[spec.seed] = build_model(config, spec.seed).to(config.device)
+    return run_record(spec, train_run(spec, config, initial[spec.seed], _WORKER["data"]))
+
+
+def _describe(record: dict[str, Any]) -> str:
+    score = final_score(record)
+    return f"final train loss {score:.4f}" if score < math.inf else "diverged"
 
 
 def reproduce(
@@ -140,7 +178,6 @@ def reproduce(
     out: str | Path,
     *,
     command: str = "fogzo reproduce mnist",
-    show_progress: bool | None = None,
     echo: Callable[[str], None] = print,
     resume: bool = False,
     overwrite: bool = False,
@@ -150,19 +187,16 @@ def reproduce(
     :func:`validate` and :func:`prepare_output` run first: a bad option or an output folder
     that holds files (without ``resume`` or ``overwrite``) is a ``ConfigError`` before any
     data is read or file written. With ``resume`` the finished runs of ``runs.jsonl`` are
-    kept and only the others are run. Ctrl-C raises :class:`~fogzo.train.records.RunInterrupted`
-    (the finished runs are in ``runs.jsonl``; ``resume`` continues).
+    kept and only the others are run. Progress: one line per finished run on stderr. Ctrl-C
+    raises :class:`~fogzo.train.records.RunInterrupted` (the finished runs are in
+    ``runs.jsonl``; ``resume`` continues).
     """
     out = Path(out)
     validate(config)
-    kept = prepare_output(out, config, resume=resume, overwrite=overwrite)
+    reused = prepare_output(out, config, resume=resume, overwrite=overwrite)
     echo(format_config(config))
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(config.threads)
     started = time.perf_counter()
-    plan = plan_runs(config)
-    done = _group(kept)
-    finished = 0
+    archive = out / "runs.jsonl"
     try:
         data = load_data(config)
         if len(data.train_x) < config.batch_size:
@@ -177,41 +211,35 @@ def reproduce(
         write_text_atomic(out / "config.json", json.dumps(config_to_dict(config), indent=2) + "\n")
         if config.spsa_n and config.spsa_vectorize is not None and not spsa_accepts_vectorize():
             echo("note: fogzo.SPSA has no 'vectorize' option here; n-SPSA runs use a Python loop")
-        reused = sum(1 for spec in plan if (spec.label, float(spec.lr), int(spec.seed)) in done)
-        echo(f"{len(plan)} runs; writing to {out}" + (f" ({reused} finished before, kept)" if reused else ""))
-        initial = {seed: build_model(config, seed).to(config.device) for seed in sorted({s.seed for s in plan})}
-        records: list[dict[str, Any]] = []
-        # Redirected stderr: one progress line per finished run.
-        with JsonlLogger(out / "runs.jsonl", keep=kept) as logger, progress(
-            len(plan), "runs", enabled=show_progress, every=1
-        ) as bar:
-            for spec in plan:
-                key = (spec.label, float(spec.lr), int(spec.seed))
-                if key in done:
-                    records += done[key]
-                    finished += 1
-                    bar.update(1)
-                    continue
-
-                def log(record: dict[str, Any], spec: RunSpec = spec) -> None:
-                    logger.log(record)
-                    bar.set_postfix(est=spec.label, lr=_lr(spec.lr), seed=spec.seed, it=record["iteration"], loss=f"{record['train_loss']:.3f}")
-
-                records += train_run(spec, config, initial[spec.seed], data, log)
-                finished += 1
-                bar.update(1)
+        results = run_sweep(
+            lambda done: plan_runs(config, done),
+            _run,
+            archive,
+            key=lambda spec: spec.key,
+            workers=config.workers or (default_workers() if config.device == "cpu" else 1),
+            threads=config.threads,
+            initializer=_start_worker,
+            initargs=(config, data),
+            describe=_describe,
+        )
         total = time.perf_counter() - started
         analysis = write_outputs(
-            config, records, out, command=command, total_wall_s=total, data_source=data.source, reused_runs=reused
+            config,
+            points_of(list(results.values())),
+            out,
+            command=command,
+            total_wall_s=total,
+            data_source=data.source,
+            reused_runs=reused,
         )
     except KeyboardInterrupt:
         raise RunInterrupted(
-            f"interrupted: {finished} of {len(plan)} runs are finished and saved in {out / 'runs.jsonl'}; "
+            f"interrupted: {len(read_archive(archive))} runs are finished and saved in {archive}; "
             "the same command with --resume runs the rest"
         ) from None
     finally:
-        torch.set_num_threads(previous_threads)
-    echo(_console_summary(analysis, out, total))
+        _WORKER.clear()
+    echo(console_summary(analysis, out, total))
     return analysis
 
 
@@ -223,7 +251,7 @@ def resummarize(out: str | Path, *, echo: Callable[[str], None] = print) -> Mnis
     """
     out = Path(out)
     config = load_config(out / "config.json")
-    records = read_jsonl(out / "runs.jsonl")
+    records = points_of(read_jsonl(out / "runs.jsonl"))
     old = (out / "summary.md").read_text(encoding="utf-8") if (out / "summary.md").is_file() else ""
     command = re.search(r"^Command: `(.*)`", old, re.M)
     wall = re.search(r"total wall time ([0-9.]+) min", old)
@@ -237,5 +265,5 @@ def resummarize(out: str | Path, *, echo: Callable[[str], None] = print) -> Mnis
         total_wall_s=total,
         data_source=source.group(1) if source else "unknown",
     )
-    echo(_console_summary(analysis, out, total))
+    echo(console_summary(analysis, out, total))
     return analysis

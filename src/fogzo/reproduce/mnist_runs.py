@@ -1,14 +1,16 @@
 """The MNIST study's runs: the plan (:func:`plan_runs`), the data, the model, the estimators
-and the loop of one run (:func:`train_run`), which records every evaluation point."""
+and the loop of one run (:func:`train_run`), which records every evaluation point; one run's
+archive record (:func:`run_record`) and its score (:func:`final_score`)."""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
 import inspect
+import itertools
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +21,7 @@ from torch import nn
 from .. import FOGZO, SPSA, STE, QuantConfig, quantize
 from ..data import MNIST_MEAN, MNIST_STD, batches, load_mnist, to_float
 from ..models.mlp import MLP
+from ..train.sweep import needed
 from .mnist_config import MODEL_SIZES, MnistConfig
 
 __all__ = [
@@ -26,8 +29,10 @@ __all__ = [
     "RunSpec",
     "build_model",
     "evaluate",
+    "final_score",
     "load_data",
     "plan_runs",
+    "run_record",
     "train_run",
 ]
 
@@ -50,6 +55,11 @@ class RunSpec:
     def label(self) -> str:
         return label_of(self.estimator, self.n)
 
+    @property
+    def key(self) -> str:
+        """The run's name in the archive: ``"STE lr=0.001 seed=0"``."""
+        return f"{self.label} lr={self.lr!r} seed={self.seed}"
+
 
 def label_of(estimator: str, n: int | None) -> str:
     if estimator == "ste":
@@ -59,19 +69,43 @@ def label_of(estimator: str, n: int | None) -> str:
     return f"SPSA n={n}"
 
 
-def plan_runs(config: MnistConfig) -> list[RunSpec]:
-    """Every run, in order: STE and FOGZO over ``lrs × seeds``, then the n-SPSA ladder."""
-    runs = [
-        RunSpec(estimator, config.fogzo.n if estimator == "fogzo" else None, lr, seed, config.iterations, config.eval_every)
-        for estimator in ("ste", "fogzo")
-        for lr in config.lrs
-        for seed in config.seeds
-    ]
-    for n in config.spsa_n:
+def final_score(record: Mapping[str, Any]) -> float:
+    """A finished run's score for the learning-rate procedure: its final training loss (+inf
+    if it diverged)."""
+    last = record["points"][-1]
+    loss = last["train_loss"]
+    return math.inf if last["diverged"] or loss is None or not math.isfinite(loss) else float(loss)
+
+
+def plan_runs(config: MnistConfig, results: Mapping[str, Mapping[str, Any]] | None = None) -> list[RunSpec]:
+    """The runs still needed given the finished ``results`` (``key → record``), in the order to start them.
+
+    STE and FOGZO: the tuned-lr procedure of :mod:`fogzo.train.sweep` on ``lrs`` and ``seeds``
+    (every rate with the first seed, the grid extended past a winning edge, then the best
+    rate with the other seeds), so the plan grows with the results. The n-SPSA ladder: every
+    ``spsa_lrs`` × ``spsa_seeds`` (a fixed grid, to fit the time budget). Order: STE and FOGZO
+    alternating, then the ladder, costliest rung first; the procedure's later runs come first
+    as soon as the results call for them, and the ladder keeps the other workers busy meanwhile.
+    """
+    results = results or {}
+    tuned = []
+    for estimator in ("ste", "fogzo"):
+        n = config.fogzo.n if estimator == "fogzo" else None
+
+        def spec(lr: float, seed: int, estimator: str = estimator, n: int | None = n) -> RunSpec:
+            return RunSpec(estimator, n, lr, seed, config.iterations, config.eval_every)
+
+        def score(lr: float, seed: int, spec: Any = spec) -> float | None:
+            record = results.get(spec(lr, seed).key)
+            return None if record is None else final_score(record)
+
+        tuned.append([spec(lr, seed) for lr, seed in needed(config.lrs, config.seeds, score)])
+    runs = [run for pair in itertools.zip_longest(*tuned) for run in pair if run is not None]
+    for n in sorted(config.spsa_n, key=lambda n: -n * config.spsa_iterations_for(n)):
         iterations = config.spsa_iterations_for(n)
         every = max(1, iterations // config.spsa_eval_points)
         runs += [RunSpec("spsa", n, lr, seed, iterations, every) for lr in config.spsa_lrs for seed in config.spsa_seeds]
-    return runs
+    return [run for run in runs if run.key not in results]
 
 
 @dataclass
@@ -190,9 +224,8 @@ def train_run(
     config: MnistConfig,
     initial_model: nn.Module,
     data: MnistData,
-    log: Callable[[dict[str, Any]], None],
 ) -> list[dict[str, Any]]:
-    """Train one run and return (and ``log``) one record per evaluation point.
+    """Train one run and return one record per evaluation point.
 
     A record holds: ``estimator``, ``label``, ``n``, ``lr``, ``seed``, ``iteration``,
     ``compute_units`` (summed ``info.compute_units``), ``wall_s`` (training time so far,
@@ -239,7 +272,6 @@ def train_run(
         }
         state["batch_loss"], state["batch_count"] = 0.0, 0
         records.append(record)
-        log(record)
         return record
 
     point(0)
@@ -274,3 +306,8 @@ def train_run(
             if step == spec.iterations:
                 break
     return records
+
+
+def run_record(spec: RunSpec, points: list[dict[str, Any]]) -> dict[str, Any]:
+    """One finished run in the study's archive (``runs.jsonl``): its spec and its points."""
+    return {"label": spec.label, **dataclasses.asdict(spec), "points": points}

@@ -2,10 +2,11 @@
 
     python -m fogzo.train.compare --config experiments/configs/resnet20_fmnist.toml \\
         --estimators ste,fogzo --seeds 0,1,2 --lrs 1e-3,3e-3 --out results/resnet20 \\
-        [--quick] [--time-budget 120] [--key=value ...]
+        [--quick] [--workers 2] [--time-budget 120] [--key=value ...]
 
-Every (estimator, lr, seed) combination is trained in turn, in this process, under
-``OUT/runs/<estimator>-lr<lr>-seed<seed>/``. A run's initial weights and its data order
+Every (estimator, lr, seed) combination is trained under ``OUT/runs/<estimator>-lr<lr>-seed<seed>/``
+by the sweep driver (:func:`fogzo.train.sweep.run_sweep`): in this process (``--workers 1``, the
+default) or in that many worker processes (one torch thread each unless the config sets ``threads``). A run's initial weights and its data order
 (epoch permutations, augmentation, text windows) depend on the seed only, so for one seed
 every estimator starts from the same model and sees the same batches.
 
@@ -17,19 +18,17 @@ Equal iterations: the default (every run does the config's ``steps``). Equal wal
 ``--time-budget SECONDS`` gives every run the same training-time budget (see
 :mod:`fogzo.train.trainer` for how the schedule length is estimated).
 
-Finished runs (``results.json`` present) are not repeated and interrupted ones resume from
-their checkpoint, so the same command continues an interrupted comparison; ``--rerun``
-starts everything afresh. Outputs: ``summary.md`` (tables: mean ± std over seeds per
-estimator and lr, and each estimator at its best lr of the grid; the command),
-``loss_vs_iterations.png``, ``loss_vs_wall_time.png`` and ``loss_vs_compute.png`` (training
-loss at each estimator's best lr, mean ± std over seeds), ``runs.jsonl`` (one results record
-per run). Tables, statistics and plots use :mod:`fogzo.train.summaries`.
+Finished runs (those in the archive ``runs.jsonl``: one results record per run, appended as it
+finishes) are not repeated and interrupted ones resume from their checkpoint, so the same
+command continues an interrupted comparison; ``--rerun`` starts everything afresh. Outputs:
+``summary.md`` (tables: mean ± std over seeds per estimator and lr, and each estimator at its
+best lr of the grid; the command), ``loss_vs_iterations.png``, ``loss_vs_wall_time.png`` and
+``loss_vs_compute.png`` (training loss at each estimator's best lr, mean ± std over seeds). Tables, statistics and plots use :mod:`fogzo.train.summaries`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import shlex
 import shutil
@@ -38,9 +37,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import CONFIG, METRICS, RESULTS, _check_resume_config
+from .checkpoint import CONFIG, METRICS, _check_resume_config
 from .config import ConfigError, load_config, parse_overrides
-from .records import check_output_folder, read_json, read_jsonl, strict_json, write_text_atomic
+from .records import check_output_folder, read_json, read_jsonl, write_text_atomic
 from .summaries import (
     Curve,
     format_mean_std,
@@ -51,6 +50,7 @@ from .summaries import (
     plot_curves,
     select_best,
 )
+from .sweep import read_archive, run_sweep
 from .trainer import train
 
 __all__ = ["main", "parse_estimator", "run_comparison", "summarize"]
@@ -72,6 +72,12 @@ def _run_label(spec: str, lr: float, seed: int) -> str:
     return f"{safe}-lr{lr:g}-seed{seed}"
 
 
+def _train_one(plan: tuple[str, Any, Path]) -> dict[str, Any]:
+    spec, config, run_dir = plan
+    results = train(config, resume=True, command=["fogzo.train.compare", *sys.argv[1:]])
+    return {**results, "label": spec, "run_dir": str(run_dir)}
+
+
 def run_comparison(
     config_path: str | None,
     estimators: list[str],
@@ -82,9 +88,9 @@ def run_comparison(
     quick: bool = False,
     overrides: list[str] | None = None,
     rerun: bool = False,
-    log=print,
+    workers: int = 1,
 ) -> list[dict[str, Any]]:
-    """Train every combination (sequentially); returns one record per run."""
+    """Train every combination (``workers`` at a time); returns one record per run."""
     check_output_folder(out)
     common = parse_overrides(overrides or [])
     specs = [(spec, *parse_estimator(spec)) for spec in estimators]
@@ -97,26 +103,28 @@ def run_comparison(
                 values = {**common, **spec_overrides, "lr": lr, "seed": seed, "out": str(run_dir)}
                 config = load_config(config_path, values, quick=quick)
                 plans.append((spec, config, run_dir))
-    records = []
-    for index, (spec, config, run_dir) in enumerate(plans, 1):
-        if rerun and run_dir.exists():
-            shutil.rmtree(run_dir)
-        results_path = run_dir / RESULTS
-        if results_path.exists():
-            saved = read_json(run_dir / CONFIG)
+    archive = out / "runs.jsonl"
+    if rerun:
+        archive.unlink(missing_ok=True)
+        for _, _, run_dir in plans:
+            shutil.rmtree(run_dir, ignore_errors=True)
+    try:
+        finished = read_archive(archive)
+    except ValueError as error:
+        raise ConfigError(f"{archive} is not a comparison's archive ({error}); use --rerun or another --out") from None
+    for _, config, run_dir in plans:
+        if run_dir.name in finished:
             try:
-                _check_resume_config(saved, config)
-            except ConfigError as error:
+                _check_resume_config(read_json(run_dir / CONFIG), config)
+            except (ConfigError, OSError) as error:
                 raise ConfigError(
                     f"{run_dir} holds a finished run of another config; use --rerun or another --out. {error}"
                 ) from None
-            results = read_json(results_path)
-            log(f"[{index}/{len(plans)}] {run_dir.name}: done before, reusing its results")
-        else:
-            log(f"[{index}/{len(plans)}] {run_dir.name}")
-            results = train(config, resume=True, command=["fogzo.train.compare", *sys.argv[1:]], log=log)
-        records.append({**results, "label": spec, "run_dir": str(run_dir)})
-    return records
+    results = run_sweep(
+        lambda done: plans, _train_one, archive, key=lambda plan: plan[2].name, workers=workers,
+        threads=None if workers == 1 else 1,
+    )
+    return [results[run_dir.name] for _, _, run_dir in plans]
 
 
 def _value(record: dict[str, Any], key: str) -> float:
@@ -158,9 +166,8 @@ def _curves(label: str, runs: list[list[dict[str, Any]]], x_key: str) -> Curve |
 
 
 def summarize(records: list[dict[str, Any]], out: Path, command: str, select: str = "eval") -> str:
-    """Write ``summary.md``, the loss plots and ``runs.jsonl`` into ``out``; return the Markdown."""
+    """Write ``summary.md`` and the loss plots into ``out``; return the Markdown."""
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "runs.jsonl", "".join(json.dumps(strict_json(r), default=str, allow_nan=False) + "\n" for r in records))
     if not records:
         raise ValueError("no runs to summarize")
     first = records[0]
@@ -287,6 +294,7 @@ def _main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--quick", action="store_true", help="use the config's [quick] table")
     parser.add_argument("--rerun", action="store_true", help="delete and redo runs that exist")
+    parser.add_argument("--workers", type=int, default=1, help="runs trained at once, one process each (default 1)")
     parser.add_argument(
         "--select", choices=("eval", "train"), default="eval",
         help="pick the best lr by the primary eval metric (default) or by the final train loss",
@@ -312,7 +320,8 @@ def _main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         records = run_comparison(
-            args.config, estimators, seeds, lrs, out, quick=args.quick, overrides=extra, rerun=args.rerun
+            args.config, estimators, seeds, lrs, out, quick=args.quick, overrides=extra, rerun=args.rerun,
+            workers=args.workers,
         )
     except ConfigError as error:
         print(f"compare: error: {error}", file=sys.stderr)
