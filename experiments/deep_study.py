@@ -3,7 +3,7 @@
 Every run is one ``fogzo train`` process with its own folder under ``--out`` (config, metrics,
 checkpoints every 250 steps, results). The driver is resumable across sessions: a finished run
 (``results.json``) is read, an interrupted one continues from its checkpoint (``--resume``),
-and the learning-rate procedure of experiments/tuning.py decides what runs next (every rate
+and the learning-rate procedure of fogzo.train.sweep decides what runs next (every rate
 of the shared grid with seed 0, an extension beyond a winning edge, then the best rate with
 seeds 1 and 2). One run per core: ``--workers 2`` on the 2-core development machine.
 

@@ -10,7 +10,7 @@ the STE with the exact smoothed gradient) at the start, middle and end of traini
     python experiments/smoothed_study.py summarize results/question.jsonl
     python experiments/smoothed_study.py run '{"estimator": "oracle", "lr": 0.003, "seed": 0}'
 
-Learning rates, the same procedure for every estimator (experiments/tuning.py): every rate of
+Learning rates, the same procedure for every estimator (fogzo.train.sweep): every rate of
 the shared grid with seed 0, the next rate of the ladder beyond an edge that wins, then the best
 rate with the remaining seeds. ``grid`` is resumable: runs already in ``--out`` are not repeated.
 """
@@ -419,7 +419,7 @@ def _final(result: dict[str, Any]) -> float:
 
 
 def needed_runs(grid: Grid, results: dict[str, dict[str, Any]], overrides: dict[str, Any]) -> list[Spec]:
-    """Every run the grid needs given the results so far (experiments/tuning.py)."""
+    """Every run the grid needs given the results so far (fogzo.train.sweep)."""
     runs: list[Spec] = []
     for index, setting in enumerate(grid.settings):
         for estimator in grid.estimators:
