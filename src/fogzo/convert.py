@@ -138,7 +138,9 @@ def quantize(
         return any(fnmatch.fnmatchcase(name, pattern) for pattern in skip)
 
     modules = list(model.named_modules())
-    quantized_before = [(n, m) for n, m in modules if isinstance(m, QuantizedLayer) and not _inside_quantized_attention(n, model)]
+    quantized_before = [
+        (n, m) for n, m in modules if isinstance(m, QuantizedLayer) and not _inside_quantized_attention(n, model)
+    ]
     candidates = [(n, m) for n, m in modules if _quantizable(m) and n]  # the root itself cannot be swapped in place
     if not candidates and not quantized_before and _quantizable(model):
         raise ValueError("quantize() swaps submodules in place; wrap a bare layer in nn.Sequential")
@@ -181,7 +183,11 @@ def quantize(
         if name in skipped:
             continue
         if isinstance(module, nn.MultiheadAttention):
-            projections = ["in_proj_weight"] if module._qkv_same_embed_dim else ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
+            projections = (
+                ["in_proj_weight"]
+                if module._qkv_same_embed_dim
+                else ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
+            )
             quantizers = {p: weight_quantizer(module.get_parameter(p), f"{name}.{p}") for p in projections}
             out_proj = _swap_class(module.out_proj, QuantLinear)
             out_proj._attach(weight_quantizer(out_proj.weight, f"{name}.out_proj"), None)
@@ -211,7 +217,9 @@ def quantize(
         if not name.startswith(skipped_prefixes) and not skipped_by_pattern(name)
     ]
     if left:
-        listed = ", ".join(f"{name or '(root)'!r} ({type(module).__name__}: {reason})" for name, module, reason in left[:4])
+        listed = ", ".join(
+            f"{name or '(root)'!r} ({type(module).__name__}: {reason})" for name, module, reason in left[:4]
+        )
         warnings.warn(
             f"quantize() left {len(left)} layer(s) with weight matrices in float: {listed}"
             f"{', ...' if len(left) > 4 else ''}. See fogzo.quantization_report(model)",
@@ -275,7 +283,9 @@ def _float_reason(name: str, module: nn.Module) -> str:
     if isinstance(module, parametrize.ParametrizationList):
         return f"holds the parametrized weight of layer {name.rsplit('.parametrizations.', 1)[0]!r} (see that layer)"
     if parametrize.is_parametrized(module):
-        return "weight parametrized (torch.nn.utils.parametrize, e.g. weight_norm): quantize() converts plain weights only"
+        return (
+            "weight parametrized (torch.nn.utils.parametrize, e.g. weight_norm): quantize() converts plain weights only"
+        )
     if isinstance(module, _NORMS):
         return "normalization layer: float by design"
     if _quantizable(module):
@@ -332,7 +342,9 @@ class QuantizationReport:
         rows = [f"quantized: {len(self.quantized)} layers"]
         rows += [f"  {e.module or '(root)'}  [{e.type}]  {e.detail}" for e in self.quantized]
         rows.append(f"float: {len(self.float_modules)} modules with parameters")
-        rows += [f"  {e.module or '(root)'}  [{e.type}]  {', '.join(e.parameters)}: {e.detail}" for e in self.float_modules]
+        rows += [
+            f"  {e.module or '(root)'}  [{e.type}]  {', '.join(e.parameters)}: {e.detail}" for e in self.float_modules
+        ]
         rows.append("biases of quantized layers stay float")
         return "\n".join(rows)
 
@@ -354,8 +366,12 @@ def quantization_report(model: nn.Module) -> QuantizationReport:
                 continue  # listed with its attention layer
             weights = tuple(p for p, _ in module.quantized_weights() if parametrize.is_parametrized(module, p))
             if weights:  # the estimators refuse such a layer (fogzo.adapters.quantizer_views)
-                detail = f"{', '.join(weights)} parametrized (torch.nn.utils.parametrize) after quantize(): not supported"
-                quantized.append(ReportEntry(name, type(module).__name__, weights, detail + ", no parameter to perturb"))
+                detail = (
+                    f"{', '.join(weights)} parametrized (torch.nn.utils.parametrize) after quantize(): not supported"
+                )
+                quantized.append(
+                    ReportEntry(name, type(module).__name__, weights, detail + ", no parameter to perturb")
+                )
                 continue
             parts = [f"{p} {tuple(module.get_parameter(p).shape)}" for p, _ in module.quantized_weights()]
             if isinstance(module, QuantMultiheadAttention) and isinstance(module.out_proj, QuantizedLayer):
@@ -363,7 +379,9 @@ def quantization_report(model: nn.Module) -> QuantizationReport:
             detail = f"{', '.join(parts)} -> {_describe(module)}"
             if module.input_quantizer is not None:
                 detail += f"; input -> {module.input_quantizer.levels.name}"
-            quantized.append(ReportEntry(name, type(module).__name__, tuple(p for p, _ in module.quantized_weights()), detail))
+            quantized.append(
+                ReportEntry(name, type(module).__name__, tuple(p for p, _ in module.quantized_weights()), detail)
+            )
             continue
         parameters = tuple(p for p, value in module._parameters.items() if value is not None)
         if parameters:
@@ -396,4 +414,3 @@ def full_precision(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for layer, state in zip(layers, previous):
             layer.quantization_enabled = state
-

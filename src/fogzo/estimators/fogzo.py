@@ -176,14 +176,26 @@ class FOGZO:
         if keep and not is_distributed() and not bool(torch.isfinite(loss0.detach())):
             # (keep: a loss scaler's overflow is common, so check before any more work;
             # otherwise the one host sync at the end of the step checks everything.)
-            return self._nonfinite(state, step_seed, step, loss0, "loss", "non-finite loss in the unperturbed (STE) "
-                                   f"forward pass: L(W) = {float(loss0.detach())}")
+            return self._nonfinite(
+                state,
+                step_seed,
+                step,
+                loss0,
+                "loss",
+                f"non-finite loss in the unperturbed (STE) forward pass: L(W) = {float(loss0.detach())}",
+            )
         hook_factor = run_backward(loss0, self.backward)
         if step < self.ste_steps:
             loss = float(loss0.detach())  # the step's one host sync
             if not keep and not math.isfinite(loss):
-                return self._nonfinite(state, step_seed, step, loss0, "loss", "non-finite loss in the unperturbed "
-                                       f"(STE) forward pass: L(W) = {loss}")
+                return self._nonfinite(
+                    state,
+                    step_seed,
+                    step,
+                    loss0,
+                    "loss",
+                    f"non-finite loss in the unperturbed (STE) forward pass: L(W) = {loss}",
+                )
             state.commit()
             return EstimateInfo(loss, 1, 1, None, step_seed, step)
         # 2. β_t (here: for n = 1, ĝ is formed already scaled by v's guided weight √β·s, see _guide).
@@ -197,8 +209,13 @@ class FOGZO:
                 # E.g. an fp16 loss-scaling overflow: no direction to follow.
                 finite_loss = bool(torch.isfinite(loss0.detach()))
                 return self._nonfinite(
-                    state, step_seed, step, loss0, "ste_gradient" if finite_loss else "loss",
-                    f"non-finite STE gradient (‖g_x‖ = {host_norm}) with L(W) = {float(loss0.detach())}", host_norm,
+                    state,
+                    step_seed,
+                    step,
+                    loss0,
+                    "ste_gradient" if finite_loss else "loss",
+                    f"non-finite STE gradient (‖g_x‖ = {host_norm}) with L(W) = {float(loss0.detach())}",
+                    host_norm,
                 )
 
         guard.after_first_pass()  # from here on the passes restore buffers and RNG
@@ -225,19 +242,44 @@ class FOGZO:
                 state.commit()  # the STE pass's gradient stays
             else:
                 state.restore(advance=True)
-            return EstimateInfo(verdict.loss, forward_passes, 1, beta, step_seed, step,
-                                ste_grad_norm=verdict.norm, skipped=True, skip_reason=verdict.reason)
+            return EstimateInfo(
+                verdict.loss,
+                forward_passes,
+                1,
+                beta,
+                step_seed,
+                step,
+                ste_grad_norm=verdict.norm,
+                skipped=True,
+                skip_reason=verdict.reason,
+            )
         differences = verdict.differences
         if not any(differences):  # every d_i is exactly 0: nothing measured, keep the STE gradient
             if not self._warned_unmeasured:
-                warnings.warn(nothing_measured_message("FOGZO", self.model, self.perturbed.tensors,
-                              "The STE gradient was kept for such steps (not replaced by 0)."), stacklevel=3)
+                warnings.warn(
+                    nothing_measured_message(
+                        "FOGZO",
+                        self.model,
+                        self.perturbed.tensors,
+                        "The STE gradient was kept for such steps (not replaced by 0).",
+                    ),
+                    stacklevel=3,
+                )
                 self._warned_unmeasured = True
             self._redo_ste_pass(closure, guard, state)
             state.commit()
-            return EstimateInfo(verdict.loss, forward_passes + 1, 2, beta, step_seed, step,
-                                differences=differences, zero_differences=len(differences),
-                                ste_grad_norm=verdict.norm, measured=False)
+            return EstimateInfo(
+                verdict.loss,
+                forward_passes + 1,
+                2,
+                beta,
+                step_seed,
+                step,
+                differences=differences,
+                zero_differences=len(differences),
+                ste_grad_norm=verdict.norm,
+                measured=False,
+            )
         self.perturbed.mask_padding_rows(gradient)
         if self.n > 1 or keep:  # (else G_W was formed in the STE gradient's buffer)
             for param, tensor in zip(self.perturbed.params, gradient):
@@ -273,8 +315,9 @@ class FOGZO:
                 )
             for entry, gradient in zip(self.perturbed.tensors, gradients):
                 if gradient is None:
-                    set_gradient(entry.param, torch.zeros(entry.local_shape, device=entry.param.device,
-                                                          dtype=entry.param.dtype))
+                    set_gradient(
+                        entry.param, torch.zeros(entry.local_shape, device=entry.param.device, dtype=entry.param.dtype)
+                    )
             gradients = [param.grad for param in self.perturbed.params]
         self._checked_reads = True
         ste = [g for g in gradients if g is not None]  # every one by now
@@ -361,7 +404,14 @@ class FOGZO:
             state.restore(advance=True)
         backward = int(norm is not None)
         return EstimateInfo(
-            float(loss0.detach()), 1, backward, None, step_seed, step, ste_grad_norm=norm, skipped=True,
+            float(loss0.detach()),
+            1,
+            backward,
+            None,
+            step_seed,
+            step,
+            ste_grad_norm=norm,
+            skipped=True,
             skip_reason=reason,
         )
 
