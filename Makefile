@@ -50,9 +50,11 @@ $(TEST_STAMP): $(STAMP)
 test: $(TEST_STAMP)
 	$(PY) -m pytest tests
 
-# ruff (pinned in the test extra; rules in pyproject.toml) on the library.
+# ruff (pinned in the test extra; rules and format settings in pyproject.toml) on the library:
+# the lint rules, then the formatting (`ruff format src` fixes what the check reports).
 lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff check src
+	$(VENV)/bin/ruff format --check src
 
 # mypy (pinned in the test extra; settings in pyproject.toml) on the library.
 typecheck: $(TEST_STAMP)

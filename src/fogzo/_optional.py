@@ -13,6 +13,4 @@ def require(module: str, extra: str, what: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ImportError as error:
-        raise ImportError(
-            f"{what} needs the '{module.split('.')[0]}' package: pip install 'fogzo[{extra}]'"
-        ) from error
+        raise ImportError(f"{what} needs the '{module.split('.')[0]}' package: pip install 'fogzo[{extra}]'") from error

@@ -151,7 +151,9 @@ class TorchaoIntxView:
         scale = quantizer.scale.detach()
         rows, columns = weight.shape
         if scale.numel() % rows:
-            raise ValueError(f"torchao scale of shape {tuple(scale.shape)} does not match a weight {tuple(weight.shape)}")
+            raise ValueError(
+                f"torchao scale of shape {tuple(scale.shape)} does not match a weight {tuple(weight.shape)}"
+            )
         groups = scale.numel() // rows
         scale = scale.reshape(rows, groups)
         if groups == 1:
@@ -265,10 +267,10 @@ def foreign_quantized_layers(model: nn.Module) -> list[str]:
         weight = module._parameters.get("weight")
         if weight is None or id(weight) in known:
             continue
-        quantizers = [(child_name, child) for child_name, child in module.named_children()
-                      if _FOREIGN_QUANTIZER.match(child_name)]
+        quantizers = [
+            (child_name, child) for child_name, child in module.named_children() if _FOREIGN_QUANTIZER.match(child_name)
+        ]
         if quantizers:
             child_name, child = quantizers[0]
-            found.append(f"{name or '(the model)'} ({type(module).__name__}, {child_name}: "
-                         f"{type(child).__name__})")
+            found.append(f"{name or '(the model)'} ({type(module).__name__}, {child_name}: {type(child).__name__})")
     return found

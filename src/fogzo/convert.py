@@ -34,6 +34,8 @@ _SWAPS: dict[type[nn.Module], type[QuantizedLayer]] = {
     nn.Conv2d: QuantConv2d,
     nn.Embedding: QuantEmbedding,
 }
+#: ``nn.MultiheadAttention``'s input projections when query, key and value differ in size.
+_SEPARATE_PROJECTIONS = ("q_proj_weight", "k_proj_weight", "v_proj_weight")
 _Quantized = TypeVar("_Quantized", bound=nn.Module)
 
 
@@ -137,9 +139,8 @@ def quantize(
     def skipped_by_pattern(name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, pattern) for pattern in skip)
 
-    modules = list(model.named_modules())
-    quantized_before = [(n, m) for n, m in modules if isinstance(m, QuantizedLayer) and not _inside_quantized_attention(n, model)]
-    candidates = [(n, m) for n, m in modules if _quantizable(m) and n]  # the root itself cannot be swapped in place
+    quantized_before = [(n, m) for n, m in quantized_layers(model) if not _inside_quantized_attention(n, model)]
+    candidates = [(n, m) for n, m in model.named_modules() if _quantizable(m) and n]  # n: the root cannot be swapped
     if not candidates and not quantized_before and _quantizable(model):
         raise ValueError("quantize() swaps submodules in place; wrap a bare layer in nn.Sequential")
     kept = [name for name, _ in quantized_before if not skipped_by_pattern(name)]
@@ -181,7 +182,7 @@ def quantize(
         if name in skipped:
             continue
         if isinstance(module, nn.MultiheadAttention):
-            projections = ["in_proj_weight"] if module._qkv_same_embed_dim else ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
+            projections = ("in_proj_weight",) if module._qkv_same_embed_dim else _SEPARATE_PROJECTIONS
             quantizers = {p: weight_quantizer(module.get_parameter(p), f"{name}.{p}") for p in projections}
             out_proj = _swap_class(module.out_proj, QuantLinear)
             out_proj._attach(weight_quantizer(out_proj.weight, f"{name}.out_proj"), None)
@@ -194,8 +195,7 @@ def quantize(
         quantized = _swap_class(module, _SWAPS[type(module)])
         input_quantizer = None
         if config.activation_bits is not None and not isinstance(module, nn.Embedding):
-            input_quantizer = ActivationQuantizer(level_set(config.activation_bits), smoothing)
-            input_quantizer.to(module.weight.device)
+            input_quantizer = ActivationQuantizer(level_set(config.activation_bits), smoothing).to(module.weight.device)
         quantized._attach(weight_quantizer(module.weight, name), input_quantizer)
     if attention_inputs:
         warnings.warn(
@@ -205,13 +205,10 @@ def quantize(
         )
     _disable_fused_transformer_paths(model)
     skipped_prefixes = tuple(f"{name}." for name in skipped)
-    left = [
-        (name, module, reason)
-        for name, module, reason in _float_weight_layers(model)
-        if not name.startswith(skipped_prefixes) and not skipped_by_pattern(name)
-    ]
+    floats = [(n, m, reason) for n, m, reason in _float_weight_layers(model) if not skipped_by_pattern(n)]
+    left = [(n, m, reason) for n, m, reason in floats if not n.startswith(skipped_prefixes)]  # nor inside a skipped one
     if left:
-        listed = ", ".join(f"{name or '(root)'!r} ({type(module).__name__}: {reason})" for name, module, reason in left[:4])
+        listed = ", ".join(f"{n or '(root)'!r} ({type(m).__name__}: {reason})" for n, m, reason in left[:4])
         warnings.warn(
             f"quantize() left {len(left)} layer(s) with weight matrices in float: {listed}"
             f"{', ...' if len(left) > 4 else ''}. See fogzo.quantization_report(model)",
@@ -261,13 +258,8 @@ def _disable_fused_transformer_paths(model: nn.Module) -> None:
             module.use_nested_tensor = False
 
 
-_NORMS: tuple[type[nn.Module], ...] = (
-    nn.LayerNorm,
-    nn.GroupNorm,
-    nn.LocalResponseNorm,
-    nn.modules.batchnorm._NormBase,
-    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
-)
+_NORMS: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.modules.batchnorm._NormBase)
+_NORMS += (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()  # torch >= 2.4
 
 
 def _float_reason(name: str, module: nn.Module) -> str:
@@ -275,7 +267,9 @@ def _float_reason(name: str, module: nn.Module) -> str:
     if isinstance(module, parametrize.ParametrizationList):
         return f"holds the parametrized weight of layer {name.rsplit('.parametrizations.', 1)[0]!r} (see that layer)"
     if parametrize.is_parametrized(module):
-        return "weight parametrized (torch.nn.utils.parametrize, e.g. weight_norm): quantize() converts plain weights only"
+        return (
+            "weight parametrized (torch.nn.utils.parametrize, e.g. weight_norm): quantize() converts plain weights only"
+        )
     if isinstance(module, _NORMS):
         return "normalization layer: float by design"
     if _quantizable(module):
@@ -332,7 +326,8 @@ class QuantizationReport:
         rows = [f"quantized: {len(self.quantized)} layers"]
         rows += [f"  {e.module or '(root)'}  [{e.type}]  {e.detail}" for e in self.quantized]
         rows.append(f"float: {len(self.float_modules)} modules with parameters")
-        rows += [f"  {e.module or '(root)'}  [{e.type}]  {', '.join(e.parameters)}: {e.detail}" for e in self.float_modules]
+        for e in self.float_modules:
+            rows.append(f"  {e.module or '(root)'}  [{e.type}]  {', '.join(e.parameters)}: {e.detail}")
         rows.append("biases of quantized layers stay float")
         return "\n".join(rows)
 
@@ -347,28 +342,30 @@ def quantization_report(model: nn.Module) -> QuantizationReport:
     """
     quantized, float_modules = [], []
     for name, module in model.named_modules():
-        if isinstance(module, (WeightQuantizer, ActivationQuantizer)):
-            continue
         if isinstance(module, QuantizedLayer):
-            if _inside_quantized_attention(name, model):
-                continue  # listed with its attention layer
-            weights = tuple(p for p, _ in module.quantized_weights() if parametrize.is_parametrized(module, p))
-            if weights:  # the estimators refuse such a layer (fogzo.adapters.quantizer_views)
-                detail = f"{', '.join(weights)} parametrized (torch.nn.utils.parametrize) after quantize(): not supported"
-                quantized.append(ReportEntry(name, type(module).__name__, weights, detail + ", no parameter to perturb"))
-                continue
-            parts = [f"{p} {tuple(module.get_parameter(p).shape)}" for p, _ in module.quantized_weights()]
-            if isinstance(module, QuantMultiheadAttention) and isinstance(module.out_proj, QuantizedLayer):
-                parts.append(f"out_proj.weight {tuple(module.out_proj.weight.shape)}")
-            detail = f"{', '.join(parts)} -> {_describe(module)}"
-            if module.input_quantizer is not None:
-                detail += f"; input -> {module.input_quantizer.levels.name}"
-            quantized.append(ReportEntry(name, type(module).__name__, tuple(p for p, _ in module.quantized_weights()), detail))
-            continue
-        parameters = tuple(p for p, value in module._parameters.items() if value is not None)
-        if parameters:
-            float_modules.append(ReportEntry(name, type(module).__name__, parameters, _float_reason(name, module)))
+            if not _inside_quantized_attention(name, model):  # (an out_proj is listed with its attention layer)
+                quantized.append(_quantized_entry(name, module))
+        elif not isinstance(module, (WeightQuantizer, ActivationQuantizer)):
+            parameters = tuple(p for p, value in module._parameters.items() if value is not None)
+            if parameters:
+                float_modules.append(ReportEntry(name, type(module).__name__, parameters, _float_reason(name, module)))
     return QuantizationReport(tuple(quantized), tuple(float_modules))
+
+
+def _quantized_entry(name: str, layer: QuantizedLayer) -> ReportEntry:
+    """A quantized layer's :class:`ReportEntry`: its quantized weights, their shapes, and how."""
+    weights = tuple(p for p, _ in layer.quantized_weights())
+    parametrized = tuple(p for p in weights if parametrize.is_parametrized(layer, p))
+    if parametrized:  # the estimators refuse such a layer (fogzo.adapters.quantizer_views)
+        detail = f"{', '.join(parametrized)} parametrized (torch.nn.utils.parametrize) after quantize(): not supported"
+        return ReportEntry(name, type(layer).__name__, parametrized, detail + ", no parameter to perturb")
+    parts = [f"{p} {tuple(layer.get_parameter(p).shape)}" for p in weights]
+    if isinstance(layer, QuantMultiheadAttention) and isinstance(layer.out_proj, QuantizedLayer):
+        parts.append(f"out_proj.weight {tuple(layer.out_proj.weight.shape)}")
+    detail = f"{', '.join(parts)} -> {_describe(layer)}"
+    if layer.input_quantizer is not None:
+        detail += f"; input -> {layer.input_quantizer.levels.name}"
+    return ReportEntry(name, type(layer).__name__, weights, detail)
 
 
 def _swap_class(module: nn.Module, cls: type[_Quantized]) -> _Quantized:
@@ -396,4 +393,3 @@ def full_precision(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for layer, state in zip(layers, previous):
             layer.quantization_enabled = state
-

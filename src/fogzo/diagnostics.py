@@ -176,7 +176,9 @@ def diagnose(
         report = fogzo.diagnose(model, lambda: F.cross_entropy(model(x), y), coordinates=128)
         print(report.table())
     """
-    if coordinates is not None and (not isinstance(coordinates, int) or isinstance(coordinates, bool) or coordinates < 1):
+    if coordinates is not None and (
+        not isinstance(coordinates, int) or isinstance(coordinates, bool) or coordinates < 1
+    ):
         raise ValueError(f"coordinates must be None or an int >= 1, got {coordinates!r}")
     if not isinstance(draws, int) or isinstance(draws, bool) or draws < 1:
         raise ValueError(f"draws must be an int >= 1, got {draws!r}")
@@ -200,7 +202,14 @@ def diagnose(
         gradients = torch.autograd.grad(loss, params, allow_unused=True)
         guard.after_first_pass()
         results = smoothed_partials(
-            perturbed, closure, guard, seed=seed, coordinates=chosen, draws=draws, chunk=chunk, fast=fast,
+            perturbed,
+            closure,
+            guard,
+            seed=seed,
+            coordinates=chosen,
+            draws=draws,
+            chunk=chunk,
+            fast=fast,
             vectorize=vectorize,
         )
     finally:

@@ -337,4 +337,3 @@ class ActivationQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"levels={self.levels.name}, smoothing={self.smoothing}"
-

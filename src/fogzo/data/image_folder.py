@@ -73,7 +73,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             short = round(size / 0.875)
             width, height = image.size
             scale = short / min(width, height)
-            image = image.resize((max(short, round(width * scale)), max(short, round(height * scale))), Image.Resampling.BILINEAR)
+            image = image.resize(
+                (max(short, round(width * scale)), max(short, round(height * scale))), Image.Resampling.BILINEAR
+            )
             width, height = image.size
             left, top = (width - size) // 2, (height - size) // 2
             image = image.crop((left, top, left + size, top + size))

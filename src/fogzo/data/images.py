@@ -129,13 +129,11 @@ class ImageDataset:
                 raise ValueError(f"{where}: images must be uint8, got {images.dtype}")
             if images.ndim != 3 or tuple(images.shape[1:]) != (IMAGE_SIZE, IMAGE_SIZE):
                 raise ValueError(
-                    f"{where}: images must have shape [N, {IMAGE_SIZE}, {IMAGE_SIZE}], "
-                    f"got {list(images.shape)}"
+                    f"{where}: images must have shape [N, {IMAGE_SIZE}, {IMAGE_SIZE}], got {list(images.shape)}"
                 )
             if labels.dtype != torch.int64 or labels.ndim != 1:
                 raise ValueError(
-                    f"{where}: labels must be a 1-D int64 tensor, got {labels.dtype} "
-                    f"with shape {list(labels.shape)}"
+                    f"{where}: labels must be a 1-D int64 tensor, got {labels.dtype} with shape {list(labels.shape)}"
                 )
             if len(images) != len(labels):
                 raise ValueError(
@@ -146,9 +144,7 @@ class ImageDataset:
                 raise ValueError(f"{where}: the split is empty")
             low, high = int(labels.min()), int(labels.max())
             if low < 0 or high >= NUM_CLASSES:
-                raise ValueError(
-                    f"{where}: labels must lie in 0..{NUM_CLASSES - 1}, found values from {low} to {high}"
-                )
+                raise ValueError(f"{where}: labels must lie in 0..{NUM_CLASSES - 1}, found values from {low} to {high}")
 
     def __repr__(self) -> str:
         return (
@@ -212,8 +208,7 @@ def _load_idx_dataset(name: str, source: str, signature: tuple[tuple[str, int, i
         arrays[split] = read_idx(path)
         if arrays[split].dtype != np.uint8:
             raise ValueError(
-                f"{name} IDX file {path} holds {arrays[split].dtype} values; "
-                "MNIST-style data sets store uint8"
+                f"{name} IDX file {path} holds {arrays[split].dtype} values; MNIST-style data sets store uint8"
             )
     return _to_dataset(arrays, name, source)
 
@@ -328,9 +323,7 @@ def _file_list() -> str:
     return ", ".join(f"{file}[.gz]" for file in IDX_FILE_NAMES.values())
 
 
-def _load_user_folder(
-    data_dir: str | os.PathLike[str] | None, name: str
-) -> tuple[ImageDataset | None, list[str]]:
+def _load_user_folder(data_dir: str | os.PathLike[str] | None, name: str) -> tuple[ImageDataset | None, list[str]]:
     """Try ``data_dir``, else ``FOGZO_DATA_DIR``. Returns the data set (or None) and where it looked."""
     if data_dir is not None:
         return _load_from_folder(Path(data_dir).expanduser(), name, required=True), []
@@ -339,7 +332,9 @@ def _load_user_folder(
         return None, []
     folder = Path(environment_folder).expanduser()
     if not folder.is_dir():
-        raise FileNotFoundError(f"{DATA_DIR_ENV_VAR}={folder} does not exist or is not a folder; point it at a folder or unset it")
+        raise FileNotFoundError(
+            f"{DATA_DIR_ENV_VAR}={folder} does not exist or is not a folder; point it at a folder or unset it"
+        )
     return _load_from_folder(folder, name, required=False), [f"{DATA_DIR_ENV_VAR}={folder}"]
 
 
@@ -525,9 +520,7 @@ def crop_flip(batch: torch.Tensor, padding: int, offsets: torch.Tensor, flips: t
     row_positions = torch.arange(height, device=batch.device)
     column_positions = torch.arange(width, device=batch.device)
     rows = offsets[0][:, None] + row_positions  # [B, H]
-    columns = offsets[1][:, None] + torch.where(
-        flips[:, None], column_positions.flip(0), column_positions
-    )  # [B, W]
+    columns = offsets[1][:, None] + torch.where(flips[:, None], column_positions.flip(0), column_positions)  # [B, W]
     image_index = torch.arange(batch_size, device=batch.device)[:, None, None]
     # Put channels last so the three advanced indices are adjacent: result [B, H, W, C].
     cropped = padded.permute(0, 2, 3, 1)[image_index, rows[:, :, None], columns[:, None, :]]

@@ -81,9 +81,7 @@ def _shakespeare_play_files() -> list[Path]:
                 relative_paths.append(relative)
     else:  # an installation without a RECORD file: list the folder instead
         plays_folder = Path(str(distribution.locate_file(str(_PLAYS_FOLDER))))
-        relative_paths = [
-            _PLAYS_FOLDER / file.parent.name / file.name for file in plays_folder.glob("*/*.md")
-        ]
+        relative_paths = [_PLAYS_FOLDER / file.parent.name / file.name for file in plays_folder.glob("*/*.md")]
     files = [Path(str(distribution.locate_file(str(relative)))) for relative in sorted(relative_paths)]
     if not files or not all(file.is_file() for file in files):
         raise FileNotFoundError(
@@ -291,9 +289,7 @@ def random_batches(
     if batch_size < 1 or seq_len < 1:
         raise ValueError(f"batch_size and seq_len must be at least 1, got {batch_size} and {seq_len}")
     if len(tokens) <= seq_len:
-        raise ValueError(
-            f"need more than seq_len={seq_len} tokens to make (input, target) windows, got {len(tokens)}"
-        )
+        raise ValueError(f"need more than seq_len={seq_len} tokens to make (input, target) windows, got {len(tokens)}")
     starts = host_to_device(
         torch.randint(0, len(tokens) - seq_len, (batch_size,), generator=generator, device=generator.device),
         tokens.device,

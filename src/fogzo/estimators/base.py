@@ -188,15 +188,21 @@ def differentiable_loss(value: object, params: list[torch.nn.Parameter]) -> torc
     loss = checked_loss(value)
     if not loss.requires_grad:
         if not torch.is_grad_enabled():
-            raise RuntimeError("estimate() was called under torch.no_grad() or torch.inference_mode(): the STE pass "
-                               "needs autograd; call it with gradients enabled")
-        raise ValueError("the closure's loss does not require grad: it is detached from the model (.detach(), "
-                         "torch.no_grad() inside the closure, or a tensor made from .item()); return the loss as "
-                         "computed from the model's output")
+            raise RuntimeError(
+                "estimate() was called under torch.no_grad() or torch.inference_mode(): the STE pass "
+                "needs autograd; call it with gradients enabled"
+            )
+        raise ValueError(
+            "the closure's loss does not require grad: it is detached from the model (.detach(), "
+            "torch.no_grad() inside the closure, or a tensor made from .item()); return the loss as "
+            "computed from the model's output"
+        )
     if any(param.grad is not None for param in params):
-        raise ValueError("the closure called backward() itself: it must only run the forward pass and return the "
-                         "loss, the estimator back-propagates it (with retain_graph=True the gradient would be "
-                         "counted twice)")
+        raise ValueError(
+            "the closure called backward() itself: it must only run the forward pass and return the "
+            "loss, the estimator back-propagates it (with retain_graph=True the gradient would be "
+            "counted twice)"
+        )
     return loss
 
 

@@ -76,8 +76,14 @@ class Passes:
     ranks by one all-reduce of n scalars after the last pass, so the ``v_i`` are kept until then.
     """
 
-    def __init__(self, engine: ZerothOrderMeasurement, closure: Closure, guard: StateGuard, step_seed: int,
-                 loss0: torch.Tensor | None) -> None:
+    def __init__(
+        self,
+        engine: ZerothOrderMeasurement,
+        closure: Closure,
+        guard: StateGuard,
+        step_seed: int,
+        loss0: torch.Tensor | None,
+    ) -> None:
         self.engine, self.closure, self.guard, self.step_seed, self.loss0 = engine, closure, guard, step_seed, loss0
         self.weights = engine.perturbed.local_params()
         self.scales = engine.perturbed.scales()
@@ -126,7 +132,8 @@ class Passes:
                 f"the perturbed forward passes changed the model beyond its buffers: {'; '.join(changed[:5])}. "
                 "A forward that writes a parameter or counts its own calls (e.g. an activation calibration) makes "
                 "every pass see a different model; finish such calibration before training with a zeroth-order "
-                "estimator", stacklevel=3,
+                "estimator",
+                stacklevel=3,
             )
         self.finish()
 
@@ -245,7 +252,9 @@ class ZerothOrderMeasurement:
         loss_text = "" if loss is None else f"L(W) = {loss}"
         if loss is not None and not math.isfinite(loss):
             reason = "loss"
-            message = f"non-finite loss in the unperturbed {'(STE) ' if norm is not None else ''}forward pass: {loss_text}"
+            message = (
+                f"non-finite loss in the unperturbed {'(STE) ' if norm is not None else ''}forward pass: {loss_text}"
+            )
         elif norm_value is not None and not math.isfinite(norm_value):
             reason = "ste_gradient"
             message = f"non-finite STE gradient (‖g_x‖ = {norm_value}) with {loss_text}"
@@ -292,7 +301,8 @@ class ZerothOrderMeasurement:
         if lost:
             raise ValueError(
                 "the perturbation rounds away: W ± shift == W in the tensor's own precision for most coordinates of "
-                + "; ".join(lost[:5]) + ". Its finite differences would measure nothing"
+                + "; ".join(lost[:5])
+                + ". Its finite differences would measure nothing"
             )
 
     def vectorized_losses(self, passes: Passes, directions: list[list[torch.Tensor]]) -> list[torch.Tensor]:
@@ -304,8 +314,10 @@ class ZerothOrderMeasurement:
             self.backup.restore()
             passes._written = False
         weights = [entry.local_param() for entry in self.perturbed.tensors]
-        stacks = [torch.stack([torch.addcmul(w, v[k], passes.scales[k], value=sign * eps_bar) for v, sign in chunk])
-                  for k, w in enumerate(weights)]
+        stacks = [
+            torch.stack([torch.addcmul(w, v[k], passes.scales[k], value=sign * eps_bar) for v, sign in chunk])
+            for k, w in enumerate(weights)
+        ]
 
         def loss_of(*batched: torch.Tensor) -> torch.Tensor:
             with self.perturbed.swapped(lambda entry: batched[entry.index]):
@@ -363,8 +375,10 @@ def fsdp_forward_logs(fsdp_modules: Sequence[FSDPModule]) -> list[tuple[list, in
             group = getattr(state, "_fsdp_param_group", None)
             groups = [] if group is None else [group]
         for group in groups:
-            for log in (getattr(group, "_post_forward_indices", None),
-                        getattr(getattr(group, "comm_ctx", None), "post_forward_order", None)):
+            for log in (
+                getattr(group, "_post_forward_indices", None),
+                getattr(getattr(group, "comm_ctx", None), "post_forward_order", None),
+            ):
                 if isinstance(log, list):
                     logs[id(log)] = log
     return [(log, len(log)) for log in logs.values()]

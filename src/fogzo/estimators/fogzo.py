@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterable
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
@@ -176,14 +177,12 @@ class FOGZO:
         if keep and not is_distributed() and not bool(torch.isfinite(loss0.detach())):
             # (keep: a loss scaler's overflow is common, so check before any more work;
             # otherwise the one host sync at the end of the step checks everything.)
-            return self._nonfinite(state, step_seed, step, loss0, "loss", "non-finite loss in the unperturbed (STE) "
-                                   f"forward pass: L(W) = {float(loss0.detach())}")
+            return self._nonfinite(state, loss0)
         hook_factor = run_backward(loss0, self.backward)
         if step < self.ste_steps:
             loss = float(loss0.detach())  # the step's one host sync
             if not keep and not math.isfinite(loss):
-                return self._nonfinite(state, step_seed, step, loss0, "loss", "non-finite loss in the unperturbed "
-                                       f"(STE) forward pass: L(W) = {loss}")
+                return self._nonfinite(state, loss0)
             state.commit()
             return EstimateInfo(loss, 1, 1, None, step_seed, step)
         # 2. β_t (here: for n = 1, ĝ is formed already scaled by v's guided weight √β·s, see _guide).
@@ -193,13 +192,8 @@ class FOGZO:
         guide, norm = self._guide(self._ste_gradients(), hook_factor, in_place=not keep, weight=weight)
         if keep:
             host_norm = float(norm)
-            if not math.isfinite(host_norm):
-                # E.g. an fp16 loss-scaling overflow: no direction to follow.
-                finite_loss = bool(torch.isfinite(loss0.detach()))
-                return self._nonfinite(
-                    state, step_seed, step, loss0, "ste_gradient" if finite_loss else "loss",
-                    f"non-finite STE gradient (‖g_x‖ = {host_norm}) with L(W) = {float(loss0.detach())}", host_norm,
-                )
+            if not math.isfinite(host_norm):  # e.g. an fp16 loss-scaling overflow: no direction to follow
+                return self._nonfinite(state, loss0, host_norm)
 
         guard.after_first_pass()  # from here on the passes restore buffers and RNG
 
@@ -220,40 +214,25 @@ class FOGZO:
             torch._foreach_mul_(gradient, hook_factor / self.n)
         verdict = self.measurement.resolve(passes, loss0, norm)  # raises for on_nonfinite="raise"
         assert verdict.loss is not None  # read from loss0: FOGZO always makes the STE pass
+        info = EstimateInfo(verdict.loss, forward_passes, 1, beta, step_seed, step, ste_grad_norm=verdict.norm)
         if verdict.reason is not None:  # on_nonfinite="skip" or "keep"
-            if keep:
-                state.commit()  # the STE pass's gradient stays
-            else:
-                state.restore(advance=True)
-            return EstimateInfo(verdict.loss, forward_passes, 1, beta, step_seed, step,
-                                ste_grad_norm=verdict.norm, skipped=True, skip_reason=verdict.reason)
+            return self._skip(state, info, verdict.reason)
         differences = verdict.differences
+        info = replace(info, differences=differences, zero_differences=sum(d == 0.0 for d in differences))
         if not any(differences):  # every d_i is exactly 0: nothing measured, keep the STE gradient
             if not self._warned_unmeasured:
-                warnings.warn(nothing_measured_message("FOGZO", self.model, self.perturbed.tensors,
-                              "The STE gradient was kept for such steps (not replaced by 0)."), stacklevel=3)
+                kept = "The STE gradient was kept for such steps (not replaced by 0)."
+                warnings.warn(nothing_measured_message("FOGZO", self.model, self.perturbed.tensors, kept), stacklevel=3)
                 self._warned_unmeasured = True
             self._redo_ste_pass(closure, guard, state)
             state.commit()
-            return EstimateInfo(verdict.loss, forward_passes + 1, 2, beta, step_seed, step,
-                                differences=differences, zero_differences=len(differences),
-                                ste_grad_norm=verdict.norm, measured=False)
+            return replace(info, forward_passes=forward_passes + 1, backward_passes=2, measured=False)
         self.perturbed.mask_padding_rows(gradient)
         if self.n > 1 or keep:  # (else G_W was formed in the STE gradient's buffer)
             for param, tensor in zip(self.perturbed.params, gradient):
                 set_gradient(param, tensor)  # replaces this call's STE gradient
         state.commit()  # adds the gradients from before the call, as backward would
-        return EstimateInfo(
-            loss=verdict.loss,
-            forward_passes=forward_passes,
-            backward_passes=1,
-            beta=beta,
-            seed=step_seed,
-            step=step,
-            differences=differences,
-            zero_differences=sum(d == 0.0 for d in differences),
-            ste_grad_norm=verdict.norm,
-        )
+        return info
 
     def _ste_gradients(self) -> list[torch.Tensor]:
         """``g_W`` of the perturbed tensors (their local parts under FSDP), the ``.grad`` buffers.
@@ -273,8 +252,9 @@ class FOGZO:
                 )
             for entry, gradient in zip(self.perturbed.tensors, gradients):
                 if gradient is None:
-                    set_gradient(entry.param, torch.zeros(entry.local_shape, device=entry.param.device,
-                                                          dtype=entry.param.dtype))
+                    set_gradient(
+                        entry.param, torch.zeros(entry.local_shape, device=entry.param.device, dtype=entry.param.dtype)
+                    )
             gradients = [param.grad for param in self.perturbed.params]
         self._checked_reads = True
         ste = [g for g in gradients if g is not None]  # every one by now
@@ -341,29 +321,29 @@ class FOGZO:
         finally:
             guard.close()
 
-    def _nonfinite(
-        self,
-        state: CallState,
-        step_seed: int,
-        step: int,
-        loss0: torch.Tensor,
-        reason: str,
-        message: str,
-        norm: float | None = None,
-    ) -> EstimateInfo:
-        """Raise ``FloatingPointError`` (state restored by the caller), skip the step, or keep
-        the STE pass's gradient as it is (``"keep"``, for loss scalers)."""
+    def _nonfinite(self, state: CallState, loss0: torch.Tensor, norm: float | None = None) -> EstimateInfo:
+        """A non-finite loss in the STE pass, or (``norm`` given, after its backward) a non-finite
+        ``‖g_x‖``: raise ``FloatingPointError`` (state restored by the caller), or :meth:`_skip`."""
+        loss = float(loss0.detach())
+        if norm is None:
+            message = f"non-finite loss in the unperturbed (STE) forward pass: L(W) = {loss}"
+        else:
+            message = f"non-finite STE gradient (‖g_x‖ = {norm}) with L(W) = {loss}"
         if self.measurement.on_nonfinite == "raise":
             raise FloatingPointError(f"{message}; {NONFINITE_ADVICE}")
+        reason = "ste_gradient" if norm is not None and math.isfinite(loss) else "loss"
+        step_seed = self.counter.step_seed()  # this call's: the counter advances in _skip
+        info = EstimateInfo(loss, 1, int(norm is not None), None, step_seed, state.step, ste_grad_norm=norm)
+        return self._skip(state, info, reason)
+
+    def _skip(self, state: CallState, info: EstimateInfo, reason: str) -> EstimateInfo:
+        """End a step skipped for ``reason``: ``.grad``, parameters and buffers as before the call
+        (``"skip"``), or the STE pass's gradient kept as it is (``"keep"``, for loss scalers)."""
         if self.measurement.on_nonfinite == "keep":
-            state.commit()
+            state.commit()  # the STE pass's gradient stays
         else:
             state.restore(advance=True)
-        backward = int(norm is not None)
-        return EstimateInfo(
-            float(loss0.detach()), 1, backward, None, step_seed, step, ste_grad_norm=norm, skipped=True,
-            skip_reason=reason,
-        )
+        return replace(info, skipped=True, skip_reason=reason)
 
     @staticmethod
     def sign(step_seed: int, sample: int) -> float:

@@ -19,7 +19,15 @@ import torch
 
 from ..smoothing import Smoothing
 
-__all__ = ["COUNTER_CHUNK", "NOISE_BLOCK", "NOISE_STREAMS", "block_noise", "counter_bits", "counter_noise", "derive_seed"]
+__all__ = [
+    "COUNTER_CHUNK",
+    "NOISE_BLOCK",
+    "NOISE_STREAMS",
+    "block_noise",
+    "counter_bits",
+    "counter_noise",
+    "derive_seed",
+]
 
 
 _MASK64 = (1 << 64) - 1
@@ -217,7 +225,9 @@ def counter_noise(
     flat = out.view(-1)
     for first in range(0, count, COUNTER_CHUNK):
         size = min(COUNTER_CHUNK, count - first)
-        flat[first : first + size] = _counter_law(smoothing.noise, counter_bits(seed, start + first, size, device), dtype)
+        flat[first : first + size] = _counter_law(
+            smoothing.noise, counter_bits(seed, start + first, size, device), dtype
+        )
     return out
 
 

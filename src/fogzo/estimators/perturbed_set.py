@@ -162,9 +162,8 @@ class PerturbedSet:
         self.num_coordinates = sum(sizes)
         """``d``: the number of perturbed scalars."""
         self._offsets = [sum(sizes[:k]) for k in range(len(sizes))]  # tensor k's first coordinate of u
-        one_draw = (not self.sharded and self.num_coordinates <= NOISE_BLOCK
-                    and len({(p.device, p.dtype) for p in self.params}) == 1)
-        self._flat_sizes = sizes if one_draw else None
+        one_place = len({(p.device, p.dtype) for p in self.params}) == 1
+        self._flat_sizes = sizes if not self.sharded and self.num_coordinates <= NOISE_BLOCK and one_place else None
 
     @classmethod
     def from_model(
@@ -185,7 +184,7 @@ class PerturbedSet:
         frozen: list[str] = []
         if perturb == "quantized":
             chosen = {pid for pid in quantizer_of if pid in trainable}
-            frozen = [name for name, p in model.named_parameters() if id(p) in quantizer_of and id(p) not in trainable]
+            frozen = [name for name, p in model.named_parameters() if id(p) in quantizer_of and not p.requires_grad]
         elif perturb == "all":
             chosen = {pid for pid in trainable if pid not in quantizer_params}
             foreign = foreign_quantized_layers(model)
@@ -201,7 +200,7 @@ class PerturbedSet:
         else:
             perturb = list(perturb)
             chosen = {id(p) for p in perturb}
-            explicit_frozen = [name for name, p in model.named_parameters() if id(p) in chosen and id(p) not in trainable]
+            explicit_frozen = [name for name, p in model.named_parameters() if id(p) in chosen and not p.requires_grad]
             if explicit_frozen:
                 raise ValueError(
                     f"perturb contains frozen parameters (requires_grad=False): {explicit_frozen[:5]}; a frozen "
@@ -251,7 +250,7 @@ class PerturbedSet:
             candidates = {id(p) for p in model.parameters()} - quantizer_params
         else:
             candidates = set()
-        left_frozen = [(name, p) for name, p in model.named_parameters() if id(p) in candidates and id(p) not in trainable]
+        left_frozen = [(name, p) for name, p in model.named_parameters() if id(p) in candidates and not p.requires_grad]
         smoothings = {entry.quantizer.smoothing for entry in tensors if entry.quantizer is not None}
         if smoothing is None:
             if len(smoothings) > 1:
@@ -304,8 +303,7 @@ class PerturbedSet:
             return self._scales
         eps_bar = self.smoothing.eps_bar
         scales = [entry.coordinate_scale(eps_bar) for entry in self.tensors]
-        again = [entry.coordinate_scale(eps_bar) if entry.quantizer is not None else c
-                 for entry, c in zip(self.tensors, scales)]
+        again = [e.coordinate_scale(eps_bar) if e.quantizer is not None else c for e, c in zip(self.tensors, scales)]
         if all(a is b for a, b in zip(scales, again)):
             self._scales, self._scales_key = scales, key
         return scales
@@ -321,11 +319,9 @@ class PerturbedSet:
         it is one draw, split into views; else one draw per tensor, the same numbers."""
         key = (step_seed, NOISE_STREAM, sample)
         if self._flat_sizes is not None:
-            first = self.params[0]
-            flat = self._draw(key, (self.num_coordinates,), first.device, first.dtype, 0)
+            flat = self._draw(key, (self.num_coordinates,), self.params[0], 0)
             return [u.view(entry.local_shape) for entry, u in zip(self.tensors, flat.split(self._flat_sizes))]
-        return [self._draw(key, entry.local_shape, entry.param.device, entry.param.dtype, offset + entry.start)
-                for entry, offset in zip(self.tensors, self._offsets)]
+        return [self._part(key, entry, offset) for entry, offset in zip(self.tensors, self._offsets)]
 
     def add_noise_(self, tensors: list[torch.Tensor], step_seed: int, sample: int, alpha: float) -> None:
         """``tensors[k] += alpha·u_k`` (:meth:`noises`), one noise tensor alive at a time where ``u``
@@ -335,18 +331,21 @@ class PerturbedSet:
             return
         key = (step_seed, NOISE_STREAM, sample)
         for entry, offset, tensor in zip(self.tensors, self._offsets, tensors):
-            tensor.add_(self._draw(key, entry.local_shape, entry.param.device, entry.param.dtype, offset + entry.start),
-                        alpha=alpha)
+            tensor.add_(self._part(key, entry, offset), alpha=alpha)
 
-    def _draw(self, key: tuple[int, ...], shape, device: torch.device, dtype: torch.dtype, start: int) -> torch.Tensor:
+    def _part(self, key: tuple[int, ...], entry: PerturbedTensor, offset: int) -> torch.Tensor:
+        """``entry``'s part of ``u`` (its local part under FSDP); ``offset``: the tensor's first coordinate."""
+        return self._draw(key, entry.local_shape, entry.param, offset + entry.start)
+
+    def _draw(self, key: tuple[int, ...], shape, like: torch.Tensor, start: int) -> torch.Tensor:
+        """Coordinates ``[start, start + numel)`` of ``u``, shaped ``shape``, on ``like``'s device and in its dtype."""
+        args = (self.smoothing, key, shape, like.device, like.dtype)
         if self.noise_stream == "counter":
-            return counter_noise(self.smoothing, key, shape, device, dtype, start=start, total=self.num_coordinates,
-                                 compiled=self.compile_noise)
-        generator = self._generators.get(device)
+            return counter_noise(*args, start=start, total=self.num_coordinates, compiled=self.compile_noise)
+        generator = self._generators.get(like.device)
         if generator is None:
-            generator = self._generators[device] = torch.Generator(device=device)
-        return block_noise(self.smoothing, key, shape, device, dtype, start=start, total=self.num_coordinates,
-                           generator=generator)
+            generator = self._generators[like.device] = torch.Generator(device=like.device)
+        return block_noise(*args, start=start, total=self.num_coordinates, generator=generator)
 
     def mask_padding_rows(self, gradients: list[torch.Tensor]) -> None:
         """Zero the padding row of every ``nn.Embedding(padding_idx=…)`` weight's gradient in

@@ -89,7 +89,10 @@ def beta_at(step: int, total_steps: int, beta_min: float) -> float:
 
 
 def guide(
-    ste_gradients: Sequence[torch.Tensor], scales: Sequence[Scale], *, guide_norm: float = 1.0,
+    ste_gradients: Sequence[torch.Tensor],
+    scales: Sequence[Scale],
+    *,
+    guide_norm: float = 1.0,
     normalize: str = "global",
 ) -> list[torch.Tensor]:
     """``ĝ`` from the STE gradients ``g_W`` of the perturbed tensors (step 1)."""
@@ -100,8 +103,10 @@ def guide(
         return [guide_norm * g / total if total > 0 else torch.zeros_like(g) for g in g_x]
     if normalize == "tensor":
         nonzero = sum(1 for norm in norms if norm > 0)
-        return [guide_norm * g / (norm * math.sqrt(nonzero)) if norm > 0 else torch.zeros_like(g)
-                for g, norm in zip(g_x, norms)]
+        return [
+            guide_norm * g / (norm * math.sqrt(nonzero)) if norm > 0 else torch.zeros_like(g)
+            for g, norm in zip(g_x, norms)
+        ]
     raise ValueError(f"normalize must be 'global' or 'tensor', got {normalize!r}")
 
 
@@ -118,8 +123,13 @@ class _Evaluator:
     """``L(W + shift)``: the shifted weights written into the parameters, the closure run,
     the weights put back; RNG and buffers as they were before the STE pass / after it."""
 
-    def __init__(self, closure: Callable[[], torch.Tensor], params: Sequence[nn.Parameter],
-                 model: nn.Module | None, rng_before: tuple) -> None:
+    def __init__(
+        self,
+        closure: Callable[[], torch.Tensor],
+        params: Sequence[nn.Parameter],
+        model: nn.Module | None,
+        rng_before: tuple,
+    ) -> None:
         self.closure = closure
         self.params = list(params)
         self.buffers = [] if model is None else list(model.buffers())
@@ -210,14 +220,19 @@ def fogzo_step(
     rng_before = rng_state()
     loss0, gradients = ste_pass(closure, [*params, *others])
     evaluate = _Evaluator(closure, params, model, rng_before)
-    g_hat = guide([g if g is not None else torch.zeros_like(p) for g, p in zip(gradients, params)], scales,
-                  guide_norm=guide_norm, normalize=normalize)
+    g_hat = guide(
+        [g if g is not None else torch.zeros_like(p) for g, p in zip(gradients, params)],
+        scales,
+        guide_norm=guide_norm,
+        normalize=normalize,
+    )
     directions = [
         [math.sqrt(beta) * s * gk + math.sqrt(1.0 - beta) * uk for gk, uk in zip(g_hat, u)]
         for s, u in zip(signs, noises)
     ]
-    result, differences, losses = _measure(evaluate, scales, directions, eps_bar=eps_bar, one_sided=one_sided,
-                                           loss0=float(loss0))
+    result, differences, losses = _measure(
+        evaluate, scales, directions, eps_bar=eps_bar, one_sided=one_sided, loss0=float(loss0)
+    )
     return ReferenceStep(result, differences, losses, directions, g_hat, float(loss0), gradients)
 
 
@@ -241,6 +256,7 @@ def spsa_step(
             loss0 = float(closure())
     evaluate = _Evaluator(closure, params, model, rng_before)
     directions = [list(u) for u in noises]
-    result, differences, losses = _measure(evaluate, scales, directions, eps_bar=eps_bar, one_sided=one_sided,
-                                           loss0=loss0)
+    result, differences, losses = _measure(
+        evaluate, scales, directions, eps_bar=eps_bar, one_sided=one_sided, loss0=loss0
+    )
     return ReferenceStep(result, differences, losses, directions, None, loss0)

@@ -121,8 +121,10 @@ def quantizer_levels(entry: PerturbedTensor) -> LevelSet:
         raise ValueError(f"{entry.name} has no quantizer: the smoothed gradient needs its levels")
     levels = getattr(entry.quantizer, "levels", None)
     if not isinstance(levels, LevelSet):
-        raise ValueError(f"{entry.name}: the smoothed gradient needs the quantizer's levels, and its "
-                         f"{type(entry.quantizer).__name__} has none (a model quantized with fogzo.quantize has them)")
+        raise ValueError(
+            f"{entry.name}: the smoothed gradient needs the quantizer's levels, and its "
+            f"{type(entry.quantizer).__name__} has none (a model quantized with fogzo.quantize has them)"
+        )
     return levels
 
 
@@ -437,7 +439,9 @@ class SmoothedGradient:
     ) -> None:
         if not isinstance(draws, int) or isinstance(draws, bool) or draws < 1:
             raise ValueError(f"draws must be an int >= 1, got {draws!r}")
-        if coordinates is not None and (not isinstance(coordinates, int) or isinstance(coordinates, bool) or coordinates < 1):
+        if coordinates is not None and (
+            not isinstance(coordinates, int) or isinstance(coordinates, bool) or coordinates < 1
+        ):
             raise ValueError(f"coordinates must be None or an int >= 1, got {coordinates!r}")
         self.model = model
         self.draws = draws
@@ -485,7 +489,12 @@ class SmoothedGradient:
         if not self._checked:
             self._check_fast_path(closure, guard, step_seed)
         results = smoothed_partials(
-            self.perturbed, closure, guard, seed=step_seed, coordinates=coordinates, draws=self.draws,
+            self.perturbed,
+            closure,
+            guard,
+            seed=step_seed,
+            coordinates=coordinates,
+            draws=self.draws,
             engine=self._engine,
         )
         eps_bar = self.perturbed.smoothing.eps_bar

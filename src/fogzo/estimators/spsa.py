@@ -130,8 +130,7 @@ class SPSA:
         if verdict.reason is not None:
             state.restore(advance=True)
             loss = verdict.loss if verdict.loss is not None else float("nan")
-            return EstimateInfo(loss, forward_passes, 0, 0.0, step_seed, step, skipped=True,
-                                skip_reason=verdict.reason)
+            return EstimateInfo(loss, forward_passes, 0, 0.0, step_seed, step, skipped=True, skip_reason=verdict.reason)
         hook_factor = gradient_scale(self.backward, self.perturbed.tensors[0].param.device)  # k of the backward hook
         if hook_factor != 1.0:
             torch._foreach_mul_(gradients, hook_factor)
@@ -143,8 +142,12 @@ class SPSA:
         differences = verdict.differences
         measured_something = any(differences)
         if not measured_something and not self._warned_unmeasured:
-            warnings.warn(nothing_measured_message("SPSA", self.model, self.perturbed.tensors,
-                          "The perturbed tensors' gradient is 0 for such steps."), stacklevel=3)
+            warnings.warn(
+                nothing_measured_message(
+                    "SPSA", self.model, self.perturbed.tensors, "The perturbed tensors' gradient is 0 for such steps."
+                ),
+                stacklevel=3,
+            )
             self._warned_unmeasured = True
         return EstimateInfo(
             loss=loss,

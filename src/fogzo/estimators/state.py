@@ -26,8 +26,16 @@ from ..quantizers import ActivationQuantizer, WeightQuantizer
 from .base import EstimateInfo
 from .noise import derive_seed
 
-__all__ = ["CallState", "Snapshot", "StateGuard", "StepCounter", "rng_state", "run_guarded", "set_rng_state",
-           "state_buffers"]
+__all__ = [
+    "CallState",
+    "Snapshot",
+    "StateGuard",
+    "StepCounter",
+    "rng_state",
+    "run_guarded",
+    "set_rng_state",
+    "state_buffers",
+]
 
 
 class StepCounter:
@@ -91,8 +99,13 @@ class CallState:
         if model is not None:
             self.modules = list(model.modules())
             self.buffers = state_buffers(model, self.modules)
-            targets = self.buffers + [p for m in self.modules if isinstance(m, ActivationQuantizer)
-                                      for p in m._parameters.values() if p is not None]
+            targets = self.buffers + [
+                p
+                for m in self.modules
+                if isinstance(m, ActivationQuantizer)
+                for p in m._parameters.values()
+                if p is not None
+            ]
         self.snapshot = Snapshot() if snapshot is None else snapshot
         self.snapshot.take(targets)
         self.params = list(params)
@@ -223,11 +236,15 @@ class StateGuard:
         attributes = [{k: v for k, v in vars(module).items() if type(v) in (int, float, bool)} for _, module in modules]
 
         def changed() -> list[str]:
-            written = [f"parameter {name!r}" for (name, param), version in zip(params, versions)
-                       if param._version != version]
+            written = [
+                f"parameter {name!r}" for (name, param), version in zip(params, versions) if param._version != version
+            ]
             for (name, module), before in zip(modules, attributes):
-                written += [f"{type(module).__name__} {name or '(the model)'!r}.{key} ({value} -> {vars(module).get(key)})"
-                            for key, value in before.items() if vars(module).get(key) != value]
+                written += [
+                    f"{type(module).__name__} {name or '(the model)'!r}.{key} ({value} -> {vars(module).get(key)})"
+                    for key, value in before.items()
+                    if vars(module).get(key) != value
+                ]
             return written
 
         return changed
@@ -247,7 +264,9 @@ def state_buffers(model: nn.Module, modules: list[nn.Module] | None = None) -> l
     seen: set[int] = set()
     buffers = []
     for module in model.modules() if modules is None else modules:
-        fixed = module.alpha if isinstance(module, WeightQuantizer) and not isinstance(module.alpha, nn.Parameter) else None
+        fixed = (
+            module.alpha if isinstance(module, WeightQuantizer) and not isinstance(module.alpha, nn.Parameter) else None
+        )
         for buffer in module._buffers.values():
             if buffer is None or buffer is fixed or id(buffer) in seen:
                 continue

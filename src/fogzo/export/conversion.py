@@ -106,9 +106,7 @@ def rebuild_float_model(model_like: nn.Module, exported: ExportedModel) -> nn.Mo
         raise TypeError(f"rebuild_float_model() expects an ExportedModel, got {type(exported).__name__}")
     quantized_inputs = [layer.module for layer in exported.layers if layer.input_levels is not None]
     quantized_inputs += [
-        name
-        for name, layer in quantized_layers(model_like)
-        if getattr(layer, "input_quantizer", None) is not None
+        name for name, layer in quantized_layers(model_like) if getattr(layer, "input_quantizer", None) is not None
     ]
     if quantized_inputs:
         raise ValueError(
@@ -119,9 +117,7 @@ def rebuild_float_model(model_like: nn.Module, exported: ExportedModel) -> nn.Mo
     for module in list(model.modules()):
         if isinstance(module, QuantizedLayer):
             if type(module) not in _PLAIN_CLASSES:
-                raise ValueError(
-                    f"cannot convert quantized layer type {type(module).__name__} to a plain layer"
-                )
+                raise ValueError(f"cannot convert quantized layer type {type(module).__name__} to a plain layer")
             _to_plain(module)
     weights: dict[int, tuple[str, torch.Tensor]] = {}
     for layer in exported.layers:
@@ -131,9 +127,7 @@ def rebuild_float_model(model_like: nn.Module, exported: ExportedModel) -> nn.Mo
             try:
                 module = model.get_submodule(name)
             except AttributeError as error:
-                raise ValueError(
-                    f"model_like has no module {name!r} for the exported {layer.layer_type}"
-                ) from error
+                raise ValueError(f"model_like has no module {name!r} for the exported {layer.layer_type}") from error
             weight = getattr(module, "weight", None)  # (a module of another type may have none)
             shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else None
             if type(module) is not expected or shape != layer.shape:

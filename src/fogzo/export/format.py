@@ -36,8 +36,7 @@ FORMAT_VERSION = "2"  # 2: "sha256" covers the tensors' bytes in metadata order 
 _CODES_SUFFIX = ".codes"
 _ALPHA_SUFFIX = ".alpha"
 _LAYER_FIELDS = frozenset(
-    {"module", "aliases", "type", "levels", "bits", "code_bits", "shape", "dtype", "codes", "alpha"}
-    | {"input_levels"}
+    {"module", "aliases", "type", "levels", "bits", "code_bits", "shape", "dtype", "codes", "alpha"} | {"input_levels"}
 )
 
 
@@ -119,7 +118,9 @@ def decode(
     if "sha256" not in metadata:
         raise ValueError("metadata has no 'sha256' checksum")
     if all(isinstance(name, str) and name in tensors for name in order) and len(set(order)) == len(tensors):
-        if _content_digest([tensors[name] for name in order if isinstance(name, str)]) != metadata["sha256"]:  # (all are)
+        if (
+            _content_digest([tensors[name] for name in order if isinstance(name, str)]) != metadata["sha256"]
+        ):  # (all are)
             raise ValueError("data checksum (sha256) mismatch: the tensor data is corrupted")
     used: set[str] = set()
     layers = []
@@ -164,9 +165,7 @@ def _layer_from_json(entry: object, tensors: dict[str, torch.Tensor]) -> Quantiz
     if entry["input_levels"] is not None:
         input_levels = _levels_from_json(entry["input_levels"], f"layer {module!r} input")
     if entry["bits"] != container_bits(levels) or entry["code_bits"] != levels.code_bits:
-        raise ValueError(
-            f"layer {module!r}: bits {entry['bits']}/{entry['code_bits']} do not match levels {levels}"
-        )
+        raise ValueError(f"layer {module!r}: bits {entry['bits']}/{entry['code_bits']} do not match levels {levels}")
     shape, aliases = entry["shape"], entry["aliases"]
     if not isinstance(shape, list) or not all(_is_int(size) for size in shape):
         raise ValueError(f"layer {module!r}: malformed shape {shape!r}")

@@ -78,9 +78,7 @@ def unpack_codes(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     per_byte = 8 // bits
     expected = -(-numel // per_byte)
     if packed.numel() != expected:
-        raise ValueError(
-            f"{numel} codes of {bits} bits pack into {expected} bytes, got {packed.numel()}"
-        )
+        raise ValueError(f"{numel} codes of {bits} bits pack into {expected} bytes, got {packed.numel()}")
     flat = packed.detach().reshape(-1)
     if per_byte == 1:
         return flat.clone()

@@ -43,7 +43,10 @@ _SAFETENSORS_REASONS = (
     ("invalid json", "the header is not valid UTF-8 JSON (corrupted or not a safetensors file)"),
     ("invalid utf-8", "the header is not valid UTF-8 JSON (corrupted or not a safetensors file)"),
     ("file not fully covered", "the data does not match the header (truncated file or trailing bytes)"),
-    ("invalid shape, data type, or offset", "tensor data_offsets do not match their dtype and shape (corrupted header)"),
+    (
+        "invalid shape, data type, or offset",
+        "tensor data_offsets do not match their dtype and shape (corrupted header)",
+    ),
     ("invalid offset", "tensor data_offsets do not match their dtype and shape (corrupted header)"),
 )
 

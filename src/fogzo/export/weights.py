@@ -78,14 +78,12 @@ class QuantizedWeight:
             raise ValueError(f"{where}: weight dtype must be floating point, got {self.dtype}")
         if self.packed.dtype != torch.uint8 or self.packed.dim() != 1:
             raise ValueError(
-                f"{where}: packed codes must be a 1-D uint8 tensor, "
-                f"got {self.packed.dtype} {tuple(self.packed.shape)}"
+                f"{where}: packed codes must be a 1-D uint8 tensor, got {self.packed.dtype} {tuple(self.packed.shape)}"
             )
         expected_bytes = -(-self.numel // (8 // bits))
         if self.packed.numel() != expected_bytes:
             raise ValueError(
-                f"{where}: {self.numel} codes of {bits} bits need {expected_bytes} bytes, "
-                f"got {self.packed.numel()}"
+                f"{where}: {self.numel} codes of {bits} bits need {expected_bytes} bytes, got {self.packed.numel()}"
             )
         per_channel_shape = (self.shape[0],) + (1,) * (len(self.shape) - 1)
         if self.alpha.dtype != torch.float32 or tuple(self.alpha.shape) not in ((), per_channel_shape):
@@ -100,9 +98,7 @@ class QuantizedWeight:
             per_byte = 8 // bits
             codes = unpack_codes(self.packed, bits, self.packed.numel() * per_byte)
             if int(codes[: self.numel].max()) >= self.levels.num_levels:
-                raise ValueError(
-                    f"{where}: code out of range for {self.levels.num_levels} levels (corrupted codes)"
-                )
+                raise ValueError(f"{where}: code out of range for {self.levels.num_levels} levels (corrupted codes)")
             if bool(codes[self.numel :].any()):
                 raise ValueError(f"{where}: non-zero padding bits after the last code (corrupted codes)")
 

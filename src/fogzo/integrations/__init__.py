@@ -30,7 +30,9 @@ def estimator_logs(infos: list[EstimateInfo], estimator: Estimator | None = None
         logs["fogzo/difference_mean"] = sum(differences) / len(differences)
         logs["fogzo/difference_abs_mean"] = sum(abs(d) for d in differences) / len(differences)
         logs["fogzo/zero_difference_fraction"] = sum(info.zero_differences for info in infos) / len(differences)
-    norms = [info.ste_grad_norm for info in infos if info.ste_grad_norm is not None and math.isfinite(info.ste_grad_norm)]
+    norms = [
+        info.ste_grad_norm for info in infos if info.ste_grad_norm is not None and math.isfinite(info.ste_grad_norm)
+    ]
     if norms:
         logs["fogzo/ste_grad_norm"] = sum(norms) / len(norms)
     logs["fogzo/skipped"] = float(sum(info.skipped for info in infos))

@@ -97,7 +97,10 @@ class FogzoLightningMixin(_MixinBase):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         if self.estimator is not None:
-            checkpoint[CHECKPOINT_KEY] = {"estimator": type(self.estimator).__name__, "state": self.estimator.state_dict()}
+            checkpoint[CHECKPOINT_KEY] = {
+                "estimator": type(self.estimator).__name__,
+                "state": self.estimator.state_dict(),
+            }
         elif self._fogzo_pending is not None:  # saved again before the first step of a resumed run
             checkpoint[CHECKPOINT_KEY] = self._fogzo_pending
 

@@ -84,7 +84,9 @@ class FogzoTrainerMixin(_MixinBase):
             )
         super().__init__(*args, **kwargs)
         if self.args.optim in ("lomo", "adalomo"):
-            raise ValueError(f"optim={self.args.optim!r} fuses backward and update; fogzo estimators need a plain optimizer")
+            raise ValueError(
+                f"optim={self.args.optim!r} fuses backward and update; fogzo estimators need a plain optimizer"
+            )
         self._fogzo_factory = None if isinstance(estimator, Estimator) else estimator
         self.estimator: Estimator | None = estimator if isinstance(estimator, Estimator) else None
         if self.estimator is not None:
@@ -109,7 +111,9 @@ class FogzoTrainerMixin(_MixinBase):
         def closure() -> torch.Tensor:
             with self.compute_loss_context_manager():
                 # A copy: compute_loss may pop "labels" (label smoothing, compute_loss_func).
-                loss = cast(torch.Tensor, self.compute_loss(model, dict(inputs), num_items_in_batch=num_items_in_batch))  # the loss alone (no return_outputs)
+                loss = cast(
+                    torch.Tensor, self.compute_loss(model, dict(inputs), num_items_in_batch=num_items_in_batch)
+                )  # the loss alone (no return_outputs)
             if self.args.n_gpu > 1:
                 loss = loss.mean()
             return loss if scaled else loss / accumulation
@@ -167,7 +171,9 @@ class FogzoTrainerMixin(_MixinBase):
                     self._fogzo_restore(self._fogzo_pending)
                     self._fogzo_pending = None
             else:
-                logger.warning("%s has no %s: the estimator starts from its initial state", checkpoint, ESTIMATOR_STATE_NAME)
+                logger.warning(
+                    "%s has no %s: the estimator starts from its initial state", checkpoint, ESTIMATOR_STATE_NAME
+                )
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _fogzo_restore(self, saved: dict) -> None:
@@ -189,7 +195,9 @@ class FogzoTrainerMixin(_MixinBase):
         try:
             text = json.dumps(record, indent=1)
         except TypeError as error:
-            raise TypeError(f"{type(self.estimator).__name__}.state_dict() must be JSON-serializable: {error}") from error
+            raise TypeError(
+                f"{type(self.estimator).__name__}.state_dict() must be JSON-serializable: {error}"
+            ) from error
         partial = os.path.join(folder, ESTIMATOR_STATE_NAME + ".partial")
         with open(partial, "w", encoding="utf-8") as file:
             file.write(text)

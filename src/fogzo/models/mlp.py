@@ -60,9 +60,7 @@ class MLP(nn.Module):
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; choose from {sorted(ACTIVATIONS)}")
         self.sizes = sizes
-        self.layers = nn.ModuleList(
-            nn.Linear(d_in, d_out, bias=bias) for d_in, d_out in zip(sizes[:-1], sizes[1:])
-        )
+        self.layers = nn.ModuleList(nn.Linear(d_in, d_out, bias=bias) for d_in, d_out in zip(sizes[:-1], sizes[1:]))
         self.activation = ACTIVATIONS[activation]()
 
     @property

@@ -183,9 +183,7 @@ class VisionTransformer(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """``[B, C, S, S] -> [B, num_classes]``."""
         if images.shape[-2:] != (self.image_size, self.image_size):
-            raise ValueError(
-                f"expected {self.image_size}x{self.image_size} images, got {tuple(images.shape[-2:])}"
-            )
+            raise ValueError(f"expected {self.image_size}x{self.image_size} images, got {tuple(images.shape[-2:])}")
         patches = self.patch_embed(images).flatten(2).transpose(1, 2)  # [B, N, D]
         tokens = self.pos_drop(self.class_and_position(patches))  # [B, N + 1, D]
         for block in self.blocks:

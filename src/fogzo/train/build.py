@@ -127,8 +127,11 @@ def estimator_options(config: TrainConfig, kind: str | None = None) -> dict[str,
     kind = kind or config.estimator
     if kind == "ste":
         return {}
-    options = {name: getattr(config, name) for name, f in FIELDS.items()
-               if f.metadata["section"] == "estimator" and name != "estimator"}
+    options = {
+        name: getattr(config, name)
+        for name, f in FIELDS.items()
+        if f.metadata["section"] == "estimator" and name != "estimator"
+    }
     cls = {"fogzo": FOGZO, "spsa": SPSA, "ste-sr": SmoothedForwardSTE, "ste-noise": NoiseMatchedSTE}[kind]
     accepted = set(inspect.signature(cls).parameters)
     ignored = sorted(name for name, value in options.items() if name not in accepted and value != FIELDS[name].default)
@@ -138,7 +141,12 @@ def estimator_options(config: TrainConfig, kind: str | None = None) -> dict[str,
 
 
 def build_estimator(
-    config: TrainConfig, model: nn.Module, total_steps: int, *, kind: str | None = None, ste_fraction: float | None = None
+    config: TrainConfig,
+    model: nn.Module,
+    total_steps: int,
+    *,
+    kind: str | None = None,
+    ste_fraction: float | None = None,
 ):
     """The configured estimator: the ``[estimator]`` section is its keyword arguments
     (:func:`estimator_options`); the run adds ``total_steps`` and ``seed``."""

@@ -39,11 +39,30 @@ OUTPUT_FILES = (CONFIG, METRICS, RESULTS, CHECKPOINT)
 #: Keys every checkpoint of :func:`~fogzo.train.trainer.train` holds.
 CHECKPOINT_KEYS = frozenset({"config", "step", "total_steps", "model", "optimizer", "scheduler", "estimator", "data"})
 #: Config keys a resumed run may change: they do not affect the trajectory of the parameters.
-RUN_CONTROL_KEYS = frozenset({
-    "stop_at", "eval_every", "log_every", "checkpoint_every", "device", "threads", "progress", "progress_every",
-    "diagnose_every", "diagnose_coordinates", "diagnose_draws", "out", "time_budget", "num_workers", "eval_batch_size",
-    "eval_size", "train_eval_size", "name", "data_dir", "text_file",
-})
+RUN_CONTROL_KEYS = frozenset(
+    {
+        "stop_at",
+        "eval_every",
+        "log_every",
+        "checkpoint_every",
+        "device",
+        "threads",
+        "progress",
+        "progress_every",
+        "diagnose_every",
+        "diagnose_coordinates",
+        "diagnose_draws",
+        "out",
+        "time_budget",
+        "num_workers",
+        "eval_batch_size",
+        "eval_size",
+        "train_eval_size",
+        "name",
+        "data_dir",
+        "text_file",
+    }
+)
 
 
 def _check_resume_config(saved: dict[str, Any], config: TrainConfig, what: str = "the checkpoint's") -> None:
@@ -96,7 +115,9 @@ def prepare_output(out: Path, config: TrainConfig, *, resume: bool, overwrite: b
     * Otherwise a non-empty folder is refused: :class:`ConfigError`.
     """
     if resume and overwrite:
-        raise ConfigError("--resume and --overwrite exclude each other: --resume continues the run in the folder, --overwrite replaces it")
+        raise ConfigError(
+            "--resume and --overwrite exclude each other: --resume continues the run in the folder, --overwrite replaces it"
+        )
     check_output_folder(out)
     entries = sorted(entry.name for entry in out.iterdir()) if out.is_dir() else []
     if overwrite or not entries:
@@ -126,7 +147,9 @@ def prepare_output(out: Path, config: TrainConfig, *, resume: bool, overwrite: b
         try:
             saved = read_json(out / CONFIG)
         except (OSError, ValueError) as error:
-            raise ConfigError(f"--resume: {out / CONFIG} is unreadable ({error}); use --overwrite or another --out") from None
+            raise ConfigError(
+                f"--resume: {out / CONFIG} is unreadable ({error}); use --overwrite or another --out"
+            ) from None
         _check_resume_config(saved, config, "the config.json in the folder")
     return None
 
@@ -145,9 +168,7 @@ def _kept_records(path: Path, step: int) -> list[dict[str, Any]]:
     """The metrics records up to the checkpoint's step (later ones are redone after resuming)."""
     if not path.exists():
         return []
-    return [
-        r for r in read_jsonl(path) if r.get("event") not in ("final", "interrupted") and r.get("step", 0) <= step
-    ]
+    return [r for r in read_jsonl(path) if r.get("event") not in ("final", "interrupted") and r.get("step", 0) <= step]
 
 
 def _atomic_save(obj: Any, path: Path) -> None:

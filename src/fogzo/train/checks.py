@@ -18,6 +18,7 @@ __all__ = [
     "text_tokens_needed",
 ]
 
+
 def check_batch_divisible(config: TrainConfig, world: int) -> None:
     if config.batch_size % world:
         lower = config.batch_size - config.batch_size % world
@@ -68,14 +69,18 @@ def check_config(config: TrainConfig, world_size: int = 1) -> None:
     bytes for one training and one validation window). Raises :class:`ConfigError`.
     """
     if config.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device=cuda but CUDA is not available here (torch.cuda.is_available() is False); use --device=cpu")
+        raise ConfigError(
+            "device=cuda but CUDA is not available here (torch.cuda.is_available() is False); use --device=cpu"
+        )
     check_batch_divisible(config, world_size)
     if config.diagnose_every and world_size > 1:
         raise ConfigError("diagnose_every works in one process only (it runs fogzo.diagnose on rank 0's model)")
     if config.text_file:
         path = Path(config.text_file).expanduser()
         if not path.is_file():
-            raise ConfigError(f"text_file {path} {'is a folder' if path.is_dir() else 'does not exist'}; pass a UTF-8 text file")
+            raise ConfigError(
+                f"text_file {path} {'is a folder' if path.is_dir() else 'does not exist'}; pass a UTF-8 text file"
+            )
         size = path.stat().st_size  # characters and tokens <= bytes
         if size < text_tokens_needed(config.seq_len, config.val_fraction):
             raise _text_too_short(f"text_file {path}", size, config, unit="bytes")

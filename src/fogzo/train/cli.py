@@ -58,11 +58,13 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--config", help="TOML or JSON config file (experiments/configs/*.toml)")
     parser.add_argument("--quick", action="store_true", help="apply the config's [quick] table (a run of seconds)")
     parser.add_argument(
-        "--resume", action="store_true",
+        "--resume",
+        action="store_true",
         help="continue the run in the output folder from its checkpoint.pt (the config must match)",
     )
     parser.add_argument(
-        "--overwrite", action="store_true",
+        "--overwrite",
+        action="store_true",
         help="replace an earlier run in the output folder (removes its config.json, metrics.jsonl, "
         "results.json and checkpoint.pt; nothing else)",
     )
@@ -153,7 +155,9 @@ def _handler(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = _configure(
-        argparse.ArgumentParser(prog="python -m fogzo.train", description=DESCRIPTION, epilog=EPILOG, allow_abbrev=False)
+        argparse.ArgumentParser(
+            prog="python -m fogzo.train", description=DESCRIPTION, epilog=EPILOG, allow_abbrev=False
+        )
     )
     parser.add_argument("--version", action="version", version=version_text())
     args, extra = parser.parse_known_args(argv)

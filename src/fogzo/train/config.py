@@ -59,8 +59,12 @@ class TrainConfig:
     activation_bits: int | str | None = _f(None, "quant", "also LSQ-quantize layer inputs to these bits")
     skip_first_last: bool = _f(True, "quant", "keep the first and last quantizable layers in full precision")
     skip: tuple[str, ...] = _f((), "quant", "fnmatch patterns of module names to keep in full precision")
-    estimator: str = _f("fogzo", "estimator", "gradient estimator (ste-sr: smoothed-forward STE, ste-noise: "
-                        "noise-matched STE)", ("ste", "fogzo", "spsa", "ste-sr", "ste-noise"))
+    estimator: str = _f(
+        "fogzo",
+        "estimator",
+        "gradient estimator (ste-sr: smoothed-forward STE, ste-noise: noise-matched STE)",
+        ("ste", "fogzo", "spsa", "ste-sr", "ste-noise"),
+    )
     n: int = _f(1, "estimator", "perturbation samples per step (fogzo, spsa)", low=1)
     beta_min: float = _f(0.999, "estimator", "fogzo: beta at the last step of the linear schedule")
     beta: float | None = _f(None, "estimator", "fogzo: constant beta instead of the linear schedule")
@@ -71,11 +75,20 @@ class TrainConfig:
     guide_norm: float = _f(1.0, "estimator", "fogzo: norm of the guide direction")
     normalize: str = _f("global", "estimator", "fogzo: guide normalisation", ("global", "tensor"))
     noise_scale: float = _f(1.0, "estimator", "ste-noise: factor on the matched noise's size (variance x k^2)")
-    on_nonfinite: str = _f("raise", "estimator", "on a non-finite loss or STE gradient: raise, skip the step, "
-                           "or keep the STE gradient (for --autocast fp16's loss scaler)", ("raise", "skip", "keep"))
+    on_nonfinite: str = _f(
+        "raise",
+        "estimator",
+        "on a non-finite loss or STE gradient: raise, skip the step, "
+        "or keep the STE gradient (for --autocast fp16's loss scaler)",
+        ("raise", "skip", "keep"),
+    )
     vectorize: int | None = _f(None, "estimator", "perturbed passes per vmap forward (None: one by one)")
-    noise_stream: str = _f("blocks", "estimator", "noise generator: per-block torch generators, or counter-based "
-                           "(docs/performance.md)", ("blocks", "counter"))
+    noise_stream: str = _f(
+        "blocks",
+        "estimator",
+        "noise generator: per-block torch generators, or counter-based (docs/performance.md)",
+        ("blocks", "counter"),
+    )
     compile_noise: bool = _f(False, "estimator", "noise_stream=counter: draw the noise in torch.compile kernels")
     optimizer: str = _f("adamw", "optim", "optimizer", ("adamw", "sgd"))
     lr: float = _f(1e-3, "optim", "peak learning rate")
@@ -90,8 +103,9 @@ class TrainConfig:
     steps: int = _f(1000, "run", "total steps T (LR, beta and ste_fraction schedules)", low=1)
     seed: int = _f(0, "run", "seed of the init, data order, augmentation and estimator noise")
     time_budget: float | None = _f(None, "run", "stop when this many seconds of training are spent")
-    budget_steps: str = _f("measure", "run", "with time_budget: T from measured step times, or T = steps",
-                           ("measure", "given"))
+    budget_steps: str = _f(
+        "measure", "run", "with time_budget: T from measured step times, or T = steps", ("measure", "given")
+    )
     calibration_steps: int = _f(4, "run", "timed steps per estimator when budget_steps=measure", low=1)
     stop_at: int | None = _f(None, "run", "save a checkpoint and exit after this step (resume later)", low=1)
     eval_every: int = _f(0, "run", "evaluate every this many steps (0: only at the end)", low=0)
@@ -99,17 +113,26 @@ class TrainConfig:
     checkpoint_every: int = _f(0, "run", "checkpoint every this many steps (0: only at the end)", low=0)
     device: str = _f("cpu", "run", "device", ("cpu", "cuda", "auto"))
     autocast: str = _f("none", "run", "autocast dtype of the forward", ("none", "bf16", "fp16"))
-    deterministic: bool = _f(False, "run", "torch.use_deterministic_algorithms(True) for the run: bit-reproducible "
-                             "CUDA runs (docs/reproducibility.md)")
+    deterministic: bool = _f(
+        False,
+        "run",
+        "torch.use_deterministic_algorithms(True) for the run: bit-reproducible CUDA runs (docs/reproducibility.md)",
+    )
     threads: int | None = _f(None, "run", "torch.set_num_threads (None: leave as is)", low=1)
     out: str | None = _f(None, "run", "output folder (None: runs/<name>-<estimator>-lr<lr>-seed<seed>)")
     name: str = _f("run", "run", "run name (defaults to the config file's stem)")
-    progress: bool = _f(True, "run", "progress on stderr: a tqdm bar on a terminal, else a line every progress_every "
-                        "steps")
-    progress_every: int = _f(0, "run", "steps between progress lines when stderr is not a terminal (0: about 20 a "
-                             "run)", low=0)
-    diagnose_every: int = _f(0, "run", "every this many steps, compare the STE with the exact smoothed gradient "
-                             "(fogzo.diagnose; 0: off)", low=0)
+    progress: bool = _f(
+        True, "run", "progress on stderr: a tqdm bar on a terminal, else a line every progress_every steps"
+    )
+    progress_every: int = _f(
+        0, "run", "steps between progress lines when stderr is not a terminal (0: about 20 a run)", low=0
+    )
+    diagnose_every: int = _f(
+        0,
+        "run",
+        "every this many steps, compare the STE with the exact smoothed gradient (fogzo.diagnose; 0: off)",
+        low=0,
+    )
     diagnose_coordinates: int = _f(64, "run", "diagnose_every: coordinates sampled per quantized tensor", low=1)
     diagnose_draws: int = _f(4, "run", "diagnose_every: stochastic-rounding draws of the smoothed gradient", low=1)
 
@@ -137,8 +160,10 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(f"{name} must {rule}, got {getattr(self, name)}")
         if self.on_nonfinite == "keep" and self.autocast != "fp16":
-            raise ConfigError("on_nonfinite='keep' hands an overflowing STE gradient to the fp16 loss scaler, which "
-                              "skips that step: it needs --autocast=fp16 (without a scaler use 'skip')")
+            raise ConfigError(
+                "on_nonfinite='keep' hands an overflowing STE gradient to the fp16 loss scaler, which "
+                "skips that step: it needs --autocast=fp16 (without a scaler use 'skip')"
+            )
 
 
 SCHEMA = Schema(TrainConfig)
@@ -147,12 +172,15 @@ FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Tr
 parse_overrides = SCHEMA.parse_command_line
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | list[str] | None = None, *,
-                quick: bool = False) -> TrainConfig:
+def load_config(
+    path: str | Path | None = None, overrides: dict[str, Any] | list[str] | None = None, *, quick: bool = False
+) -> TrainConfig:
     """Defaults < file < its ``[quick]`` table (if ``quick``) < ``overrides`` (command-line tokens or a dict)."""
     if quick and path is None:
-        raise ConfigError("--quick applies the [quick] table of a config file: pass --config FILE as well "
-                          "(e.g. --config experiments/configs/resnet20_fmnist.toml --quick)")
+        raise ConfigError(
+            "--quick applies the [quick] table of a config file: pass --config FILE as well "
+            "(e.g. --config experiments/configs/resnet20_fmnist.toml --quick)"
+        )
     table = read_table(path) if path is not None else {}
     quick_table = table.pop("quick", None)
     if quick and not quick_table:

@@ -24,8 +24,9 @@ class ConfigError(ValueError):
     """A config, option, file, data source or output folder is wrong: one line, exit status 2, no work done."""
 
 
-def option(default: Any, help: str = "", choices: tuple | None = None, low: int | None = None,
-           section: str | None = None) -> Any:
+def option(
+    default: Any, help: str = "", choices: tuple | None = None, low: int | None = None, section: str | None = None
+) -> Any:
     """A config field: default, help text, allowed values, least value, file section (flat fields)."""
     metadata = {"help": help, "choices": choices, "low": low, "section": section}
     if isinstance(default, dict):
@@ -38,8 +39,10 @@ def _members(tp: Any) -> tuple[Any, ...]:
 
 
 def type_name(tp: Any) -> str:
-    return " | ".join("None" if m is type(None) else "comma-separated list" if typing.get_origin(m) is tuple
-                      else m.__name__ for m in _members(tp))
+    return " | ".join(
+        "None" if m is type(None) else "comma-separated list" if typing.get_origin(m) is tuple else m.__name__
+        for m in _members(tp)
+    )
 
 
 _WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
@@ -62,8 +65,10 @@ def coerce(value: Any, tp: Any) -> Any:
         if typing.get_origin(member) is tuple:  # a comma-separated string, a list, or one value
             items = [i.strip() for i in value.split(",") if i.strip()] if isinstance(value, str) else value
             with contextlib.suppress(ValueError):
-                return tuple(coerce(i, typing.get_args(member)[0]) for i in (
-                    items if isinstance(items, list | tuple) else [items]))
+                return tuple(
+                    coerce(i, typing.get_args(member)[0])
+                    for i in (items if isinstance(items, list | tuple) else [items])
+                )
         elif isinstance(value, str) and member is not str:
             with contextlib.suppress(KeyError, ValueError):
                 parsed = _parse(value, member)
@@ -87,11 +92,13 @@ class Schema:
             else:
                 self.keys[f.name] = (hints[f.name], f)
         self.spellings = {key: key for key in self.keys}
-        self.spellings.update({f"{f.metadata['section']}.{k}": k for k, (_, f) in self.keys.items()
-                               if f.metadata.get("section")})
+        self.spellings.update(
+            {f"{f.metadata['section']}.{k}": k for k, (_, f) in self.keys.items() if f.metadata.get("section")}
+        )
         lasts = [key.rpartition(".")[2] for key in self.keys]
-        self.spellings.update({last: key for key, last in zip(self.keys, lasts)
-                               if lasts.count(last) == 1 and last not in self.spellings})
+        self.spellings.update(
+            {last: key for key, last in zip(self.keys, lasts) if lasts.count(last) == 1 and last not in self.spellings}
+        )
 
     def values(self, config: Any) -> dict[str, Any]:
         return {key: functools.reduce(getattr, key.split("."), config) for key in self.keys}
@@ -116,8 +123,10 @@ class Schema:
                 pool.setdefault(full.rpartition(".")[2], []).append(full)
         close = dict.fromkeys(k for m in difflib.get_close_matches(key.rpartition(".")[2], list(pool)) for k in pool[m])
         hint = f" (did you mean {' or '.join(close)}?)" if close else ""
-        return ConfigError(f"unknown config key {key!r} in {where}{hint}; valid keys: {', '.join(self.keys)} "
-                           "(--help-keys lists them with their defaults)")
+        return ConfigError(
+            f"unknown config key {key!r} in {where}{hint}; valid keys: {', '.join(self.keys)} "
+            "(--help-keys lists them with their defaults)"
+        )
 
     def read(self, table: Mapping[str, Any], where: str, prefix: str = "") -> dict[str, Any]:
         """A (nested) table of a file, dict or command line → ``{key: value read by its type}``."""
@@ -174,8 +183,11 @@ class Schema:
             tp = self.keys[key][0]
             if not equals and (name not in spelled or tokens[0].startswith("--")):
                 if bool not in _members(tp):
-                    raise ConfigError(f"--{body} needs a value (expected {type_name(tp)})" if name in spelled
-                                      else f"--{body}: {key} is not a boolean")
+                    raise ConfigError(
+                        f"--{body} needs a value (expected {type_name(tp)})"
+                        if name in spelled
+                        else f"--{body}: {key} is not a boolean"
+                    )
                 text = str(name in spelled)
             elif not equals:
                 text = tokens.pop(0)
@@ -241,5 +253,7 @@ def _toml() -> types.ModuleType:
     for name in ("tomllib", "tomli"):  # tomli: the same parser, a dependency on Python 3.10
         with contextlib.suppress(ModuleNotFoundError):
             return importlib.import_module(name)
-    raise ConfigError("reading a TOML config on Python < 3.11 needs the tomli package: pip install 'tomli>=1.1' "
-                      "(or use a JSON config)")
+    raise ConfigError(
+        "reading a TOML config on Python < 3.11 needs the tomli package: pip install 'tomli>=1.1' "
+        "(or use a JSON config)"
+    )

@@ -138,8 +138,7 @@ def build_data(
     text_data = config.dataset in ("shakespeare", "text")
     if text_model != text_data:
         raise ValueError(
-            f"model {config.model!r} needs {'text' if text_model else 'image'} data, "
-            f"but dataset={config.dataset!r}"
+            f"model {config.model!r} needs {'text' if text_model else 'image'} data, but dataset={config.dataset!r}"
         )
     generator = torch.Generator(device="cpu").manual_seed(derive_seed(config.seed, 0xDA7A))
     if text_data:
@@ -164,7 +163,9 @@ def _load_mnist_like(config: TrainConfig, log: Callable[[str], None]) -> tuple[A
         try:
             dataset = load_mnist(config.data_dir)
         except FileNotFoundError as fallback:  # name the data set asked for, not the fallback
-            raise FileNotFoundError(f"{error}{'' if str(fallback) == str(error) else ' (nor MNIST, the fallback)'}") from None
+            raise FileNotFoundError(
+                f"{error}{'' if str(fallback) == str(error) else ' (nor MNIST, the fallback)'}"
+            ) from None
         note = f"Fashion-MNIST not found; using MNIST ({dataset.source}) instead"
         log(f"WARNING: {note}. {error}")
         return dataset, note
@@ -196,9 +197,7 @@ def _mnist_like_data(
                 yield to_float(images[start:stop], mean, std), labels[start:stop]
 
     def metrics_of(model, images, labels, count, forward):
-        return classification_metrics(
-            model, chunks(images, labels, count), forward, shard, len(starts(images, count))
-        )
+        return classification_metrics(model, chunks(images, labels, count), forward, shard, len(starts(images, count)))
 
     def evaluate(model: nn.Module, forward: ForwardContext) -> dict[str, float]:
         with evaluating(model):
@@ -365,5 +364,8 @@ def _image_folder_data(
         stream=stream,
         evaluate=evaluate,
         primary=("eval_accuracy", True),
-        sizes={"train_examples": len(train_samples), "eval_examples": min(config.eval_size or len(val_samples), len(val_samples))},
+        sizes={
+            "train_examples": len(train_samples),
+            "eval_examples": min(config.eval_size or len(val_samples), len(val_samples)),
+        },
     )

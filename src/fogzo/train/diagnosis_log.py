@@ -22,7 +22,15 @@ __all__ = ["DIAGNOSE_STREAM", "diagnosis_record", "write_diagnostics_report"]
 
 DIAGNOSE_STREAM = 7  # seed stream of the diagnostic's coordinate subsets and draws
 
-_FIGURES = ("cosine", "cosine_corrected", "reliability", "sign_agreement", "blind_slope", "blind_gradient", "norm_ratio")
+_FIGURES = (
+    "cosine",
+    "cosine_corrected",
+    "reliability",
+    "sign_agreement",
+    "blind_slope",
+    "blind_gradient",
+    "norm_ratio",
+)
 
 
 def diagnosis_record(report: Diagnosis) -> dict[str, Any]:
@@ -48,12 +56,26 @@ def write_diagnostics_report(out: Path, metrics: str = "metrics.jsonl") -> list[
         return []
     layers = list(records[0]["layers"])
     rows = [
-        [r["step"], _fmt(r["cosine"]), _fmt(r["cosine_corrected"]), _fmt(r["sign_agreement"]), _fmt(r["blind_gradient"]),
-         _fmt(r["norm_ratio"]), *(_fmt(r["layers"].get(name, {}).get("cosine")) for name in layers)]
+        [
+            r["step"],
+            _fmt(r["cosine"]),
+            _fmt(r["cosine_corrected"]),
+            _fmt(r["sign_agreement"]),
+            _fmt(r["blind_gradient"]),
+            _fmt(r["norm_ratio"]),
+            *(_fmt(r["layers"].get(name, {}).get("cosine")) for name in layers),
+        ]
         for r in records
     ]
-    headers = ["step", "cosine", "noise-corrected", "sign agreement", "blind (grad 0)", "‖STE‖/‖∇L_s‖",
-               *(f"cos {name}" for name in layers)]
+    headers = [
+        "step",
+        "cosine",
+        "noise-corrected",
+        "sign agreement",
+        "blind (grad 0)",
+        "‖STE‖/‖∇L_s‖",
+        *(f"cos {name}" for name in layers),
+    ]
     text = (
         "# The STE against the exact smoothed gradient during training\n\n"
         f"`fogzo.diagnose` on the training batch every few steps ({records[0]['coordinates']} sampled "
@@ -63,14 +85,27 @@ def write_diagnostics_report(out: Path, metrics: str = "metrics.jsonl") -> list[
     written = [write_text_atomic(out / "diagnostics.md", text)]
     try:
         curves = [
-            Curve(name, tuple(float(r["step"]) for r in records),
-                  tuple(_finite(r["layers"].get(name, {}).get("cosine")) for r in records))
+            Curve(
+                name,
+                tuple(float(r["step"]) for r in records),
+                tuple(_finite(r["layers"].get(name, {}).get("cosine")) for r in records),
+            )
             for name in layers
         ]
-        curves.append(Curve("all (pooled)", tuple(float(r["step"]) for r in records),
-                            tuple(_finite(r["cosine"]) for r in records)))
-        written.append(plot_curves(out / "diagnostics.png", curves, xlabel="step", ylabel="cos(STE, ∇L_s)",
-                                   title="STE vs the exact smoothed gradient"))
+        curves.append(
+            Curve(
+                "all (pooled)", tuple(float(r["step"]) for r in records), tuple(_finite(r["cosine"]) for r in records)
+            )
+        )
+        written.append(
+            plot_curves(
+                out / "diagnostics.png",
+                curves,
+                xlabel="step",
+                ylabel="cos(STE, ∇L_s)",
+                title="STE vs the exact smoothed gradient",
+            )
+        )
     except ImportError:  # matplotlib missing: the table is enough
         pass
     return written

@@ -162,8 +162,7 @@ def init_from_env(
     missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
     if missing:
         raise RuntimeError(
-            f"WORLD_SIZE={size} but {', '.join(missing)} not set: launch with "
-            "`torchrun --nproc-per-node N script.py`"
+            f"WORLD_SIZE={size} but {', '.join(missing)} not set: launch with `torchrun --nproc-per-node N script.py`"
         )
     chosen = backend or default_backend(target)
     if chosen == "nccl":

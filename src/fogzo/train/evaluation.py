@@ -22,7 +22,9 @@ __all__ = ["ForwardContext", "classification_metrics", "evaluating"]
 ForwardContext = Callable[[], contextlib.AbstractContextManager]
 
 
-def _classification_sums(model: nn.Module, x: torch.Tensor, y: torch.Tensor, forward: ForwardContext) -> tuple[float, ...]:
+def _classification_sums(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, forward: ForwardContext
+) -> tuple[float, ...]:
     with forward():
         logits = model(x)
     logits = logits.float()

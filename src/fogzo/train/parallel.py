@@ -18,6 +18,7 @@ from .config import TrainConfig
 
 __all__ = ["launch_world_size"]
 
+
 def launch_world_size() -> int:
     """The world size of this launch: the process group's, else ``WORLD_SIZE`` (torchrun), else 1."""
     if dist.is_available() and dist.is_initialized():

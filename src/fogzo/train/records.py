@@ -184,7 +184,6 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
         return [restore_nonfinite(json.loads(line)) for line in file if line.strip()]
 
 
-
 class LineProgress:
     """A progress report for logs: one line on ``stream`` every ``every`` updates, and at the end.
 
@@ -224,7 +223,9 @@ class LineProgress:
         percent = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
         seconds = time.perf_counter() - self._started
         postfix = self.postfix if self._postfix_at == self.n else f"at {self._postfix_at}/{self.total}: {self.postfix}"
-        line = f"{self.description}: {self.n}/{self.total}{percent}, {seconds:.0f} s" + (f", {postfix}" if self.postfix else "")
+        line = f"{self.description}: {self.n}/{self.total}{percent}, {seconds:.0f} s" + (
+            f", {postfix}" if self.postfix else ""
+        )
         print(line, file=self.stream or sys.stderr, flush=True)
 
     def __enter__(self) -> LineProgress:

@@ -25,6 +25,7 @@ from .parallel import _mean_over_ranks, _synchronize
 
 __all__ = ["StepRunner", "calibrate", "forward_context"]
 
+
 def forward_context(config: TrainConfig, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
     """A factory of the forward's autocast context (fp32 latent weights either way)."""
     if config.autocast == "none":

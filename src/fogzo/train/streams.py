@@ -127,7 +127,12 @@ class ImageFolderStream:
     """
 
     def __init__(
-        self, dataset: ImageFolderDataset, config: TrainConfig, generator: torch.Generator, device, shard: Shard | None = None
+        self,
+        dataset: ImageFolderDataset,
+        config: TrainConfig,
+        generator: torch.Generator,
+        device,
+        shard: Shard | None = None,
     ) -> None:
         self.dataset, self.config, self.generator, self.device = dataset, config, generator, device
         self.shard = shard or Shard()
@@ -178,7 +183,12 @@ class ImageFolderStream:
         return (images.to(self.device).float() / 255.0 - self.mean) / self.std
 
     def state_dict(self) -> dict[str, Any]:
-        return {"generator": self.generator.get_state(), "order": self.order, "position": self.position, "epoch": self.epoch}
+        return {
+            "generator": self.generator.get_state(),
+            "order": self.order,
+            "position": self.position,
+            "epoch": self.epoch,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.generator.set_state(state["generator"])

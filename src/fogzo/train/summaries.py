@@ -205,7 +205,6 @@ def compute_ratio(target: float, curves: Sequence[Curve], reference_compute: flo
     return Ratio(target, reference_compute, spent / reference_compute, True, None, reaches)
 
 
-
 # ----------------------------------------------------------------------------- output
 
 
@@ -290,4 +289,3 @@ def is_png(path: str | Path) -> bool:
     """Whether the file starts with the PNG signature."""
     with Path(path).open("rb") as file:
         return file.read(len(PNG_SIGNATURE)) == PNG_SIGNATURE
-

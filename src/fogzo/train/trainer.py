@@ -130,8 +130,7 @@ class TrainingInterrupted(RunInterrupted):
 
     def __init__(self, step: int, total_steps: int, checkpoint: Path) -> None:
         super().__init__(
-            f"interrupted after step {step} of {total_steps}; checkpoint saved to {checkpoint}: "
-            "continue with --resume"
+            f"interrupted after step {step} of {total_steps}; checkpoint saved to {checkpoint}: continue with --resume"
         )
         self.step, self.total_steps, self.checkpoint = step, total_steps, checkpoint
 
@@ -154,7 +153,9 @@ class _StopRequest:
             raise KeyboardInterrupt
         self.requested = True
         # os.write: no Python-level stream lock (the interrupted code may hold stderr's).
-        os.write(2, b"\nfogzo: interrupt: stopping after this step and saving a checkpoint (Ctrl-C again stops at once)\n")
+        os.write(
+            2, b"\nfogzo: interrupt: stopping after this step and saving a checkpoint (Ctrl-C again stops at once)\n"
+        )
 
     def __enter__(self) -> _StopRequest:
         if self._enabled:
@@ -361,7 +362,9 @@ class _Run:
             "model_parameters": count_parameters(model),
             "quantized_layers": len(list(quantized_layers(model))),
             "quantized_parameters": sum(
-                layer._parameters[name].numel() for _, layer in quantized_layers(model) for name, _ in layer.quantized_weights()
+                layer._parameters[name].numel()
+                for _, layer in quantized_layers(model)
+                for name, _ in layer.quantized_weights()
             ),
             "total_steps": self.total_steps,
             "warmup_steps": warmup_length(config, self.total_steps),
@@ -420,22 +423,34 @@ class _Run:
         begin = time.perf_counter()
         _broadcast_buffers(self.model)
         metrics = self.data.evaluate(self.model, self.runner.forward)  # sharded over the ranks
-        self.write({"event": "eval", "step": self.tally.step, "wall_time": self.tally.elapsed, **metrics,
-                    "eval_time": time.perf_counter() - begin})
+        self.write(
+            {
+                "event": "eval",
+                "step": self.tally.step,
+                "wall_time": self.tally.elapsed,
+                **metrics,
+                "eval_time": time.perf_counter() - begin,
+            }
+        )
         return metrics
 
     def diagnose(self, closure: Callable[[], torch.Tensor]) -> None:
         """The STE against the exact smoothed gradient on this step's batch (docs/diagnostics.md)."""
         config, step = self.config, self.tally.step
         report = fogzo_diagnose(
-            self.ddp, closure, coordinates=config.diagnose_coordinates, draws=config.diagnose_draws,
+            self.ddp,
+            closure,
+            coordinates=config.diagnose_coordinates,
+            draws=config.diagnose_draws,
             seed=derive_seed(config.seed, DIAGNOSE_STREAM, step),
         )
         overall = report.overall
         self.write({"event": "diagnose", "step": step, **diagnosis_record(report)})
-        self.log(f"step {step}: STE vs the smoothed gradient: cosine {overall.cosine:.3f}"
-                 + (f" (noise-corrected {overall.cosine_corrected:.3f})" if overall.cosine_corrected is not None else "")
-                 + f", sign agreement {overall.sign_agreement:.3f}, norm ratio {overall.norm_ratio:.3f}")
+        self.log(
+            f"step {step}: STE vs the smoothed gradient: cosine {overall.cosine:.3f}"
+            + (f" (noise-corrected {overall.cosine_corrected:.3f})" if overall.cosine_corrected is not None else "")
+            + f", sign agreement {overall.sign_agreement:.3f}, norm ratio {overall.norm_ratio:.3f}"
+        )
 
     # ------------------------------------------------------------------------ the loop
 
@@ -445,7 +460,9 @@ class _Run:
         # On a terminal: a tqdm bar on stderr. Redirected: a line every progress_every steps
         # (0: about 20 lines a run). progress=false: neither. Rank 0 only.
         every = config.progress_every or max(1, math.ceil(self.total_steps / 20))
-        bar = progress(self.total_steps, config.name, enabled=None if config.progress and self.main else False, every=every)
+        bar = progress(
+            self.total_steps, config.name, enabled=None if config.progress and self.main else False, every=every
+        )
         bar.update(tally.step)
         stop_reason, failure = "steps", None
         stop = _StopRequest()
@@ -487,7 +504,11 @@ class _Run:
                         record = tally.train_record(loss, lr, info, failure)
                         self.write(record)
                         show_beta = config.estimator == "fogzo" and record["beta"] is not None  # not for STE, SPSA
-                        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", **({"beta": f"{record['beta']:.4f}"} if show_beta else {}))
+                        bar.set_postfix(
+                            loss=f"{loss:.4f}",
+                            lr=f"{lr:.2e}",
+                            **({"beta": f"{record['beta']:.4f}"} if show_beta else {}),
+                        )
                     bar.update(1)
                     if diverged:
                         break
