@@ -83,25 +83,34 @@ def _add_mnist(experiments: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=(
             "Note: on a machine busy with other jobs, --threads 1 can be many times faster than 2 "
-            "(this model's matrices are tiny; OpenMP threads then mostly wait for each other).\n\n"
-            + _KEYS_HELP
+            "(this model's matrices are tiny; OpenMP threads then mostly wait for each other).\n\n" + _KEYS_HELP
         ),
         allow_abbrev=False,
     )
     from .train.cli import KeepUnknownOptions
 
     mnist.__class__ = KeepUnknownOptions
-    mnist.add_argument("--quick", action="store_true", help="sub-minute smoke run (60 iterations, 1 seed, 2 lrs, ladder 1,16)")
-    mnist.add_argument("--config", metavar="FILE", help="TOML or JSON config file ([fogzo] table; a study's config.json works)")
-    mnist.add_argument("--out", metavar="DIR", help="output folder (default: results/mnist-<bits>[-quick])")
-    mnist.add_argument("--help-keys", action="store_true", help="list every config key with its type and default, then exit")
-    mnist.add_argument("--dry-run", action="store_true", help="check the config, print it and the planned runs, then exit")
     mnist.add_argument(
-        "--resume", action="store_true",
+        "--quick", action="store_true", help="sub-minute smoke run (60 iterations, 1 seed, 2 lrs, ladder 1,16)"
+    )
+    mnist.add_argument(
+        "--config", metavar="FILE", help="TOML or JSON config file ([fogzo] table; a study's config.json works)"
+    )
+    mnist.add_argument("--out", metavar="DIR", help="output folder (default: results/mnist-<bits>[-quick])")
+    mnist.add_argument(
+        "--help-keys", action="store_true", help="list every config key with its type and default, then exit"
+    )
+    mnist.add_argument(
+        "--dry-run", action="store_true", help="check the config, print it and the planned runs, then exit"
+    )
+    mnist.add_argument(
+        "--resume",
+        action="store_true",
         help="finish the study in --out: keep its finished runs (same config required), run the rest",
     )
     mnist.add_argument(
-        "--overwrite", action="store_true",
+        "--overwrite",
+        action="store_true",
         help="replace an earlier study in --out (its config.json, runs.jsonl, summary.md and plots)",
     )
     mnist.add_argument(
@@ -146,8 +155,10 @@ def _run_mnist(args: argparse.Namespace, argv: Sequence[str]) -> int:
         plan = plan_runs(config)
         for spec in plan:
             print(f"  {spec.label:<14} lr {spec.lr:<8g} seed {spec.seed} iterations {spec.iterations}")
-        print(f"{len(plan)} runs to start with (STE and FOGZO add runs as their results come in: the grid "
-              f"extended past a winning edge, the best lr with the other seeds); output folder {out}")
+        print(
+            f"{len(plan)} runs to start with (STE and FOGZO add runs as their results come in: the grid "
+            f"extended past a winning edge, the best lr with the other seeds); output folder {out}"
+        )
         return 0
     try:
         reproduce(config, out, command="fogzo " + shlex.join(argv), resume=args.resume, overwrite=args.overwrite)

@@ -44,7 +44,7 @@ from ..train.config_io import ConfigError, config_to_dict, format_config
 from ..train.records import RunInterrupted, check_output_folder, read_jsonl, write_text_atomic
 from ..train.sweep import default_workers, read_archive, run_sweep
 from .mnist_config import MnistConfig, load_config
-from .mnist_report import MnistAnalysis, console_summary, write_outputs
+from .mnist_report import MnistAnalysis, console_summary
 from .mnist_runs import (
     MnistData,
     RunSpec,
@@ -57,6 +57,7 @@ from .mnist_runs import (
     spsa_accepts_vectorize,
     train_run,
 )
+from .mnist_summary import write_outputs
 
 __all__ = [
     "OUTPUT_FILES",
@@ -84,9 +85,13 @@ def validate(config: MnistConfig) -> None:
     the STE runs. Raises :class:`~fogzo.train.config_io.ConfigError`.
     """
     if config.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={config.device!r} but CUDA is not available here (torch.cuda.is_available() is False)")
+        raise ConfigError(
+            f"device={config.device!r} but CUDA is not available here (torch.cuda.is_available() is False)"
+        )
     if config.device != "cpu" and (config.workers or 1) > 1:
-        raise ConfigError(f"workers={config.workers} needs device='cpu'; on {config.device!r} the runs share one process")
+        raise ConfigError(
+            f"workers={config.workers} needs device='cpu'; on {config.device!r} the runs share one process"
+        )
     model = build_model(config, 0)
     specs = [RunSpec("fogzo", config.fogzo.n, config.lrs[0], 0, config.iterations, config.eval_every)]
     specs += [RunSpec("spsa", n, config.spsa_lrs[0], 0, config.spsa_iterations_for(n), 1) for n in config.spsa_n]
@@ -94,7 +99,9 @@ def validate(config: MnistConfig) -> None:
         try:
             make_estimator(spec, model, config)
         except (TypeError, ValueError) as error:
-            where = "the FOGZO options (--fogzo.KEY=VALUE)" if spec.estimator == "fogzo" else f"the n-SPSA rung n={spec.n}"
+            where = (
+                "the FOGZO options (--fogzo.KEY=VALUE)" if spec.estimator == "fogzo" else f"the n-SPSA rung n={spec.n}"
+            )
             raise ConfigError(f"{where}: {error}") from None
 
 
@@ -133,7 +140,9 @@ def prepare_output(out: Path, config: MnistConfig, *, resume: bool, overwrite: b
     try:
         saved = load_config(out / "config.json")
     except (OSError, TypeError, ValueError) as error:
-        raise ConfigError(f"--resume: {out / 'config.json'} is unreadable ({error}); use --overwrite or another --out") from None
+        raise ConfigError(
+            f"--resume: {out / 'config.json'} is unreadable ({error}); use --overwrite or another --out"
+        ) from None
     differing = _differences(saved, config)
     if differing:
         raise ConfigError(
@@ -143,7 +152,9 @@ def prepare_output(out: Path, config: MnistConfig, *, resume: bool, overwrite: b
     try:
         return len(read_archive(out / "runs.jsonl"))
     except (OSError, ValueError) as error:
-        raise ConfigError(f"--resume: {out / 'runs.jsonl'} is unreadable ({error}); use --overwrite or another --out") from None
+        raise ConfigError(
+            f"--resume: {out / 'runs.jsonl'} is unreadable ({error}); use --overwrite or another --out"
+        ) from None
 
 
 def points_of(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

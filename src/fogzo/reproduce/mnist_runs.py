@@ -104,7 +104,9 @@ def plan_runs(config: MnistConfig, results: Mapping[str, Mapping[str, Any]] | No
     for n in sorted(config.spsa_n, key=lambda n: -n * config.spsa_iterations_for(n)):
         iterations = config.spsa_iterations_for(n)
         every = max(1, iterations // config.spsa_eval_points)
-        runs += [RunSpec("spsa", n, lr, seed, iterations, every) for lr in config.spsa_lrs for seed in config.spsa_seeds]
+        runs += [
+            RunSpec("spsa", n, lr, seed, iterations, every) for lr in config.spsa_lrs for seed in config.spsa_seeds
+        ]
     return [run for run in runs if run.key not in results]
 
 
@@ -147,7 +149,9 @@ def build_model(config: MnistConfig, seed: int) -> nn.Module:
     """The seed's initial quantized ``MLP((784, 10, 10))`` (deep-copy it for each run)."""
     torch.manual_seed(seed)
     model = MLP(MODEL_SIZES)
-    return quantize(model, QuantConfig(bits=config.bits, ste=config.ste, alpha_init=config.alpha_init, step_size="fixed"))
+    return quantize(
+        model, QuantConfig(bits=config.bits, ste=config.ste, alpha_init=config.alpha_init, step_size="fixed")
+    )
 
 
 def spsa_accepts_vectorize() -> bool:

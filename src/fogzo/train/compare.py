@@ -121,7 +121,11 @@ def run_comparison(
                     f"{run_dir} holds a finished run of another config; use --rerun or another --out. {error}"
                 ) from None
     results = run_sweep(
-        lambda done: plans, _train_one, archive, key=lambda plan: plan[2].name, workers=workers,
+        lambda done: plans,
+        _train_one,
+        archive,
+        key=lambda plan: plan[2].name,
+        workers=workers,
         threads=None if workers == 1 else 1,
     )
     return [results[run_dir.name] for _, _, run_dir in plans]
@@ -241,7 +245,11 @@ def summarize(records: list[dict[str, Any]], out: Path, command: str, select: st
     ]
     if budget:
         lines.append(f"Equal wall time: schedules sized by calibration to T = {', '.join(budget)} steps.")
-    plots = {"step": "loss_vs_iterations.png", "wall_time": "loss_vs_wall_time.png", "compute_units": "loss_vs_compute.png"}
+    plots = {
+        "step": "loss_vs_iterations.png",
+        "wall_time": "loss_vs_wall_time.png",
+        "compute_units": "loss_vs_compute.png",
+    }
     lines += [
         "",
         "## Each estimator at its best learning rate",
@@ -257,7 +265,11 @@ def summarize(records: list[dict[str, Any]], out: Path, command: str, select: st
     ]
     text = "\n".join(lines)
     write_text_atomic(out / "summary.md", text)
-    x_labels = {"step": "iteration", "wall_time": "training wall time (s)", "compute_units": "compute units (forward 1, backward 2)"}
+    x_labels = {
+        "step": "iteration",
+        "wall_time": "training wall time (s)",
+        "compute_units": "compute units (forward 1, backward 2)",
+    }
     for x_key, name in plots.items():
         curves = []
         for label in labels:
@@ -269,10 +281,15 @@ def summarize(records: list[dict[str, Any]], out: Path, command: str, select: st
             if curve is not None:
                 curves.append(curve)
         plot_curves(
-            out / name, curves, xlabel=x_labels[x_key], ylabel="training loss (mean over the log interval)",
+            out / name,
+            curves,
+            xlabel=x_labels[x_key],
+            ylabel="training loss (mean over the log interval)",
             title=str(first.get("name", "")),
         )
     return text
+
+
 def main(argv: list[str] | None = None) -> int:
     from .cli import guarded
 
@@ -296,7 +313,9 @@ def _main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rerun", action="store_true", help="delete and redo runs that exist")
     parser.add_argument("--workers", type=int, default=1, help="runs trained at once, one process each (default 1)")
     parser.add_argument(
-        "--select", choices=("eval", "train"), default="eval",
+        "--select",
+        choices=("eval", "train"),
+        default="eval",
         help="pick the best lr by the primary eval metric (default) or by the final train loss",
     )
     args, extra = parser.parse_known_args(argv)
@@ -320,7 +339,14 @@ def _main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         records = run_comparison(
-            args.config, estimators, seeds, lrs, out, quick=args.quick, overrides=extra, rerun=args.rerun,
+            args.config,
+            estimators,
+            seeds,
+            lrs,
+            out,
+            quick=args.quick,
+            overrides=extra,
+            rerun=args.rerun,
             workers=args.workers,
         )
     except ConfigError as error:

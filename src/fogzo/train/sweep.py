@@ -132,7 +132,7 @@ def read_archive(path: str | Path) -> dict[str, dict[str, Any]]:
                 break
             raise ValueError(f"{path}, line {number}: not a JSON object") from None
         if not isinstance(record, dict) or not isinstance(record.get("key"), str):
-            raise ValueError(f"{path}, line {number}: not a sweep record (no \"key\"); it was written by another program")
+            raise ValueError(f'{path}, line {number}: not a sweep record (no "key"); it was written by another program')
         results[record["key"]] = record
     return results
 
@@ -181,7 +181,9 @@ class _InProcess(Generic[Task]):
 
 
 @contextmanager
-def _pool(workers: int, threads: int | None, initializer: Callable[..., None] | None, initargs: tuple[Any, ...]) -> Iterator[Any]:
+def _pool(
+    workers: int, threads: int | None, initializer: Callable[..., None] | None, initargs: tuple[Any, ...]
+) -> Iterator[Any]:
     if workers == 1:
         previous = torch.get_num_threads()
         torch.set_num_threads(threads or previous)
@@ -244,9 +246,11 @@ def run_sweep(
     before = len(results)
     todo = [task for task in plan(results) if key(task) not in results]
     say(
-        f"{len(todo)} runs to do" + (f" ({before} finished before, kept)" if before else "")
+        f"{len(todo)} runs to do"
+        + (f" ({before} finished before, kept)" if before else "")
         + f"; {workers} worker{'s' * (workers > 1)}"
-        + (f" of {threads} thread{'s' * (threads > 1)}" if threads else "") + f"; archive {archive}"
+        + (f" of {threads} thread{'s' * (threads > 1)}" if threads else "")
+        + f"; archive {archive}"
     )
     archive.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
