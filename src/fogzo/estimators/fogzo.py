@@ -214,11 +214,12 @@ class FOGZO:
             torch._foreach_mul_(gradient, hook_factor / self.n)
         verdict = self.measurement.resolve(passes, loss0, norm)  # raises for on_nonfinite="raise"
         assert verdict.loss is not None  # read from loss0: FOGZO always makes the STE pass
-        info = EstimateInfo(verdict.loss, forward_passes, 1, beta, step_seed, step, ste_grad_norm=verdict.norm)
         if verdict.reason is not None:  # on_nonfinite="skip" or "keep"
+            info = EstimateInfo(verdict.loss, forward_passes, 1, beta, step_seed, step, ste_grad_norm=verdict.norm)
             return self._skip(state, info, verdict.reason)
         differences = verdict.differences
-        info = replace(info, differences=differences, zero_differences=sum(d == 0.0 for d in differences))
+        zeros = sum(d == 0.0 for d in differences)
+        info = EstimateInfo(verdict.loss, forward_passes, 1, beta, step_seed, step, differences, zeros, verdict.norm)
         if not any(differences):  # every d_i is exactly 0: nothing measured, keep the STE gradient
             if not self._warned_unmeasured:
                 kept = "The STE gradient was kept for such steps (not replaced by 0)."
