@@ -1067,3 +1067,27 @@ def test_one_noise_draw_per_sample_gives_the_numbers_of_the_tensor_by_tensor_dra
     flat = torch.cat([u.flatten() for u in one_draw.noises(11, 0)])
     assert not torch.equal(flat, torch.cat([u.flatten() for u in one_draw.noises(11, 1)]))
     assert len(set(flat.tolist())) == flat.numel()  # no tensor repeats another's noise
+
+
+def test_fogzo_on_a_model_with_float32_and_float64_parameters():
+    """perturb="all" over a float32 body and a float64 head: the guide's norms are taken in float64
+    (a float32 norm of a float64 gradient would narrow it and raised), the noise is drawn tensor by
+    tensor in each tensor's dtype, and every gradient keeps its parameter's dtype. The float64 head's
+    FOGZO gradient at beta = 1 is d·ĝ/c with d the measured directional derivative: it must point
+    along the STE gradient (positive cosine)."""
+    torch.manual_seed(0)
+    body, head = nn.Linear(6, 8), nn.Linear(8, 3).double()
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+
+    def loss():
+        return F.cross_entropy(head(torch.tanh(body(x)).double()), y)
+
+    model = nn.ModuleDict({"body": body, "head": head})
+    loss().backward()
+    ste = head.weight.grad.clone()
+    model.zero_grad()
+    estimator = fogzo.FOGZO(model, total_steps=10, perturb="all", eps=1e-4, beta=1.0)
+    assert estimator.perturbed._flat_sizes is None  # two dtypes: tensor by tensor
+    info = estimator.estimate(loss)
+    assert info.measured and [p.grad.dtype for p in model.parameters()] == [p.dtype for p in model.parameters()]
+    assert F.cosine_similarity(head.weight.grad.flatten(), ste.flatten(), dim=0) > 0.99

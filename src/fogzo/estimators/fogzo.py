@@ -270,7 +270,7 @@ class FOGZO:
         ``weight``: a factor folded into ``r`` (for n = 1 the guided weight ``√β·s`` of ``v``, so that
         :meth:`_perturbation` has nothing left to scale: one operator fewer over the tensors).
 
-        The norms are float32 (float64 for a float64 model, or when a backward hook scales the
+        The norms are float32 (float64 when a perturbed tensor is float64, or when a backward hook scales the
         gradients by ``|k| >= 2^32``: ``‖k·g‖²`` overflows float32 once ``‖k·g‖ > 1.8e19``)."""
         scales = self.perturbed.scales()
         if in_place:
@@ -278,7 +278,7 @@ class FOGZO:
             g_x = ste_gradients
         else:
             g_x = list(torch._foreach_mul(ste_gradients, scales))
-        wide = abs(hook_factor) >= 2.0**32 or g_x[0].dtype == torch.float64
+        wide = abs(hook_factor) >= 2.0**32 or any(g.dtype == torch.float64 for g in g_x)
         norms = torch.stack(torch._foreach_norm(g_x, 2, dtype=torch.float64 if wide else torch.float32))
         if self.perturbed.sharded and dist.is_initialized():
             # Squared norms of the shards add up to those of the tensors: one all-reduce of
