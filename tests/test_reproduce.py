@@ -231,3 +231,27 @@ def test_cli_dry_run(capsys):
     assert main(["reproduce", "mnist", "--dry-run", "--bits", "1", "--seeds", "3", "--fogzo.n=2"]) == 0
     printed = capsys.readouterr().out
     assert "bits = 1" in printed and "seeds = (3,)" in printed and "FOGZO n=2" in printed
+
+
+def test_controls_are_tuned_like_the_ste_and_matched_to_fogzo(tmp_path):
+    """``--controls`` adds the noise-matched STE (with FOGZO's beta, guide norm and perturbed set)
+    and the smoothed-forward STE to the tuned columns, with their own rows in the summary."""
+    import torch
+
+    from fogzo import NoiseMatchedSTE, SmoothedForwardSTE
+    from fogzo.reproduce.mnist_runs import make_estimator
+
+    config = quick_config(controls=True, spsa_n=(), fogzo=FogzoOptions(beta_min=0.99, guide_norm=3.0))
+    labels = {run.label for run in plan_runs(config)}
+    assert labels == {"STE", "FOGZO", "STE+noise", "STE smoothed"}
+    assert {run.label for run in plan_runs(quick_config(spsa_n=()))} == {"STE", "FOGZO"}
+    model = torch.nn.Sequential(torch.nn.Linear(4, 2))
+    from fogzo import QuantConfig, quantize
+
+    model = quantize(model, QuantConfig(bits=2))
+    by_label = {run.label: run for run in plan_runs(config)}
+    noise = make_estimator(by_label["STE+noise"], model, config)
+    assert isinstance(noise, NoiseMatchedSTE)
+    assert (noise.schedule(config.iterations), noise.guide_norm) == (pytest.approx(0.99), 3.0)
+    assert len(noise.perturbed.tensors) == 2  # perturb="all": the weight and the bias
+    assert isinstance(make_estimator(by_label["STE smoothed"], model, config), SmoothedForwardSTE)

@@ -60,6 +60,11 @@ class MnistConfig:
     eval_every: int = option(100, "evaluation interval of the main runs, in steps", low=1)
     eval_subset: int | None = option(None, "evaluate on the first this-many training and test examples", low=1)
     fogzo: FogzoOptions = field(default_factory=FogzoOptions)
+    controls: bool = option(
+        False,
+        "also tune the controls of docs/method.md §8 like the STE: the noise-matched STE (FOGZO's beta, "
+        "guide norm and perturbed set) and the smoothed-forward STE",
+    )
     spsa_n: tuple[int, ...] = option((1, 8, 64, 512, 7960), "the n-SPSA ladder (7,960 = every parameter)", low=1)
     spsa_iterations: tuple[int, ...] = option((2000, 1000, 400, 40, 2), "steps per ladder entry (or one)", low=1)
     spsa_seeds: tuple[int, ...] = option((0,), "seeds of the ladder runs")

@@ -21,6 +21,7 @@ from ..train.summaries import (
     mean_std,
     select_best,
 )
+from .mnist_runs import ESTIMATORS
 
 __all__ = [
     "PAPER_RATIO",
@@ -76,7 +77,7 @@ def final_loss(points: Sequence[dict[str, Any]]) -> float:
 
 
 def _order(point: dict[str, Any]) -> tuple[int, int]:
-    return (("ste", "fogzo", "spsa").index(point["estimator"]), point["n"] or 0)
+    return (ESTIMATORS.index(point["estimator"]), point["n"] or 0)
 
 
 def analyze(records: Sequence[dict[str, Any]]) -> MnistAnalysis:

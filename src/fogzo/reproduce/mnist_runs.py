@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import FOGZO, SPSA, STE, QuantConfig, quantize
+from .. import FOGZO, SPSA, STE, NoiseMatchedSTE, QuantConfig, SmoothedForwardSTE, quantize
 from ..data import MNIST_MEAN, MNIST_STD, batches, load_mnist, to_float
 from ..models.mlp import MLP
 from ..train.sweep import needed
@@ -36,7 +36,8 @@ __all__ = [
     "train_run",
 ]
 
-ESTIMATORS = ("ste", "fogzo", "spsa")
+ESTIMATORS = ("ste", "fogzo", "ste-noise", "ste-sr", "spsa")  # (the order of the tables)
+CONTROLS = ("ste-noise", "ste-sr")
 EVAL_CHUNK = 10_000
 
 
@@ -66,6 +67,8 @@ def label_of(estimator: str, n: int | None) -> str:
         return "STE"
     if estimator == "fogzo":
         return "FOGZO" if n in (None, 1) else f"FOGZO n={n}"
+    if estimator in CONTROLS:
+        return {"ste-noise": "STE+noise", "ste-sr": "STE smoothed"}[estimator]
     return f"SPSA n={n}"
 
 
@@ -89,7 +92,7 @@ def plan_runs(config: MnistConfig, results: Mapping[str, Mapping[str, Any]] | No
     """
     results = results or {}
     tuned = []
-    for estimator in ("ste", "fogzo"):
+    for estimator in ("ste", "fogzo", *(CONTROLS if config.controls else ())):
         n = config.fogzo.n if estimator == "fogzo" else None
 
         def spec(lr: float, seed: int, estimator: str = estimator, n: int | None = n) -> RunSpec:
@@ -163,6 +166,11 @@ def make_estimator(spec: RunSpec, model: nn.Module, config: MnistConfig) -> Any:
         return STE(model)
     if spec.estimator == "fogzo":
         return FOGZO(model, total_steps=spec.iterations, seed=spec.seed, **dataclasses.asdict(config.fogzo))
+    if spec.estimator == "ste-sr":
+        return SmoothedForwardSTE(model, seed=spec.seed)
+    if spec.estimator == "ste-noise":  # matched to FOGZO's options (docs/method.md §8)
+        options = {k: getattr(config.fogzo, k) for k in ("beta_min", "perturb", "eps", "guide_norm")}
+        return NoiseMatchedSTE(model, total_steps=spec.iterations, seed=spec.seed, **options)
     assert spec.n is not None
     extra: dict[str, Any] = {}
     if config.spsa_vectorize is not None and spsa_accepts_vectorize():
@@ -302,7 +310,7 @@ def train_run(
                 state["batch_count"] += 1
             state["beta"] = info.beta
             state["skipped"] += int(info.skipped)
-            diagnostics.add(info, spec.n if spec.estimator != "ste" else None)
+            diagnostics.add(info, spec.n)
             step += 1
             if step % spec.eval_every == 0 or step == spec.iterations:
                 if point(step)["diverged"]:
