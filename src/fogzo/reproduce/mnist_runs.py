@@ -255,7 +255,7 @@ def train_run(
     cuda = data.train_x.device.type == "cuda"
     diagnostics = _Diagnostics()
     records: list[dict[str, Any]] = []
-    state = {"compute": 0, "wall": 0.0, "batch_loss": 0.0, "batch_count": 0, "beta": None, "skipped": 0}
+    state: dict[str, Any] = {"compute": 0, "wall": 0.0, "batch_loss": 0.0, "batch_count": 0, "beta": None, "skipped": 0}
 
     def point(iteration: int, diverged: bool = False) -> dict[str, Any]:
         train_loss, train_accuracy = evaluate(model, data.eval_train_x, data.eval_train_y)

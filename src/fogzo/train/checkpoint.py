@@ -183,7 +183,7 @@ def _write_json(path: Path, obj: Any) -> None:
 
 def _rng_state(device: torch.device | None = None) -> dict[str, Any]:
     """The global RNG state: CPU, and CUDA (every device; under DDP only this rank's device)."""
-    state = {"cpu": torch.get_rng_state()}
+    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
     if device is not None and device.type == "cuda" and fd.is_distributed():
         state["cuda_device"] = torch.cuda.get_rng_state(device)
     elif torch.cuda.is_available() and torch.cuda.is_initialized():

@@ -79,7 +79,7 @@ class KeepUnknownOptions(argparse.ArgumentParser):
     (:func:`fogzo.train.config_io.parse_command_line`), so that a wrong key gets the config's
     error message (with the valid keys and a did-you-mean) instead of argparse's generic one."""
 
-    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+    def parse_known_args(self, args=None, namespace=None):
         namespace, extra = super().parse_known_args(args, namespace)
         namespace.extra = list(getattr(namespace, "extra", None) or []) + list(extra)
         return namespace, []

@@ -222,10 +222,10 @@ def summarize(records: list[dict[str, Any]], out: Path, command: str, select: st
     ]
     all_rows = [r for label in labels for lr in lrs if (r := row(label, lr)) is not None]
     best = {label: _best_lr(records, label, select_key, select_higher) for label in labels}
-    best_rows = [r for label in labels if best[label] is not None and (r := row(label, best[label])) is not None]
+    best_rows = [r for label in labels if (lr := best[label]) is not None and (r := row(label, lr)) is not None]
 
     data_names = sorted({str(r.get("data")) for r in records})
-    notes = sorted({r.get("data_note") for r in records if r.get("data_note")})
+    notes = sorted({str(r["data_note"]) for r in records if r.get("data_note")})
     budget = sorted({str(r["calibration"]["total_steps"]) for r in records if r.get("calibration")})
     lines = [
         f"# {first.get('name', 'comparison')}: {', '.join(labels)}",

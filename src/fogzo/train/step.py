@@ -115,6 +115,7 @@ def calibrate(config: TrainConfig, model: nn.Module, data: TaskData, device: tor
     _set_rng_state(rng, device)
     t_ste = times["ste"]
     t_est = times.get(config.estimator, t_ste)
+    assert config.time_budget is not None  # (calibrate sizes a time-budgeted run)
     r = config.ste_fraction if config.estimator == "fogzo" else 0.0
     per_step = r * t_ste + (1.0 - r) * t_est
     total = max(1, math.floor(config.time_budget / per_step))

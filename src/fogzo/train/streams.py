@@ -13,6 +13,7 @@ draws the global batch and keeps its :class:`~fogzo.train.sharding.Shard`.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -109,7 +110,8 @@ class TextStream:
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = random_batches(self.tokens, self.batch_size, self.seq_len, self.generator)
-        return self.shard.take(x, y)
+        x, y = self.shard.take(x, y)
+        return x, y
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self.generator.get_state()}
@@ -140,7 +142,7 @@ class ImageFolderStream:
         self.order: torch.Tensor | None = None
         self.position = 0
         self.epoch = 0
-        self._iterator = None
+        self._iterator: Iterator[Any] | None = None
         self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
 
@@ -174,6 +176,7 @@ class ImageFolderStream:
             self._iterator = None
         if self._iterator is None:
             self._start_iterator()
+        assert self._iterator is not None  # (set by _start_iterator)
         images, labels = next(self._iterator)
         self.position += self.batch_size
         images = images.to(self.device, non_blocking=True).float().div_(255.0)

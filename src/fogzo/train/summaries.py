@@ -197,10 +197,10 @@ def compute_ratio(target: float, curves: Sequence[Curve], reference_compute: flo
     reaches = tuple(
         Reach(curve.label, first_reach(curve.x, curve.mean, target), max(curve.x, default=0.0)) for curve in curves
     )
-    reached = [reach for reach in reaches if reach.compute is not None]
+    reached = [(reach.compute, reach.label) for reach in reaches if reach.compute is not None]
     if reached:
-        best = min(reached, key=lambda reach: reach.compute)
-        return Ratio(target, reference_compute, best.compute / reference_compute, False, best.label, reaches)
+        compute, label = min(reached)
+        return Ratio(target, reference_compute, compute / reference_compute, False, label, reaches)
     spent = max((reach.max_compute for reach in reaches), default=0.0)
     return Ratio(target, reference_compute, spent / reference_compute, True, None, reaches)
 

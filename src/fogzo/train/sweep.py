@@ -69,8 +69,9 @@ def tried_lrs(grid: Sequence[float], first_seed: int, score: Score) -> list[floa
         done = {lr: score(lr, first_seed) for lr in lrs}
         if any(value is None for value in done.values()):
             return lrs
-        best = min(done, key=lambda lr: (done[lr], lr))
-        if math.isinf(done[best]) or best not in LADDER:
+        scores = {lr: value for lr, value in done.items() if value is not None}  # every one (checked above)
+        best = min(scores, key=lambda lr: (scores[lr], lr))
+        if math.isinf(scores[best]) or best not in LADDER:
             return lrs
         position = LADDER.index(best)
         below = sum(lr < min(grid) for lr in lrs)

@@ -362,7 +362,7 @@ class _Run:
             "model_parameters": count_parameters(model),
             "quantized_layers": len(list(quantized_layers(model))),
             "quantized_parameters": sum(
-                layer._parameters[name].numel()
+                layer.get_parameter(name).numel()
                 for _, layer in quantized_layers(model)
                 for name, _ in layer.quantized_weights()
             ),
