@@ -1,8 +1,7 @@
 """One dataclass schema per command (:class:`Schema`): its command line, files and ``--help-keys`` derive from it.
 
-A nested dataclass is a table (``[fogzo]``), a flat field may name its section (:func:`option`). A key
-is spelled as its path (``fogzo.beta_min``), section path (``optim.lr``) or last part where unique
-(``beta_min``), ``-`` and ``_`` alike, and read by its type (:func:`coerce`).
+A nested dataclass is a table (``[fogzo]``), a flat field may name its section (:func:`option`). A key is spelled
+as its path (``fogzo.beta_min``), section path (``optim.lr``) or last part where unique, ``-`` and ``_`` alike.
 """
 
 from __future__ import annotations
@@ -11,13 +10,14 @@ import contextlib
 import dataclasses
 import difflib
 import functools
-import importlib
 import json
 import types
 import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
+
+_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
 
 
 class ConfigError(ValueError):
@@ -28,10 +28,8 @@ def option(
     default: Any, help: str = "", choices: tuple | None = None, low: int | None = None, section: str | None = None
 ) -> Any:
     """A config field: default, help text, allowed values, least value, file section (flat fields)."""
-    metadata = {"help": help, "choices": choices, "low": low, "section": section}
-    if isinstance(default, dict):
-        return dataclasses.field(default_factory=dict, metadata=metadata)
-    return dataclasses.field(default=default, metadata=metadata)
+    default_ = {"default_factory": dict} if isinstance(default, dict) else {"default": default}
+    return dataclasses.field(**default_, metadata={"help": help, "choices": choices, "low": low, "section": section})
 
 
 def _members(tp: Any) -> tuple[Any, ...]:
@@ -45,14 +43,9 @@ def type_name(tp: Any) -> str:
     )
 
 
-_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
-
-
 def _parse(text: str, tp: Any) -> Any:
-    if tp is bool:
-        return _WORDS[text.lower()]
-    if tp is dict:
-        return json.loads(text)
+    if tp is bool or tp is dict:
+        return _WORDS[text.lower()] if tp is bool else json.loads(text)
     return int(text) if text.strip().lstrip("+-").isdigit() else float(text)  # int("2e3") is 2000
 
 
@@ -64,11 +57,9 @@ def coerce(value: Any, tp: Any) -> Any:
         parsed = value
         if typing.get_origin(member) is tuple:  # a comma-separated string, a list, or one value
             items = [i.strip() for i in value.split(",") if i.strip()] if isinstance(value, str) else value
+            items = items if isinstance(items, list | tuple) else [items]
             with contextlib.suppress(ValueError):
-                return tuple(
-                    coerce(i, typing.get_args(member)[0])
-                    for i in (items if isinstance(items, list | tuple) else [items])
-                )
+                return tuple(coerce(i, typing.get_args(member)[0]) for i in items)
         elif isinstance(value, str) and member is not str:
             with contextlib.suppress(KeyError, ValueError):
                 parsed = _parse(value, member)
@@ -80,21 +71,18 @@ def coerce(value: Any, tp: Any) -> Any:
 
 
 class Schema:
-    """A command's config dataclass: its keys (dotted for nested dataclasses) → (type, field), and every
-    spelling of a key → the key (the key, ``section.key``, the last part where no other key ends so)."""
+    """A config dataclass: its keys (dotted in nested dataclasses) → (type, field); each spelling → its key."""
 
     def __init__(self, cls: type) -> None:
         self.cls, hints = cls, typing.get_type_hints(cls)
-        self.keys: dict[str, tuple[Any, dataclasses.Field]] = {}  # key → (type, field)
+        self.keys: dict[str, tuple[Any, dataclasses.Field]] = {}
         for f in dataclasses.fields(cls):
             if dataclasses.is_dataclass(hints[f.name]):
                 self.keys.update({f"{f.name}.{k}": v for k, v in Schema(hints[f.name]).keys.items()})
             else:
                 self.keys[f.name] = (hints[f.name], f)
-        self.spellings = {key: key for key in self.keys}
-        self.spellings.update(
-            {f"{f.metadata['section']}.{k}": k for k, (_, f) in self.keys.items() if f.metadata.get("section")}
-        )
+        sections = {f"{f.metadata['section']}.{k}": k for k, (_, f) in self.keys.items() if f.metadata.get("section")}
+        self.spellings = {**{key: key for key in self.keys}, **sections}
         lasts = [key.rpartition(".")[2] for key in self.keys]
         self.spellings.update(
             {last: key for key, last in zip(self.keys, lasts) if lasts.count(last) == 1 and last not in self.spellings}
@@ -124,8 +112,7 @@ class Schema:
         close = dict.fromkeys(k for m in difflib.get_close_matches(key.rpartition(".")[2], list(pool)) for k in pool[m])
         hint = f" (did you mean {' or '.join(close)}?)" if close else ""
         return ConfigError(
-            f"unknown config key {key!r} in {where}{hint}; valid keys: {', '.join(self.keys)} "
-            "(--help-keys lists them with their defaults)"
+            f"unknown config key {key!r} in {where}{hint}; valid keys: {', '.join(self.keys)} (--help-keys lists them with their defaults)"
         )
 
     def read(self, table: Mapping[str, Any], where: str, prefix: str = "") -> dict[str, Any]:
@@ -167,28 +154,26 @@ class Schema:
 
     def parse_command_line(self, tokens: Iterable[str]) -> dict[str, Any]:
         """``--key=value``, ``--key value``, ``--flag``, ``--no-flag`` → ``{key: value}`` (a later one wins)."""
-        texts, tokens, spelled = {}, [*tokens, "--"], self.spellings
-        while len(tokens) > 1:
+        texts, tokens = {}, list(tokens)
+        while tokens:
             token = tokens.pop(0)
             body, equals, text = token[2:].partition("=")
             name = body.replace("-", "_")
             head, _, last = name.rpartition(".")  # --no-fogzo.one-sided and --fogzo.no-one-sided negate a flag
             plain = name[3:] if name[:3] == "no_" else f"{head}.{last[3:]}" if last[:3] == "no_" else ""
-            negated = spelled.get(plain, "")
+            negated = name not in self.spellings
             if not token.startswith("--") or token == "--":
                 raise ConfigError(f"expected --key=value, got {token!r}; valid keys: {', '.join(self.keys)}")
-            if name not in spelled and (equals or not negated):
+            if negated and (equals or plain not in self.spellings):
                 raise self.unknown(name, "the command line")
-            key = spelled.get(name, negated)
+            key = self.spellings[plain if negated else name]
             tp = self.keys[key][0]
-            if not equals and (name not in spelled or tokens[0].startswith("--")):
+            if not equals and (negated or not tokens or tokens[0].startswith("--")):
+                if negated and bool not in _members(tp):
+                    raise ConfigError(f"--{body}: {key} is not a boolean")
                 if bool not in _members(tp):
-                    raise ConfigError(
-                        f"--{body} needs a value (expected {type_name(tp)})"
-                        if name in spelled
-                        else f"--{body}: {key} is not a boolean"
-                    )
-                text = str(name in spelled)
+                    raise ConfigError(f"--{body} needs a value (expected {type_name(tp)})")
+                text = str(not negated)
             elif not equals:
                 text = tokens.pop(0)
             texts[key] = text
@@ -228,10 +213,17 @@ def read_table(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
-        table = json.loads(text) if path.suffix.lower() == ".json" else _toml().loads(text)
+        if path.suffix.lower() == ".json":
+            table = json.loads(text)
+        else:
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10: the same parser from tomli (a dependency there)
+                import tomli as tomllib
+            table = tomllib.loads(text)
         problem = "" if isinstance(table, dict) else f"must hold a table of keys, got a JSON {type(table).__name__}"
-    except ConfigError:
-        raise
+    except ModuleNotFoundError:
+        problem = "needs the tomli package on Python < 3.11: pip install 'tomli>=1.1' (or use a JSON config)"
     except UnicodeDecodeError as error:
         problem = f"is not UTF-8 text (byte {error.start}: {error.reason}); save it as UTF-8"
     except json.JSONDecodeError as error:
@@ -247,13 +239,3 @@ def read_table(path: str | Path) -> dict[str, Any]:
     if problem:
         raise ConfigError(f"config file {path} {problem}")
     return table
-
-
-def _toml() -> types.ModuleType:
-    for name in ("tomllib", "tomli"):  # tomli: the same parser, a dependency on Python 3.10
-        with contextlib.suppress(ModuleNotFoundError):
-            return importlib.import_module(name)
-    raise ConfigError(
-        "reading a TOML config on Python < 3.11 needs the tomli package: pip install 'tomli>=1.1' "
-        "(or use a JSON config)"
-    )
