@@ -124,8 +124,7 @@ class TrainConfig:
     diagnose_coordinates: int = _run(64, "diagnose_every: coordinates sampled per quantized tensor", low=1)
     diagnose_draws: int = _run(4, "diagnose_every: stochastic-rounding draws of the smoothed gradient", low=1)
 
-    def to_dict(self) -> dict[str, Any]:
-        return config_to_dict(self)
+    to_dict = config_to_dict  # JSON-ready (tuples become lists), as saved in config.json and checkpoints
 
     def output_dir(self) -> Path:
         return Path(self.out or f"runs/{self.name}-{self.estimator}-lr{self.lr:g}-seed{self.seed}")
@@ -134,18 +133,16 @@ class TrainConfig:
         if self.text_file:  # text_file implies dataset=text
             self.dataset = "text"
         SCHEMA.check(self)  # choices and least values (field metadata)
-        if isinstance(self.bits, str) and self.bits != "ternary":
-            raise ConfigError(f"bits must be an int or 'ternary', got {self.bits!r}")
-        rules = [
+        for name, ok, rule in [
+            ("bits", not isinstance(self.bits, str) or self.bits == "ternary", "be an int or 'ternary'"),
             ("lr", 0 < self.lr < math.inf, "be a positive number"),
             ("ste_fraction", 0 <= self.ste_fraction <= 1, "lie in [0, 1]"),
             ("warmup_fraction", 0 <= self.warmup_fraction < 1, "lie in [0, 1)"),
             ("time_budget", self.time_budget is None or self.time_budget > 0, "be > 0 seconds"),
             ("dropout", self.dropout is None or 0 <= self.dropout < 1, "lie in [0, 1)"),
-        ]
-        for name, ok, rule in rules:
+        ]:
             if not ok:
-                raise ConfigError(f"{name} must {rule}, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must {rule}, got {getattr(self, name)!r}")
         if self.on_nonfinite == "keep" and self.autocast != "fp16":
             raise ConfigError(
                 "on_nonfinite='keep' hands an overflowing STE gradient to the fp16 loss scaler, which skips that step: it needs --autocast=fp16 (without a scaler use 'skip')"

@@ -1,8 +1,4 @@
-"""One dataclass schema per command (:class:`Schema`): its command line, files and ``--help-keys`` derive from it.
-
-A nested dataclass is a table (``[fogzo]``), a flat field may name its section (:func:`option`). A key is spelled
-as its path (``fogzo.beta_min``), section path (``optim.lr``) or last part where unique, ``-`` and ``_`` alike.
-"""
+"""One dataclass schema per command (:class:`Schema`): its command line, files and ``--help-keys`` derive from it."""
 
 from __future__ import annotations
 
@@ -28,8 +24,8 @@ def option(
     default: Any, help: str = "", choices: tuple | None = None, low: int | None = None, section: str | None = None
 ) -> Any:
     """A config field: default, help text, allowed values, least value, file section (flat fields)."""
-    default_ = {"default_factory": dict} if isinstance(default, dict) else {"default": default}
-    return dataclasses.field(**default_, metadata={"help": help, "choices": choices, "low": low, "section": section})
+    how = {"default_factory": dict} if isinstance(default, dict) else {"default": default}
+    return dataclasses.field(**how, metadata={"help": help, "choices": choices, "low": low, "section": section})
 
 
 def _members(tp: Any) -> tuple[Any, ...]:
@@ -49,8 +45,8 @@ def _parse(text: str, tp: Any) -> Any:
     return int(text) if text.strip().lstrip("+-").isdigit() else float(text)  # int("2e3") is 2000
 
 
-def coerce(value: Any, tp: Any) -> Any:
-    """``value`` (a command-line string or a file's value) as type ``tp``, else ``ValueError``."""
+def coerce(value: Any, tp: Any, where: str = "value") -> Any:
+    """``value`` (a command-line string or a file's value) as type ``tp``, else a :class:`ConfigError` on ``where``."""
     if type(None) in _members(tp) and (value is None or str(value).lower() in ("none", "null")):
         return None
     for member in sorted(_members(tp), key=lambda m: m is str):  # "2" is 2 for int | str
@@ -67,11 +63,12 @@ def coerce(value: Any, tp: Any) -> Any:
             parsed = member(parsed)
         if type(parsed) is member:
             return parsed
-    raise ValueError(f"expected {type_name(tp)}, got {value!r}")
+    raise ConfigError(f"{where}: expected {type_name(tp)}, got {value!r}")
 
 
 class Schema:
-    """A config dataclass: its keys (dotted in nested dataclasses) → (type, field); each spelling → its key."""
+    """A config dataclass: its keys (``fogzo.beta_min`` in a nested dataclass, a table) → (type, field), and each
+    spelling → its key: the key, ``section.key`` (:func:`option`), or its last part where unique; ``-`` is ``_``."""
 
     def __init__(self, cls: type) -> None:
         self.cls, hints = cls, typing.get_type_hints(cls)
@@ -82,11 +79,8 @@ class Schema:
             else:
                 self.keys[f.name] = (hints[f.name], f)
         sections = {f"{f.metadata['section']}.{k}": k for k, (_, f) in self.keys.items() if f.metadata.get("section")}
-        self.spellings = {**{key: key for key in self.keys}, **sections}
-        lasts = [key.rpartition(".")[2] for key in self.keys]
-        self.spellings.update(
-            {last: key for key, last in zip(self.keys, lasts) if lasts.count(last) == 1 and last not in self.spellings}
-        )
+        known, lasts = {key: key for key in self.keys} | sections, [key.rpartition(".")[2] for key in self.keys]
+        self.spellings = known | {n: k for k, n in zip(self.keys, lasts) if lasts.count(n) == 1 and n not in known}
 
     def values(self, config: Any) -> dict[str, Any]:
         return {key: functools.reduce(getattr, key.split("."), config) for key in self.keys}
@@ -102,17 +96,12 @@ class Schema:
                 raise ConfigError(f"{key} must be >= {meta['low']}, got {value!r}")
 
     def unknown(self, key: str, where: str) -> ConfigError:
-        head = key.rpartition(".")[0]
-        pool: dict[str, list[str]] = {}  # the last parts of the keys in the same table → the keys
-        for spelled, full in self.spellings.items():
-            if spelled.rpartition(".")[0] == head:
-                pool.setdefault(spelled.rpartition(".")[2], []).append(spelled)
-            if not head:  # a bare key: also any key's last part (lr for lr_rate, a.eps and b.eps for eps)
-                pool.setdefault(full.rpartition(".")[2], []).append(full)
-        close = dict.fromkeys(k for m in difflib.get_close_matches(key.rpartition(".")[2], list(pool)) for k in pool[m])
-        hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+        head, _, last = key.rpartition(".")  # near spellings in the same table; for a bare key, near keys too
+        names = [*(() if head else self.keys), *(s for s in self.spellings if s.rpartition(".")[0] == head)]
+        close = difflib.get_close_matches(last, {n.rpartition(".")[2] for n in names})
+        hint = " or ".join(dict.fromkeys(n for m in close for n in names if n.rpartition(".")[2] == m))
         return ConfigError(
-            f"unknown config key {key!r} in {where}{hint}; valid keys: {', '.join(self.keys)} (--help-keys lists them with their defaults)"
+            f"unknown config key {key!r} in {where}{f' (did you mean {hint}?)' if hint else ''}; valid keys: {', '.join(self.keys)} (--help-keys lists them with their defaults)"
         )
 
     def read(self, table: Mapping[str, Any], where: str, prefix: str = "") -> dict[str, Any]:
@@ -130,10 +119,7 @@ class Schema:
             elif key is None:
                 raise self.unknown(path, where)
             else:
-                try:
-                    inner = {key: coerce(value, self.keys[key][0])}
-                except ValueError as error:
-                    raise ConfigError(f"{key} in {where}: {error}") from None
+                inner = {key: coerce(value, self.keys[key][0], f"{key} in {where}")}
             if twice := found.keys() & inner.keys():
                 raise ConfigError(f"key {min(twice)!r} is given twice in {where}")
             found.update(inner)
@@ -194,8 +180,7 @@ class Schema:
 
 def config_from_dict(cls: type, table: Mapping[str, Any], where: str = "a dict") -> Any:
     """Dataclass ``cls`` from a (nested) table: :func:`config_to_dict`'s output, a file's, or part of one."""
-    schema = Schema(cls)
-    return schema.build(schema.read(table, where), where)
+    return (schema := Schema(cls)).build(schema.read(table, where), where)
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
