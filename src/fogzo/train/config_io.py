@@ -1,9 +1,4 @@
-"""One dataclass schema per command (:class:`Schema`): its command line, files and ``--help-keys`` derive from it.
-
-A nested dataclass is a table (``[fogzo]``), a flat field may name its section (:func:`option`). A key
-is spelled as its path (``fogzo.beta_min``), section path (``optim.lr``) or last part where unique
-(``beta_min``), ``-`` and ``_`` alike, and read by its type (:func:`coerce`).
-"""
+"""One dataclass schema per command (:class:`Schema`): its command line, files and ``--help-keys`` derive from it."""
 
 from __future__ import annotations
 
@@ -11,13 +6,14 @@ import contextlib
 import dataclasses
 import difflib
 import functools
-import importlib
 import json
 import types
 import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
+
+_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
 
 
 class ConfigError(ValueError):
@@ -28,10 +24,8 @@ def option(
     default: Any, help: str = "", choices: tuple | None = None, low: int | None = None, section: str | None = None
 ) -> Any:
     """A config field: default, help text, allowed values, least value, file section (flat fields)."""
-    metadata = {"help": help, "choices": choices, "low": low, "section": section}
-    if isinstance(default, dict):
-        return dataclasses.field(default_factory=dict, metadata=metadata)
-    return dataclasses.field(default=default, metadata=metadata)
+    how = {"default_factory": dict} if isinstance(default, dict) else {"default": default}
+    return dataclasses.field(**how, metadata={"help": help, "choices": choices, "low": low, "section": section})
 
 
 def _members(tp: Any) -> tuple[Any, ...]:
@@ -45,30 +39,23 @@ def type_name(tp: Any) -> str:
     )
 
 
-_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
-
-
 def _parse(text: str, tp: Any) -> Any:
-    if tp is bool:
-        return _WORDS[text.lower()]
-    if tp is dict:
-        return json.loads(text)
+    if tp is bool or tp is dict:
+        return _WORDS[text.lower()] if tp is bool else json.loads(text)
     return int(text) if text.strip().lstrip("+-").isdigit() else float(text)  # int("2e3") is 2000
 
 
-def coerce(value: Any, tp: Any) -> Any:
-    """``value`` (a command-line string or a file's value) as type ``tp``, else ``ValueError``."""
+def coerce(value: Any, tp: Any, where: str = "value") -> Any:
+    """``value`` (a command-line string or a file's value) as type ``tp``, else a :class:`ConfigError` on ``where``."""
     if type(None) in _members(tp) and (value is None or str(value).lower() in ("none", "null")):
         return None
     for member in sorted(_members(tp), key=lambda m: m is str):  # "2" is 2 for int | str
         parsed = value
         if typing.get_origin(member) is tuple:  # a comma-separated string, a list, or one value
             items = [i.strip() for i in value.split(",") if i.strip()] if isinstance(value, str) else value
+            items = items if isinstance(items, list | tuple) else [items]
             with contextlib.suppress(ValueError):
-                return tuple(
-                    coerce(i, typing.get_args(member)[0])
-                    for i in (items if isinstance(items, list | tuple) else [items])
-                )
+                return tuple(coerce(i, typing.get_args(member)[0]) for i in items)
         elif isinstance(value, str) and member is not str:
             with contextlib.suppress(KeyError, ValueError):
                 parsed = _parse(value, member)
@@ -76,29 +63,24 @@ def coerce(value: Any, tp: Any) -> Any:
             parsed = member(parsed)
         if type(parsed) is member:
             return parsed
-    raise ValueError(f"expected {type_name(tp)}, got {value!r}")
+    raise ConfigError(f"{where}: expected {type_name(tp)}, got {value!r}")
 
 
 class Schema:
-    """A command's config dataclass: its keys (dotted for nested dataclasses) → (type, field), and every
-    spelling of a key → the key (the key, ``section.key``, the last part where no other key ends so)."""
+    """A config dataclass: its keys (``fogzo.beta_min`` in a nested dataclass, a table) → (type, field), and each
+    spelling → its key: the key, ``section.key`` (:func:`option`), or its last part where unique; ``-`` is ``_``."""
 
     def __init__(self, cls: type) -> None:
         self.cls, hints = cls, typing.get_type_hints(cls)
-        self.keys: dict[str, tuple[Any, dataclasses.Field]] = {}  # key → (type, field)
+        self.keys: dict[str, tuple[Any, dataclasses.Field]] = {}
         for f in dataclasses.fields(cls):
             if dataclasses.is_dataclass(hints[f.name]):
                 self.keys.update({f"{f.name}.{k}": v for k, v in Schema(hints[f.name]).keys.items()})
             else:
                 self.keys[f.name] = (hints[f.name], f)
-        self.spellings = {key: key for key in self.keys}
-        self.spellings.update(
-            {f"{f.metadata['section']}.{k}": k for k, (_, f) in self.keys.items() if f.metadata.get("section")}
-        )
-        lasts = [key.rpartition(".")[2] for key in self.keys]
-        self.spellings.update(
-            {last: key for key, last in zip(self.keys, lasts) if lasts.count(last) == 1 and last not in self.spellings}
-        )
+        sections = {f"{f.metadata['section']}.{k}": k for k, (_, f) in self.keys.items() if f.metadata.get("section")}
+        known, lasts = {key: key for key in self.keys} | sections, [key.rpartition(".")[2] for key in self.keys]
+        self.spellings = known | {n: k for k, n in zip(self.keys, lasts) if lasts.count(n) == 1 and n not in known}
 
     def values(self, config: Any) -> dict[str, Any]:
         return {key: functools.reduce(getattr, key.split("."), config) for key in self.keys}
@@ -114,18 +96,12 @@ class Schema:
                 raise ConfigError(f"{key} must be >= {meta['low']}, got {value!r}")
 
     def unknown(self, key: str, where: str) -> ConfigError:
-        head = key.rpartition(".")[0]
-        pool: dict[str, list[str]] = {}  # the last parts of the keys in the same table → the keys
-        for spelled, full in self.spellings.items():
-            if spelled.rpartition(".")[0] == head:
-                pool.setdefault(spelled.rpartition(".")[2], []).append(spelled)
-            if not head:  # a bare key: also any key's last part (lr for lr_rate, a.eps and b.eps for eps)
-                pool.setdefault(full.rpartition(".")[2], []).append(full)
-        close = dict.fromkeys(k for m in difflib.get_close_matches(key.rpartition(".")[2], list(pool)) for k in pool[m])
-        hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+        head, _, last = key.rpartition(".")  # near spellings in the same table; for a bare key, near keys too
+        names = [*(() if head else self.keys), *(s for s in self.spellings if s.rpartition(".")[0] == head)]
+        close = difflib.get_close_matches(last, {n.rpartition(".")[2] for n in names})
+        hint = " or ".join(dict.fromkeys(n for m in close for n in names if n.rpartition(".")[2] == m))
         return ConfigError(
-            f"unknown config key {key!r} in {where}{hint}; valid keys: {', '.join(self.keys)} "
-            "(--help-keys lists them with their defaults)"
+            f"unknown config key {key!r} in {where}{f' (did you mean {hint}?)' if hint else ''}; valid keys: {', '.join(self.keys)} (--help-keys lists them with their defaults)"
         )
 
     def read(self, table: Mapping[str, Any], where: str, prefix: str = "") -> dict[str, Any]:
@@ -143,10 +119,7 @@ class Schema:
             elif key is None:
                 raise self.unknown(path, where)
             else:
-                try:
-                    inner = {key: coerce(value, self.keys[key][0])}
-                except ValueError as error:
-                    raise ConfigError(f"{key} in {where}: {error}") from None
+                inner = {key: coerce(value, self.keys[key][0], f"{key} in {where}")}
             if twice := found.keys() & inner.keys():
                 raise ConfigError(f"key {min(twice)!r} is given twice in {where}")
             found.update(inner)
@@ -167,28 +140,26 @@ class Schema:
 
     def parse_command_line(self, tokens: Iterable[str]) -> dict[str, Any]:
         """``--key=value``, ``--key value``, ``--flag``, ``--no-flag`` → ``{key: value}`` (a later one wins)."""
-        texts, tokens, spelled = {}, [*tokens, "--"], self.spellings
-        while len(tokens) > 1:
+        texts, tokens = {}, list(tokens)
+        while tokens:
             token = tokens.pop(0)
             body, equals, text = token[2:].partition("=")
             name = body.replace("-", "_")
             head, _, last = name.rpartition(".")  # --no-fogzo.one-sided and --fogzo.no-one-sided negate a flag
             plain = name[3:] if name[:3] == "no_" else f"{head}.{last[3:]}" if last[:3] == "no_" else ""
-            negated = spelled.get(plain, "")
+            negated = name not in self.spellings
             if not token.startswith("--") or token == "--":
                 raise ConfigError(f"expected --key=value, got {token!r}; valid keys: {', '.join(self.keys)}")
-            if name not in spelled and (equals or not negated):
+            if negated and (equals or plain not in self.spellings):
                 raise self.unknown(name, "the command line")
-            key = spelled.get(name, negated)
+            key = self.spellings[plain if negated else name]
             tp = self.keys[key][0]
-            if not equals and (name not in spelled or tokens[0].startswith("--")):
+            if not equals and (negated or not tokens or tokens[0].startswith("--")):
+                if negated and bool not in _members(tp):
+                    raise ConfigError(f"--{body}: {key} is not a boolean")
                 if bool not in _members(tp):
-                    raise ConfigError(
-                        f"--{body} needs a value (expected {type_name(tp)})"
-                        if name in spelled
-                        else f"--{body}: {key} is not a boolean"
-                    )
-                text = str(name in spelled)
+                    raise ConfigError(f"--{body} needs a value (expected {type_name(tp)})")
+                text = str(not negated)
             elif not equals:
                 text = tokens.pop(0)
             texts[key] = text
@@ -209,8 +180,7 @@ class Schema:
 
 def config_from_dict(cls: type, table: Mapping[str, Any], where: str = "a dict") -> Any:
     """Dataclass ``cls`` from a (nested) table: :func:`config_to_dict`'s output, a file's, or part of one."""
-    schema = Schema(cls)
-    return schema.build(schema.read(table, where), where)
+    return (schema := Schema(cls)).build(schema.read(table, where), where)
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
@@ -228,10 +198,17 @@ def read_table(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
-        table = json.loads(text) if path.suffix.lower() == ".json" else _toml().loads(text)
+        if path.suffix.lower() == ".json":
+            table = json.loads(text)
+        else:
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10: the same parser from tomli (a dependency there)
+                import tomli as tomllib
+            table = tomllib.loads(text)
         problem = "" if isinstance(table, dict) else f"must hold a table of keys, got a JSON {type(table).__name__}"
-    except ConfigError:
-        raise
+    except ModuleNotFoundError:
+        problem = "needs the tomli package on Python < 3.11: pip install 'tomli>=1.1' (or use a JSON config)"
     except UnicodeDecodeError as error:
         problem = f"is not UTF-8 text (byte {error.start}: {error.reason}); save it as UTF-8"
     except json.JSONDecodeError as error:
@@ -247,13 +224,3 @@ def read_table(path: str | Path) -> dict[str, Any]:
     if problem:
         raise ConfigError(f"config file {path} {problem}")
     return table
-
-
-def _toml() -> types.ModuleType:
-    for name in ("tomllib", "tomli"):  # tomli: the same parser, a dependency on Python 3.10
-        with contextlib.suppress(ModuleNotFoundError):
-            return importlib.import_module(name)
-    raise ConfigError(
-        "reading a TOML config on Python < 3.11 needs the tomli package: pip install 'tomli>=1.1' "
-        "(or use a JSON config)"
-    )
