@@ -8,7 +8,6 @@ every variant once, in a shuffled order), median of the rounds::
 
     python benchmarks/host_overhead.py                 # 200 rounds, about a minute
     python benchmarks/host_overhead.py --rounds 20     # a smoke run
-    python benchmarks/host_overhead.py --phases        # also: where a FOGZO step's time goes
 
 Printed: ms per call of the STE step (zero_grad + estimate + Adam step), an inference forward,
 and FOGZO steps with ``perturb="quantized"`` and ``"all"``; the ratios FOGZO / (STE + 2
@@ -76,63 +75,10 @@ def python_calls(function) -> int:
     return count
 
 
-def phases(rounds: int) -> dict[str, float]:
-    """Median µs per FOGZO (``perturb="quantized"``) step spent in each phase, timed by wrapping
-    the engine's methods for the duration of this call; the rest is the STE pass's forward, the
-    gradient's last operators, ``estimate``'s bookkeeping and the Adam step."""
-    from fogzo.estimators import engine, fogzo as fogzo_module, perturbed_set, state
-
-    wrapped = {
-        "call state (CallState)": (state.CallState, "__init__"),
-        "STE backward": (fogzo_module, "run_backward"),
-        "guide (c·g, norms, normalise)": (fogzo_module.FOGZO, "_guide"),
-        "RNG/buffer guard after STE pass": (state.StateGuard, "after_first_pass"),
-        "noise draw and add": (perturbed_set.PerturbedSet, "add_noise_"),
-        "backup of W": (engine.Passes, "__enter__"),
-        "2 perturbed passes (shift + forward)": (engine.Passes, "_loss_at"),
-        "finite difference, d·v": (engine.Passes, "_record"),
-        "restore of W": (engine.Passes, "__exit__"),
-        "host read and checks (resolve)": (engine.ZerothOrderMeasurement, "resolve"),
-    }
-    spent = dict.fromkeys(wrapped, 0.0)
-    originals = {name: getattr(owner, attribute) for name, (owner, attribute) in wrapped.items()}
-
-    def timed(name, function):
-        def call(*args, **kwargs):
-            begin = time.perf_counter()
-            try:
-                return function(*args, **kwargs)
-            finally:
-                spent[name] += time.perf_counter() - begin
-        return call
-
-    step = build("quantized")[0]
-    per_round: dict[str, list[float]] = {name: [] for name in [*wrapped, "FOGZO step (wrapped)"]}
-    try:
-        for name, (owner, attribute) in wrapped.items():
-            setattr(owner, attribute, timed(name, originals[name]))
-        for index in range(rounds + 3):
-            for name in spent:
-                spent[name] = 0.0
-            begin = time.perf_counter()
-            step()
-            total = time.perf_counter() - begin
-            if index >= 3:  # warm-up
-                for name in wrapped:
-                    per_round[name].append(spent[name])
-                per_round["FOGZO step (wrapped)"].append(total)
-    finally:
-        for name, (owner, attribute) in wrapped.items():
-            setattr(owner, attribute, originals[name])
-    return {name: 1e6 * statistics.median(values) for name, values in per_round.items()}
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=200)
     parser.add_argument("--json", default=None, help="also write the figures here")
-    parser.add_argument("--phases", action="store_true",
-                        help="also time the phases of a FOGZO (quantized) step (each wrapped: ~1 us added per phase)")
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error(f"--rounds must be >= 1, got {args.rounds}")
@@ -166,10 +112,6 @@ def main(argv: list[str] | None = None) -> dict:
     for kind in ("quantized", "all"):
         print(f"FOGZO ({kind}) / (STE + 2 forwards) = {result['fogzo_over_minimum'][kind]:.2f}   "
               f"FOGZO / STE = {result['fogzo_over_ste'][kind]:.2f}")
-    if args.phases:
-        result["phases_us"] = phases(args.rounds)
-        for name, us in result["phases_us"].items():
-            print(f"  {name:34s} {us:7.1f} us")
     if args.json:
         with open(args.json, "w") as file:
             json.dump(result, file, indent=1)

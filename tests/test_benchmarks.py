@@ -222,21 +222,3 @@ def test_gpu_suite_summary_compares_each_family_at_its_last_common_evaluation(tm
     assert "| llama10m | 200 | ste | eval_ppl 2.5 | [2, 3] | 0.5000 |" in summary
     assert "| resnet20 | 200 | ste | eval_accuracy 0.2 |" in summary
 
-
-def test_host_overhead_phases_schema_and_the_methods_are_put_back(tmp_path):
-    """``host_overhead.py --phases`` times every phase it names (each a part of the step, so less
-    than the step) and leaves the engine's methods as they were."""
-    spec = importlib.util.spec_from_file_location("host_overhead", SCRIPT.parent / "host_overhead.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    from fogzo.estimators import engine
-
-    before = engine.Passes._loss_at
-    path = tmp_path / "host.json"
-    result = module.main(["--rounds", "2", "--phases", "--json", str(path)])
-    assert engine.Passes._loss_at is before
-    phases = json.loads(path.read_text())["phases_us"]
-    assert phases == pytest.approx(result["phases_us"])
-    step = phases.pop("FOGZO step (wrapped)")
-    assert len(phases) == 10 and all(0 < us < step for us in phases.values())
-    assert sum(phases.values()) < step
