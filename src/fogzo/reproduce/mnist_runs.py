@@ -37,7 +37,7 @@ __all__ = [
 ]
 
 ESTIMATORS = ("ste", "fogzo", "ste-noise", "ste-sr", "spsa")  # (the order of the tables)
-CONTROLS = ("ste-noise", "ste-sr")
+CONTROLS = {"ste-noise": "STE+noise", "ste-sr": "STE smoothed"}  # estimator -> label
 EVAL_CHUNK = 10_000
 
 
@@ -68,7 +68,7 @@ def label_of(estimator: str, n: int | None) -> str:
     if estimator == "fogzo":
         return "FOGZO" if n in (None, 1) else f"FOGZO n={n}"
     if estimator in CONTROLS:
-        return {"ste-noise": "STE+noise", "ste-sr": "STE smoothed"}[estimator]
+        return CONTROLS[estimator]
     return f"SPSA n={n}"
 
 

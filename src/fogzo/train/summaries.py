@@ -199,7 +199,7 @@ def compute_ratio(target: float, curves: Sequence[Curve], reference_compute: flo
     )
     reached = [(reach.compute, reach.label) for reach in reaches if reach.compute is not None]
     if reached:
-        compute, label = min(reached)
+        compute, label = min(reached, key=lambda reach: reach[0])  # the first curve on a tie, as before
         return Ratio(target, reference_compute, compute / reference_compute, False, label, reaches)
     spent = max((reach.max_compute for reach in reaches), default=0.0)
     return Ratio(target, reference_compute, spent / reference_compute, True, None, reaches)
